@@ -1,0 +1,147 @@
+//! Configuration of the broker and its Kafka bridge.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use edgeloop_kafka::KafkaConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// The MQTT listener devices connect to.
+    pub mqtt: MqttConfig,
+    /// How to reach Kafka.
+    pub kafka: KafkaConfig,
+    /// The bridge from MQTT telemetry to Kafka and acks back.
+    pub bridge: BridgeConfig,
+    /// On shutdown: how long to wait for Kafka to acknowledge what the bridge
+    /// took, so the last acks can be published.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            mqtt: MqttConfig::default(),
+            kafka: KafkaConfig::default(),
+            bridge: BridgeConfig::default(),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Address of the MQTT 3.1.1 listener.
+    pub listen: SocketAddr,
+    /// Connections at most (devices plus internal links).
+    pub max_connections: usize,
+    /// Largest PUBLISH payload accepted, in bytes.
+    pub max_payload_bytes: usize,
+    /// QoS 1 messages in flight per connection.
+    pub max_inflight: usize,
+    /// A client that does not send CONNECT within this time is dropped.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// The router's in-memory log per topic filter: segment size and count.
+    /// A subscriber that falls further behind than this loses what rolled out
+    /// (devices then resend: the ack watermark does not move past a gap).
+    pub max_segment_bytes: usize,
+    pub max_segment_count: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            max_connections: 10_010,
+            max_payload_bytes: 1 << 20,
+            max_inflight: 100,
+            connect_timeout: Duration::from_secs(10),
+            max_segment_bytes: 64 << 20,
+            max_segment_count: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BridgeConfig {
+    /// Kafka compression codec of the readings: none, gzip, snappy, lz4, zstd.
+    pub compression: String,
+    /// Batches sent to Kafka and not yet acknowledged by it, at most; beyond
+    /// that the bridge stops taking telemetry until Kafka catches up.
+    pub max_in_flight_batches: usize,
+    /// How often changed ack watermarks are published to devices.
+    #[serde(with = "humantime_serde")]
+    pub ack_interval: Duration,
+    /// librdkafka `linger.ms`: how long the producer waits to fill a request.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        BridgeConfig {
+            compression: "zstd".into(),
+            max_in_flight_batches: 10_000,
+            ack_interval: Duration::from_millis(50),
+            linger: Duration::from_millis(5),
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// Checks every field; the error names the one that is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        self.kafka.validate().map_err(|e| e.to_string())?;
+        if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&self.bridge.compression.as_str()) {
+            return Err(format!(
+                "bridge.compression: {:?} is not one of none, gzip, snappy, lz4, zstd",
+                self.bridge.compression
+            ));
+        }
+        if self.bridge.max_in_flight_batches == 0 {
+            return Err("bridge.max_in_flight_batches: must be at least 1".into());
+        }
+        if self.mqtt.max_connections == 0 {
+            return Err("mqtt.max_connections: must be at least 1".into());
+        }
+        if self.mqtt.max_payload_bytes < 1024 {
+            return Err("mqtt.max_payload_bytes: must be at least 1024".into());
+        }
+        if self.mqtt.max_segment_count == 0 || self.mqtt.max_segment_bytes < 1 << 16 {
+            return Err(
+                "mqtt.max_segment_bytes/max_segment_count: need at least one segment of 64 KiB"
+                    .into(),
+            );
+        }
+        if self.mqtt.connect_timeout.as_millis() > u128::from(u16::MAX) {
+            return Err("mqtt.connect_timeout: must be at most 65s".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let text = include_str!("../../config/broker.example.toml");
+        let config: BrokerConfig = toml::from_str(text).expect("example parses");
+        config.validate().expect("example validates");
+    }
+
+    #[test]
+    fn unknown_compression_is_refused_naming_the_field() {
+        let mut config = BrokerConfig::default();
+        config.bridge.compression = "brotli".into();
+        let err = config.validate().expect_err("refused");
+        assert!(err.starts_with("bridge.compression"), "{err}");
+    }
+}

@@ -1,0 +1,142 @@
+//! The broker: an embedded rumqttd that devices connect to, and the bridge
+//! that carries their telemetry into Kafka and the ack watermark back.
+//!
+//! - [`config`]: the broker's TOML configuration.
+//! - [`bridge`]: MQTT `telemetry/+` → Kafka `edgeloop.readings`, delivery
+//!   reports → retained `ack/{device}` ([`bridge::acks`] computes the
+//!   watermark).
+//! - [`stats`]: counters.
+//!
+//! rumqttd's `Broker::start()` blocks and has no shutdown, so it runs on its
+//! own thread; the bridge reaches it through a local link. On shutdown the
+//! bridge stops taking telemetry, flushes to Kafka and publishes the last
+//! acks; the rumqttd thread ends with the process.
+
+pub mod bridge;
+pub mod config;
+pub mod stats;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::BrokerConfig;
+use edgeloop_proto::topics;
+pub use stats::BrokerStats;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid broker config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Kafka(#[from] edgeloop_kafka::Error),
+    #[error(transparent)]
+    Bridge(#[from] bridge::BridgeError),
+    #[error("the MQTT broker could not start: {0}")]
+    Mqtt(String),
+    #[error("the MQTT listener on {addr} did not come up within {waited:?}")]
+    ListenerTimeout { addr: SocketAddr, waited: Duration },
+}
+
+fn rumqttd_config(config: &config::MqttConfig) -> rumqttd::Config {
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: config.connect_timeout.as_millis().min(u128::from(u16::MAX)) as u16,
+        max_payload_size: config.max_payload_bytes,
+        max_inflight_count: config.max_inflight,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = rumqttd::ServerSettings {
+        name: "v4".into(),
+        listen: config.listen,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: config.max_connections,
+            max_outgoing_packet_count: 200,
+            max_segment_size: config.max_segment_bytes,
+            max_segment_count: config.max_segment_count,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("1".to_string(), server)])),
+        ..Default::default()
+    }
+}
+
+/// Runs the broker and its bridge until `shutdown`. `ready` is cancelled once
+/// the MQTT listener accepts connections and the bridge is running.
+pub async fn run(
+    config: BrokerConfig,
+    shutdown: CancellationToken,
+    ready: CancellationToken,
+    stats: Arc<BrokerStats>,
+) -> Result<(), Error> {
+    config.validate().map_err(Error::Config)?;
+    edgeloop_kafka::ensure_topics(
+        &config.kafka,
+        &[
+            topics::KAFKA_READINGS,
+            topics::KAFKA_DEADLETTER,
+            topics::KAFKA_STATUS,
+            topics::KAFKA_MODELS,
+        ],
+    )
+    .await?;
+    let producer = bridge::producer(&config.kafka, &config.bridge)?;
+
+    let mut broker = rumqttd::Broker::new(rumqttd_config(&config.mqtt));
+    let (mut link_tx, link_rx) = broker
+        .link("edgeloop-bridge")
+        .map_err(|e| Error::Mqtt(e.to_string()))?;
+    link_tx
+        .subscribe(topics::TELEMETRY_FILTER)
+        .map_err(|e| Error::Mqtt(e.to_string()))?;
+    std::thread::Builder::new()
+        .name("rumqttd".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "the MQTT broker stopped");
+            }
+        })
+        .map_err(|e| Error::Mqtt(e.to_string()))?;
+    wait_listening(config.mqtt.listen, Duration::from_secs(10)).await?;
+    tracing::info!(listen = %config.mqtt.listen, "MQTT broker listening");
+    ready.cancel();
+
+    bridge::run(
+        producer,
+        config.bridge.clone(),
+        link_tx,
+        link_rx,
+        shutdown,
+        config.shutdown_grace,
+        stats,
+    )
+    .await?;
+    Ok(())
+}
+
+async fn wait_listening(listen: SocketAddr, waited: Duration) -> Result<(), Error> {
+    let addr = if listen.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], listen.port()))
+    } else {
+        listen
+    };
+    let deadline = tokio::time::Instant::now() + waited;
+    while tokio::time::Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(Error::ListenerTimeout { addr, waited })
+}

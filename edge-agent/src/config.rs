@@ -1,0 +1,199 @@
+//! Configuration of one agent. Every field has a default that works on one
+//! machine; durations are human-readable (`"100ms"`, `"30s"`).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::source::simulator::SimulatorConfig;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// The device id: also the MQTT client id and the `{device}` of its topics.
+    pub device_id: String,
+    /// The device profile it announces (`int8`, `f32`, …).
+    pub profile: String,
+    /// How to reach the MQTT broker.
+    pub mqtt: MqttConfig,
+    /// Where readings come from.
+    pub source: SourceConfig,
+    /// Where readings wait until acknowledged.
+    pub spool: SpoolConfig,
+    /// How readings are batched and sent.
+    pub uplink: UplinkConfig,
+    /// On shutdown, how long to keep sending so that everything taken is
+    /// acknowledged before exiting.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            device_id: "device-0000".into(),
+            profile: "f32".into(),
+            mqtt: MqttConfig::default(),
+            source: SourceConfig::Simulator(SimulatorConfig::default()),
+            spool: SpoolConfig::default(),
+            uplink: UplinkConfig::default(),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Broker host name or address.
+    pub host: String,
+    /// Broker MQTT port.
+    pub port: u16,
+    /// MQTT keep-alive interval.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Largest MQTT packet sent or accepted, in bytes.
+    pub max_packet_bytes: usize,
+    /// QoS 1 publishes in flight (sent, PUBACK not yet received).
+    pub max_inflight: u16,
+    /// Optional MQTT user name and password.
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            keep_alive: Duration::from_secs(30),
+            max_packet_bytes: 1 << 20,
+            max_inflight: 64,
+            username: None,
+            password: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "snake_case", tag = "kind")]
+pub enum SourceConfig {
+    /// A seeded simulated sensor with anomalies.
+    Simulator(SimulatorConfig),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Readings held at most; when full the source waits (nothing is dropped).
+    pub capacity_readings: usize,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            capacity_readings: 200_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UplinkConfig {
+    /// Readings per MQTT message at most.
+    pub batch_size: usize,
+    /// How long a partial batch may wait for more readings before it is sent.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Readings sent but not yet acknowledged, at most (the in-flight window).
+    pub max_unacked_readings: u64,
+    /// If the ack watermark has not moved for this long while readings are
+    /// outstanding, send again from the watermark.
+    #[serde(with = "humantime_serde")]
+    pub resend_after: Duration,
+    /// First delay before reconnecting; doubles up to `reconnect_max`, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        UplinkConfig {
+            batch_size: 100,
+            linger: Duration::from_millis(200),
+            max_unacked_readings: 20_000,
+            resend_after: Duration::from_secs(15),
+            reconnect_min: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(10),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Checks every field; the error names the one that is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        edgeloop_proto::device_id::validate(&self.device_id)
+            .map_err(|e| format!("device_id: {e}"))?;
+        if self.profile.is_empty() || self.profile.contains(['/', '+', '#']) {
+            return Err(format!(
+                "profile: {:?} must be non-empty and free of '/', '+' and '#'",
+                self.profile
+            ));
+        }
+        if self.mqtt.host.is_empty() {
+            return Err("mqtt.host: must not be empty".into());
+        }
+        if self.mqtt.max_inflight == 0 {
+            return Err("mqtt.max_inflight: must be at least 1".into());
+        }
+        if self.spool.capacity_readings == 0 {
+            return Err("spool.capacity_readings: must be at least 1".into());
+        }
+        if self.uplink.batch_size == 0 {
+            return Err("uplink.batch_size: must be at least 1".into());
+        }
+        if self.uplink.max_unacked_readings < self.uplink.batch_size as u64 {
+            return Err(format!(
+                "uplink.max_unacked_readings: {} is smaller than uplink.batch_size {}",
+                self.uplink.max_unacked_readings, self.uplink.batch_size
+            ));
+        }
+        if self.uplink.reconnect_min > self.uplink.reconnect_max {
+            return Err("uplink.reconnect_min: must not exceed uplink.reconnect_max".into());
+        }
+        match &self.source {
+            SourceConfig::Simulator(sim) => sim.validate().map_err(|e| format!("source.{e}"))?,
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let text = include_str!("../../config/agent.example.toml");
+        let config: AgentConfig = toml::from_str(text).expect("example parses");
+        config.validate().expect("example validates");
+        assert_eq!(config.uplink.linger, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_its_name() {
+        let err = toml::from_str::<AgentConfig>("[uplink]\nbatch_sise = 3\n")
+            .expect_err("typo must be refused");
+        assert!(err.to_string().contains("batch_sise"), "{err}");
+    }
+
+    #[test]
+    fn window_smaller_than_batch_is_refused_naming_the_field() {
+        let mut config = AgentConfig::default();
+        config.uplink.max_unacked_readings = 10;
+        let err = config.validate().expect_err("must be refused");
+        assert!(err.starts_with("uplink.max_unacked_readings"), "{err}");
+    }
+}

@@ -1,0 +1,82 @@
+//! Where readings come from. Each source appends to the spool, which gives
+//! every reading the next `seq`; when the spool is full the source waits.
+
+pub mod simulator;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use edgeloop_proto::v1::Reading;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AgentConfig, SourceConfig};
+use crate::spool::SharedSpool;
+use crate::stats::AgentStats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("spool refused readings: {0}")]
+    Spool(#[from] crate::spool::SpoolError),
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs the configured source until `shutdown` or until it is exhausted.
+pub async fn run(
+    config: &AgentConfig,
+    spool: Arc<SharedSpool>,
+    shutdown: CancellationToken,
+    stats: Arc<AgentStats>,
+) -> Result<(), SourceError> {
+    match &config.source {
+        SourceConfig::Simulator(sim) => run_simulator(sim, spool, shutdown, stats).await,
+    }
+}
+
+async fn run_simulator(
+    config: &simulator::SimulatorConfig,
+    spool: Arc<SharedSpool>,
+    shutdown: CancellationToken,
+    stats: Arc<AgentStats>,
+) -> Result<(), SourceError> {
+    let mut sim = simulator::Simulator::new(config.clone());
+    spool.set_channels(sim.channel_names());
+    let start = tokio::time::Instant::now();
+    let start_micros = now_micros();
+    let step_micros = 1e6 / config.rate_hz;
+    // Tick often enough for low rates to be smooth, not so often that a fleet
+    // of thousands burns CPU on timers.
+    let tick = Duration::from_secs_f64((1.0 / config.rate_hz).clamp(0.01, 1.0));
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut generated: u64 = 0;
+    let limit = config.limit.unwrap_or(u64::MAX);
+    while generated < limit {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = interval.tick() => {}
+        }
+        let due = ((start.elapsed().as_secs_f64() * config.rate_hz) as u64).min(limit);
+        let mut batch = Vec::with_capacity(due.saturating_sub(generated) as usize);
+        while generated < due {
+            let r = sim.next_reading();
+            batch.push(Reading {
+                ts_micros: start_micros + (generated as f64 * step_micros) as i64,
+                values: r.values,
+                true_label: r.label.to_string(),
+            });
+            generated += 1;
+        }
+        let n = batch.len() as u64;
+        if !spool.append_waiting(batch, &shutdown).await? {
+            break;
+        }
+        AgentStats::add(&stats.readings_generated, n);
+    }
+    Ok(())
+}

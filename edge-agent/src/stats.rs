@@ -1,0 +1,29 @@
+//! Counters of an agent (or of a whole simulated fleet sharing one set).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    /// Readings the sources produced.
+    pub readings_generated: AtomicU64,
+    /// Readings published for the first time (resends not counted).
+    pub readings_published: AtomicU64,
+    /// Readings acknowledged by the cloud (in Kafka).
+    pub readings_acknowledged: AtomicU64,
+    /// Readings published again after a reconnect or a stalled watermark.
+    pub readings_resent: AtomicU64,
+    /// Batches (MQTT messages) published, resends included.
+    pub batches_published: AtomicU64,
+    /// Connections lost and re-established.
+    pub reconnects: AtomicU64,
+}
+
+impl AgentStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,61 @@
+//! Every topic name of the system, MQTT and Kafka, in one place.
+//!
+//! | MQTT topic | direction | QoS / retain | payload |
+//! |---|---|---|---|
+//! | `telemetry/{device}` | device → cloud | 1 | `ReadingBatch` |
+//! | `status/{device}` | device → cloud | 1, retained, last will | `DeviceStatus` |
+//! | `ack/{device}` | cloud → device | 1, retained | `Ack` |
+//! | `models/{task}/{profile}` | cloud → device | 1, retained | `ModelUpdate` |
+
+/// Kafka topic of reading batches, key = device id.
+pub const KAFKA_READINGS: &str = "edgeloop.readings";
+/// Kafka topic of device status (compacted).
+pub const KAFKA_STATUS: &str = "edgeloop.status";
+/// Kafka topic of published models (compacted by `task/profile`).
+pub const KAFKA_MODELS: &str = "edgeloop.models";
+/// Kafka topic of payloads that failed to decode, with the reason in a header.
+pub const KAFKA_DEADLETTER: &str = "edgeloop.deadletter";
+
+/// Filter that matches every device's telemetry topic.
+pub const TELEMETRY_FILTER: &str = "telemetry/+";
+/// Filter that matches every model topic.
+pub const MODELS_FILTER: &str = "models/#";
+
+pub fn telemetry(device_id: &str) -> String {
+    format!("telemetry/{device_id}")
+}
+
+pub fn status(device_id: &str) -> String {
+    format!("status/{device_id}")
+}
+
+pub fn ack(device_id: &str) -> String {
+    format!("ack/{device_id}")
+}
+
+pub fn models(task: &str, profile: &str) -> String {
+    format!("models/{task}/{profile}")
+}
+
+/// The device id of a `telemetry/{device}` topic, or `None` for any other topic.
+pub fn device_of_telemetry(topic: &str) -> Option<&str> {
+    topic
+        .strip_prefix("telemetry/")
+        .filter(|d| !d.is_empty() && !d.contains('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn telemetry_topic_round_trips_to_its_device() {
+        assert_eq!(device_of_telemetry(&telemetry("dev-7")), Some("dev-7"));
+        assert_eq!(device_of_telemetry("telemetry/"), None);
+        assert_eq!(device_of_telemetry("telemetry/a/b"), None);
+        assert_eq!(device_of_telemetry("status/dev-7"), None);
+        assert_eq!(models("anomaly", "int8"), "models/anomaly/int8");
+        assert_eq!(ack("d"), "ack/d");
+        assert_eq!(status("d"), "status/d");
+    }
+}

@@ -1,0 +1,265 @@
+//! `edgeloop`: one binary, a subcommand per component. Each subcommand only
+//! parses its config and calls a library's `run(config, shutdown, …)`.
+
+mod up;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "edgeloop",
+    version,
+    about = "Closes the machine-learning loop for fleets of IoT devices",
+    long_about = "Closes the machine-learning loop for fleets of IoT devices: edge agents publish \
+                  readings over MQTT to a broker bridged into Kafka, and a stream processor writes \
+                  them to a Hive-partitioned Parquet data set.\n\n\
+                  `edgeloop up` runs everything on one machine; `broker`, `processor` and `agent` \
+                  run one part each (how Kubernetes runs them). Every flag can also be set from \
+                  the environment variable shown in its help."
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "EDGELOOP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `edgeloop_broker=debug`.
+    #[arg(long, global = true, env = "EDGELOOP_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the whole loop on this machine: a Kafka-API broker (Tansu), the MQTT
+    /// broker and its Kafka bridge, the stream processor, and a fleet of
+    /// simulated devices. Prints progress; Ctrl-C stops everything in order.
+    Up(up::UpArgs),
+    /// Run the MQTT broker and its bridge to Kafka.
+    Broker(BrokerArgs),
+    /// Run the stream processor: Kafka readings into the Parquet data set.
+    Processor(ProcessorArgs),
+    /// Run one edge agent (a simulated device) against a broker.
+    Agent(AgentArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BrokerArgs {
+    /// TOML config file (see config/broker.example.toml); flags override it.
+    #[arg(long, env = "EDGELOOP_BROKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// MQTT listen address.
+    #[arg(long, env = "EDGELOOP_MQTT_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "EDGELOOP_KAFKA_BOOTSTRAP")]
+    kafka: Option<String>,
+    /// Kafka compression of the readings: none, gzip, snappy, lz4, zstd.
+    #[arg(long, env = "EDGELOOP_BRIDGE_COMPRESSION")]
+    compression: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct ProcessorArgs {
+    /// TOML config file (see config/processor.example.toml); flags override it.
+    #[arg(long, env = "EDGELOOP_PROCESSOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "EDGELOOP_KAFKA_BOOTSTRAP")]
+    kafka: Option<String>,
+    /// Kafka consumer group id.
+    #[arg(long, env = "EDGELOOP_GROUP_ID")]
+    group_id: Option<String>,
+    /// Root directory of the Parquet data set.
+    #[arg(long, env = "EDGELOOP_PARQUET_ROOT")]
+    parquet_root: Option<PathBuf>,
+    /// Close a Parquet file (and commit its offsets) once it is this old, e.g. `10s`.
+    #[arg(long, env = "EDGELOOP_SINK_MAX_AGE", value_parser = humantime::parse_duration)]
+    max_age: Option<Duration>,
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentArgs {
+    /// TOML config file (see config/agent.example.toml); flags override it.
+    #[arg(long, env = "EDGELOOP_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Device id (also the MQTT client id).
+    #[arg(long, env = "EDGELOOP_DEVICE_ID")]
+    device_id: Option<String>,
+    /// Device profile.
+    #[arg(long, env = "EDGELOOP_PROFILE")]
+    profile: Option<String>,
+    /// MQTT broker, HOST:PORT.
+    #[arg(long, env = "EDGELOOP_MQTT")]
+    mqtt: Option<String>,
+    /// Simulated readings per second.
+    #[arg(long, env = "EDGELOOP_RATE")]
+    rate: Option<f64>,
+    /// Stop after this many readings (once all are acknowledged).
+    #[arg(long, env = "EDGELOOP_LIMIT")]
+    limit: Option<u64>,
+    /// Simulator seed.
+    #[arg(long, env = "EDGELOOP_SEED")]
+    seed: Option<u64>,
+    /// Readings per MQTT message.
+    #[arg(long, env = "EDGELOOP_BATCH_SIZE")]
+    batch_size: Option<usize>,
+}
+
+fn read_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
+    match path {
+        None => Ok(T::default()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("in config file {}", path.display()))
+        }
+    }
+}
+
+fn split_host_port(s: &str) -> Result<(String, u16)> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .with_context(|| format!("{s:?} is not HOST:PORT"))?;
+    let port = port
+        .parse()
+        .with_context(|| format!("{port:?} in {s:?} is not a port number"))?;
+    Ok((host.to_string(), port))
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM.
+fn shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = ctrl_c => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}
+
+fn init_logging(format: LogFormat, filter: &str) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("--log {filter:?} is not a valid log filter"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log)?;
+    let shutdown = shutdown_signal();
+    match cli.command {
+        Command::Up(args) => up::run(args, shutdown).await,
+        Command::Broker(args) => {
+            let mut config: edgeloop_broker::BrokerConfig = read_toml(args.config.as_deref())?;
+            if let Some(listen) = args.listen {
+                config.mqtt.listen = listen;
+            }
+            if let Some(kafka) = args.kafka {
+                config.kafka.bootstrap_servers = kafka;
+            }
+            if let Some(c) = args.compression {
+                config.bridge.compression = c;
+            }
+            let stats = Arc::new(edgeloop_broker::BrokerStats::default());
+            edgeloop_broker::run(config, shutdown, CancellationToken::new(), stats).await?;
+            // rumqttd's thread cannot be stopped; the process exit ends it.
+            std::process::exit(0);
+        }
+        Command::Processor(args) => {
+            let mut config: edgeloop_processor::ProcessorConfig = read_toml(args.config.as_deref())?;
+            if let Some(kafka) = args.kafka {
+                config.kafka.bootstrap_servers = kafka;
+            }
+            if let Some(g) = args.group_id {
+                config.group_id = g;
+            }
+            if let Some(root) = args.parquet_root {
+                config.parquet_root = root;
+            }
+            if let Some(age) = args.max_age {
+                config.sink.max_age = age;
+            }
+            let stats = Arc::new(edgeloop_processor::ProcessorStats::default());
+            edgeloop_processor::run(config, shutdown, stats).await?;
+            Ok(())
+        }
+        Command::Agent(args) => {
+            let mut config: edgeloop_agent::AgentConfig = read_toml(args.config.as_deref())?;
+            if let Some(id) = args.device_id {
+                config.device_id = id;
+            }
+            if let Some(p) = args.profile {
+                config.profile = p;
+            }
+            if let Some(mqtt) = args.mqtt {
+                (config.mqtt.host, config.mqtt.port) = split_host_port(&mqtt)?;
+            }
+            if let Some(b) = args.batch_size {
+                config.uplink.batch_size = b;
+            }
+            let edgeloop_agent::config::SourceConfig::Simulator(sim) = &mut config.source;
+            if let Some(rate) = args.rate {
+                sim.rate_hz = rate;
+            }
+            if let Some(limit) = args.limit {
+                sim.limit = Some(limit);
+            }
+            if let Some(seed) = args.seed {
+                sim.seed = seed;
+            }
+            let stats = Arc::new(edgeloop_agent::AgentStats::default());
+            let report = edgeloop_agent::run(config, shutdown, stats).await?;
+            if report.committed_seq < report.next_seq {
+                bail!(
+                    "stopped with readings {}..{} unacknowledged (they were in memory only)",
+                    report.committed_seq,
+                    report.next_seq
+                );
+            }
+            println!(
+                "{} readings taken, all acknowledged",
+                report.next_seq
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! `edgeloop up`: the whole loop on one machine.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+use edgeloop_agent::{AgentConfig, AgentStats};
+use edgeloop_broker::{BrokerConfig, BrokerStats};
+use edgeloop_kafka::local::LocalKafka;
+use edgeloop_processor::{ProcessorConfig, ProcessorStats};
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Simulated devices, each with its own MQTT connection.
+    #[arg(long, env = "EDGELOOP_DEVICES", default_value_t = 10)]
+    devices: usize,
+    /// Readings per second of each device.
+    #[arg(long, env = "EDGELOOP_RATE", default_value_t = 10.0)]
+    rate: f64,
+    /// Readings per MQTT message.
+    #[arg(long, env = "EDGELOOP_BATCH_SIZE", default_value_t = 100)]
+    batch_size: usize,
+    /// Stop by itself after this long (e.g. `30s`); without it, run until Ctrl-C.
+    #[arg(long, env = "EDGELOOP_DURATION", value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Directory for everything the run writes: Parquet under DIR/parquet/,
+    /// the Kafka-API broker's data and log under DIR/kafka/.
+    #[arg(long, env = "EDGELOOP_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Kafka bootstrap servers of an existing cluster; without it a Tansu
+    /// broker is started as a child process.
+    #[arg(long, env = "EDGELOOP_KAFKA_BOOTSTRAP")]
+    kafka: Option<String>,
+    /// Where the started Tansu broker listens.
+    #[arg(long, env = "EDGELOOP_TANSU_LISTEN", default_value = "127.0.0.1:9092")]
+    tansu_listen: SocketAddr,
+    /// Storage of the started Tansu broker: durable SQLite under DIR/kafka/, or memory.
+    #[arg(long, env = "EDGELOOP_TANSU_STORAGE", value_enum, default_value_t = Storage::Sqlite)]
+    tansu_storage: Storage,
+    /// The tansu binary (default: `tansu` on PATH, then ~/.cargo/bin/tansu).
+    #[arg(long, env = "TANSU_BIN")]
+    tansu_bin: Option<PathBuf>,
+    /// MQTT listen address of the broker.
+    #[arg(long, env = "EDGELOOP_MQTT_LISTEN", default_value = "127.0.0.1:1883")]
+    mqtt_listen: SocketAddr,
+    /// Close Parquet files (and commit their offsets) at this age at the latest.
+    #[arg(long, env = "EDGELOOP_SINK_MAX_AGE", default_value = "10s", value_parser = humantime::parse_duration)]
+    file_max_age: Duration,
+    /// How often progress is printed.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    progress_every: Duration,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Storage {
+    Sqlite,
+    Memory,
+}
+
+fn find_tansu(explicit: Option<PathBuf>) -> PathBuf {
+    if let Some(bin) = explicit {
+        return bin;
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("tansu"))
+            .find(|p| p.is_file())
+    });
+    on_path
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cargo/bin/tansu"))
+                .filter(|p| p.is_file())
+        })
+        .unwrap_or_else(|| PathBuf::from("tansu"))
+}
+
+struct Counters {
+    fleet: Arc<AgentStats>,
+    broker: Arc<BrokerStats>,
+    processor: Arc<ProcessorStats>,
+}
+
+impl Counters {
+    fn line(&self, elapsed: Duration, rate: f64) -> String {
+        let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        format!(
+            "{:>6.1}s  published {:>9}  acknowledged {:>9}  in Kafka {:>9}  in Parquet {:>9} ({} files)  dead letters {}  | {:.0} readings/s to Parquet",
+            elapsed.as_secs_f64(),
+            g(&self.fleet.readings_published),
+            g(&self.fleet.readings_acknowledged),
+            g(&self.broker.readings_in_kafka),
+            g(&self.processor.rows_written),
+            g(&self.processor.files_written),
+            g(&self.processor.dead_letters),
+            rate,
+        )
+    }
+}
+
+pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
+    let data_dir = args.data_dir.clone();
+    std::fs::create_dir_all(data_dir.join("kafka"))
+        .with_context(|| format!("creating {}", data_dir.join("kafka").display()))?;
+
+    let mut local_kafka = None;
+    let bootstrap = match &args.kafka {
+        Some(b) => b.clone(),
+        None => {
+            let bin = find_tansu(args.tansu_bin.clone());
+            let storage = match args.tansu_storage {
+                Storage::Memory => "memory://tansu/".to_string(),
+                Storage::Sqlite => {
+                    let db = std::path::absolute(data_dir.join("kafka/tansu.db"))
+                        .context("resolving the data directory")?;
+                    format!("sqlite://{}", db.display())
+                }
+            };
+            let log = data_dir.join("kafka/tansu.log");
+            let kafka = LocalKafka::start(&bin, args.tansu_listen, &storage, &log).await?;
+            println!("Kafka-API broker (Tansu, {storage}) on {}; log in {}", kafka.bootstrap(), log.display());
+            let b = kafka.bootstrap();
+            local_kafka = Some(kafka);
+            b
+        }
+    };
+
+    let mut broker_config = BrokerConfig::default();
+    broker_config.mqtt.listen = args.mqtt_listen;
+    broker_config.kafka.bootstrap_servers = bootstrap.clone();
+    let mut processor_config = ProcessorConfig::default();
+    processor_config.kafka.bootstrap_servers = bootstrap.clone();
+    processor_config.parquet_root = data_dir.join("parquet");
+    processor_config.group_id = "edgeloop-up".into();
+    processor_config.sink.max_age = args.file_max_age;
+    let mut agent = AgentConfig::default();
+    agent.mqtt.host = args.mqtt_listen.ip().to_string();
+    if args.mqtt_listen.ip().is_unspecified() {
+        agent.mqtt.host = "127.0.0.1".into();
+    }
+    agent.mqtt.port = args.mqtt_listen.port();
+    agent.uplink.batch_size = args.batch_size;
+    agent.uplink.max_unacked_readings = agent.uplink.max_unacked_readings.max(args.batch_size as u64 * 4);
+    let edgeloop_agent::config::SourceConfig::Simulator(sim) = &mut agent.source;
+    sim.rate_hz = args.rate;
+    broker_config.validate().map_err(anyhow::Error::msg)?;
+    processor_config.validate().map_err(anyhow::Error::msg)?;
+    agent.validate().map_err(anyhow::Error::msg)?;
+
+    let counters = Counters {
+        fleet: Arc::new(AgentStats::default()),
+        broker: Arc::new(BrokerStats::default()),
+        processor: Arc::new(ProcessorStats::default()),
+    };
+
+    let broker_stop = CancellationToken::new();
+    let broker_ready = CancellationToken::new();
+    let mut broker = tokio::spawn(edgeloop_broker::run(
+        broker_config,
+        broker_stop.clone(),
+        broker_ready.clone(),
+        counters.broker.clone(),
+    ));
+    tokio::select! {
+        _ = broker_ready.cancelled() => {}
+        result = &mut broker => {
+            result.context("broker task")??;
+            anyhow::bail!("the broker stopped during start-up");
+        }
+    }
+    println!("MQTT broker on {}; bridge to Kafka {bootstrap}", args.mqtt_listen);
+
+    let processor_stop = CancellationToken::new();
+    let mut processor = tokio::spawn(edgeloop_processor::run(
+        processor_config,
+        processor_stop.clone(),
+        counters.processor.clone(),
+    ));
+    println!("Stream processor writing Parquet under {}", data_dir.join("parquet").display());
+
+    let fleet_stop = CancellationToken::new();
+    let mut fleet = tokio::spawn(edgeloop_agent::run_fleet(
+        agent,
+        "device",
+        args.devices,
+        fleet_stop.clone(),
+        counters.fleet.clone(),
+    ));
+    println!(
+        "{} simulated devices at {} readings/s each, batches of {}{}",
+        args.devices,
+        args.rate,
+        args.batch_size,
+        match args.duration {
+            Some(d) => format!(", for {}", humantime::format_duration(d)),
+            None => ", until Ctrl-C".into(),
+        }
+    );
+
+    let start = Instant::now();
+    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut ticker = tokio::time::interval(args.progress_every);
+    ticker.tick().await;
+    let mut last = (Instant::now(), 0u64);
+    let mut fleet_result = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => break,
+            result = &mut fleet => { fleet_result = Some(result); break; }
+            result = &mut processor => {
+                result.context("processor task")??;
+                anyhow::bail!("the stream processor stopped unexpectedly");
+            }
+            result = &mut broker => {
+                result.context("broker task")??;
+                anyhow::bail!("the broker stopped unexpectedly");
+            }
+            _ = ticker.tick() => {
+                let rows = ProcessorStats::get(&counters.processor.rows_written);
+                let rate = (rows - last.1) as f64 / last.0.elapsed().as_secs_f64();
+                last = (Instant::now(), rows);
+                println!("{}", counters.line(start.elapsed(), rate));
+            }
+        }
+    }
+
+    println!("stopping: devices send what they hold, then the bridge, the processor and Kafka stop");
+    fleet_stop.cancel();
+    let reports = match fleet_result {
+        Some(r) => r,
+        None => fleet.await,
+    }
+    .context("fleet task")??;
+    broker_stop.cancel();
+    broker.await.context("broker task")??;
+    // Let the processor take everything Kafka acknowledged before it stops.
+    let in_kafka = BrokerStats::get(&counters.broker.batches_in_kafka);
+    let wait_until = Instant::now() + Duration::from_secs(20);
+    while ProcessorStats::get(&counters.processor.records_consumed) < in_kafka && Instant::now() < wait_until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    processor_stop.cancel();
+    processor.await.context("processor task")??;
+    if let Some(kafka) = local_kafka {
+        kafka.stop(Duration::from_secs(5)).await;
+    }
+
+    let taken: u64 = reports.iter().map(|r| r.next_seq).sum();
+    let acked: u64 = reports.iter().map(|r| r.committed_seq).sum();
+    let elapsed = start.elapsed();
+    let rows = ProcessorStats::get(&counters.processor.rows_written);
+    println!("{}", counters.line(elapsed, rows as f64 / elapsed.as_secs_f64()));
+    println!(
+        "done: {taken} readings taken by {} devices, {acked} acknowledged, {rows} written to Parquet in {} files under {}",
+        reports.len(),
+        ProcessorStats::get(&counters.processor.files_written),
+        data_dir.join("parquet").display()
+    );
+    if acked < taken {
+        println!(
+            "warning: {} readings were not acknowledged before the grace period ended (held in memory only, so lost)",
+            taken - acked
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! Configuration of the stream processor.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use edgeloop_kafka::KafkaConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessorConfig {
+    /// How to reach Kafka.
+    pub kafka: KafkaConfig,
+    /// Kafka consumer group; processors in one group share the partitions.
+    pub group_id: String,
+    /// Consumer session timeout: how long a silent member keeps its partitions.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// Root of the Parquet data set (files go under `{root}/readings/…`).
+    pub parquet_root: PathBuf,
+    /// When files roll, and how they are laid out.
+    pub sink: SinkConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinkConfig {
+    /// A file is closed once it holds this many rows…
+    pub max_rows: usize,
+    /// …or this many bytes (estimated, uncompressed)…
+    pub max_bytes: usize,
+    /// …or has been open this long. Offsets are committed when a file closes,
+    /// so this also bounds how much is re-read after a crash.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Rows per Parquet row group.
+    pub row_group_rows: usize,
+    /// zstd compression level (1–22).
+    pub zstd_level: i32,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        ProcessorConfig {
+            kafka: KafkaConfig::default(),
+            group_id: "edgeloop-processor".into(),
+            session_timeout: Duration::from_secs(10),
+            parquet_root: PathBuf::from("data/parquet"),
+            sink: SinkConfig::default(),
+        }
+    }
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig {
+            max_rows: 1_000_000,
+            max_bytes: 256 << 20,
+            max_age: Duration::from_secs(60),
+            row_group_rows: 128 * 1024,
+            zstd_level: 3,
+        }
+    }
+}
+
+impl ProcessorConfig {
+    /// Checks every field; the error names the one that is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        self.kafka.validate().map_err(|e| e.to_string())?;
+        if self.group_id.is_empty() {
+            return Err("group_id: must not be empty".into());
+        }
+        if self.parquet_root.as_os_str().is_empty() {
+            return Err("parquet_root: must not be empty".into());
+        }
+        if self.sink.max_rows == 0 {
+            return Err("sink.max_rows: must be at least 1".into());
+        }
+        if self.sink.row_group_rows == 0 {
+            return Err("sink.row_group_rows: must be at least 1".into());
+        }
+        if !(1..=22).contains(&self.sink.zstd_level) {
+            return Err(format!("sink.zstd_level: {} is not within 1..=22", self.sink.zstd_level));
+        }
+        if self.sink.max_age.is_zero() {
+            return Err("sink.max_age: must be longer than zero".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let text = include_str!("../../config/processor.example.toml");
+        let config: ProcessorConfig = toml::from_str(text).expect("example parses");
+        config.validate().expect("example validates");
+    }
+
+    #[test]
+    fn bad_zstd_level_is_refused_naming_the_field() {
+        let mut config = ProcessorConfig::default();
+        config.sink.zstd_level = 40;
+        assert!(config.validate().expect_err("refused").starts_with("sink.zstd_level"));
+    }
+}

@@ -1,0 +1,235 @@
+//! The Kafka source: a consumer-group member on `edgeloop.readings` that
+//! turns each record into rows of its partition's open Parquet file.
+//!
+//! It runs on its own thread (Parquet encoding is CPU work) with a
+//! `BaseConsumer`. Offsets are never committed automatically: a partition's
+//! offset is committed, synchronously, right after the file holding its
+//! records is renamed into place (or, with no file open, right after a dead
+//! letter is acknowledged by Kafka). At most one renamed-but-uncommitted file
+//! per partition can therefore exist at a crash, and it starts at the
+//! committed offset: the file re-written after restart has the same name and
+//! replaces it.
+//!
+//! On a rebalance, open files of revoked partitions are dropped unwritten;
+//! their next owner re-reads them from the committed offset.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use edgeloop_proto::topics;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ProcessorConfig;
+use crate::deadletter::{DeadLetterError, DeadLetters};
+use crate::decode;
+use crate::parquet_sink::{Bucket, OpenFile, SinkError};
+use crate::stats::ProcessorStats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("could not create the Kafka consumer: {0}")]
+    Create(KafkaError),
+    #[error("could not subscribe to {topic}: {source}")]
+    Subscribe { topic: String, source: KafkaError },
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    DeadLetter(#[from] DeadLetterError),
+}
+
+/// Records revoked partitions during a rebalance (called inside `poll`).
+#[derive(Default)]
+pub struct RebalanceContext {
+    revoked: Mutex<Vec<i32>>,
+}
+
+impl ClientContext for RebalanceContext {}
+
+impl ConsumerContext for RebalanceContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+            revoked.extend(list.elements().iter().map(|e| e.partition()));
+        }
+    }
+}
+
+struct Sink<'a> {
+    config: &'a ProcessorConfig,
+    consumer: &'a BaseConsumer<RebalanceContext>,
+    stats: &'a ProcessorStats,
+    open: HashMap<i32, OpenFile>,
+}
+
+impl Sink<'_> {
+    fn commit(&self, partition: i32, next_offset: i64) {
+        let mut list = TopicPartitionList::new();
+        if list
+            .add_partition_offset(topics::KAFKA_READINGS, partition, Offset::Offset(next_offset))
+            .is_err()
+        {
+            return;
+        }
+        if let Err(e) = self.consumer.commit(&list, CommitMode::Sync) {
+            // Not fatal: the records are re-read and the file replaced.
+            tracing::warn!(partition, next_offset, error = %e, "offset commit failed");
+            ProcessorStats::add(&self.stats.commit_errors, 1);
+        }
+    }
+
+    fn close(&mut self, partition: i32) -> Result<(), SinkError> {
+        if let Some(file) = self.open.remove(&partition) {
+            let closed = file.close()?;
+            tracing::debug!(path = %closed.path.display(), rows = closed.rows, "file written");
+            ProcessorStats::add(&self.stats.rows_written, closed.rows as u64);
+            ProcessorStats::add(&self.stats.files_written, 1);
+            self.commit(partition, closed.last_offset + 1);
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, message: &BorrowedMessage<'_>, dead: &DeadLetters) -> Result<(), SourceError> {
+        ProcessorStats::add(&self.stats.records_consumed, 1);
+        let partition = message.partition();
+        let offset = message.offset();
+        let batch = match decode::decode(message.key(), message.payload().unwrap_or_default()) {
+            Ok(batch) => batch,
+            Err(refused) => {
+                let reason = refused.to_string();
+                tracing::warn!(partition, offset, %reason, "dead-lettering a record");
+                dead.send(message, &reason)?;
+                ProcessorStats::add(&self.stats.dead_letters, 1);
+                if !self.open.contains_key(&partition) {
+                    self.commit(partition, offset + 1);
+                }
+                return Ok(());
+            }
+        };
+        if batch.readings.is_empty() {
+            if !self.open.contains_key(&partition) {
+                self.commit(partition, offset + 1);
+            }
+            return Ok(());
+        }
+        let millis = message
+            .timestamp()
+            .to_millis()
+            .unwrap_or(batch.readings[0].ts_micros / 1000);
+        let bucket = Bucket::of_millis(millis);
+        if self
+            .open
+            .get(&partition)
+            .is_some_and(|f| !f.accepts(&bucket, &batch.channels))
+        {
+            self.close(partition)?;
+        }
+        let file = match self.open.entry(partition) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(OpenFile::open(
+                &self.config.parquet_root,
+                partition,
+                offset,
+                bucket,
+                batch.channels.clone(),
+                &self.config.sink,
+            )?),
+        };
+        file.append(&batch, offset)?;
+        if file.rows >= self.config.sink.max_rows || file.est_bytes >= self.config.sink.max_bytes {
+            self.close(partition)?;
+        }
+        Ok(())
+    }
+
+    fn close_aged(&mut self) -> Result<(), SinkError> {
+        let aged: Vec<i32> = self
+            .open
+            .iter()
+            .filter(|(_, f)| f.opened_at.elapsed() >= self.config.sink.max_age)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in aged {
+            self.close(p)?;
+        }
+        Ok(())
+    }
+}
+
+/// Consumes until `shutdown`, then closes every open file and commits.
+pub fn run(
+    config: &ProcessorConfig,
+    shutdown: &CancellationToken,
+    stats: &ProcessorStats,
+) -> Result<(), SourceError> {
+    let session = config.session_timeout.as_millis().to_string();
+    let consumer: BaseConsumer<RebalanceContext> = config
+        .kafka
+        .client_config(&[
+            ("group.id", &config.group_id),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+            ("session.timeout.ms", &session),
+            ("client.id", "edgeloop-processor"),
+        ])
+        .create_with_context(RebalanceContext::default())
+        .map_err(SourceError::Create)?;
+    consumer
+        .subscribe(&[topics::KAFKA_READINGS])
+        .map_err(|source| SourceError::Subscribe {
+            topic: topics::KAFKA_READINGS.into(),
+            source,
+        })?;
+    let dead = DeadLetters::new(&config.kafka)?;
+    ensure_dir(&config.parquet_root)?;
+    let mut sink = Sink {
+        config,
+        consumer: &consumer,
+        stats,
+        open: HashMap::new(),
+    };
+    while !shutdown.is_cancelled() {
+        let polled = consumer.poll(Duration::from_millis(100));
+        let revoked: Vec<i32> = std::mem::take(
+            &mut *consumer
+                .context()
+                .revoked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for p in revoked {
+            if let Some(file) = sink.open.remove(&p) {
+                tracing::info!(partition = p, "partition revoked: dropping its open file");
+                file.abort();
+                ProcessorStats::add(&stats.files_aborted, 1);
+            }
+        }
+        match polled {
+            None => {}
+            Some(Ok(message)) => sink.handle(&message, &dead)?,
+            Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error"),
+        }
+        sink.close_aged()?;
+    }
+    let partitions: Vec<i32> = sink.open.keys().copied().collect();
+    for p in partitions {
+        sink.close(p)?;
+    }
+    consumer.unsubscribe();
+    Ok(())
+}
+
+fn ensure_dir(path: &Path) -> Result<(), SinkError> {
+    std::fs::create_dir_all(path).map_err(|source| SinkError::Io {
+        action: "creating directory",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+

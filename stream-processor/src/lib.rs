@@ -1,0 +1,62 @@
+//! The stream processor: Kafka `edgeloop.readings` → a Hive-partitioned
+//! Parquet data set for analysts.
+//!
+//! - [`kafka_source`]: the consumer-group member and its commit discipline.
+//! - [`decode`]: decoding and checking one record; refusals have reasons.
+//! - [`deadletter`]: refused records go to `edgeloop.deadletter`.
+//! - [`parquet_sink`]: open files per partition, rolled by rows, bytes, age,
+//!   hour and schema; written to a temporary name, fsynced, renamed.
+//! - [`config`], [`stats`].
+
+pub mod config;
+pub mod deadletter;
+pub mod decode;
+pub mod kafka_source;
+pub mod parquet_sink;
+pub mod stats;
+
+use std::sync::Arc;
+
+pub use config::ProcessorConfig;
+use edgeloop_proto::topics;
+pub use stats::ProcessorStats;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid processor config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Kafka(#[from] edgeloop_kafka::Error),
+    #[error(transparent)]
+    Source(#[from] kafka_source::SourceError),
+    #[error("the processor thread failed: {0}")]
+    Thread(String),
+}
+
+/// Runs the processor until `shutdown`; then closes and commits every open
+/// file before returning.
+pub async fn run(
+    config: ProcessorConfig,
+    shutdown: CancellationToken,
+    stats: Arc<ProcessorStats>,
+) -> Result<(), Error> {
+    config.validate().map_err(Error::Config)?;
+    edgeloop_kafka::ensure_topics(
+        &config.kafka,
+        &[topics::KAFKA_READINGS, topics::KAFKA_DEADLETTER],
+    )
+    .await?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("processor".into())
+        .spawn(move || {
+            let result = kafka_source::run(&config, &shutdown, &stats);
+            let _ = done_tx.send(result);
+        })
+        .map_err(|e| Error::Thread(e.to_string()))?;
+    done_rx
+        .await
+        .map_err(|e| Error::Thread(e.to_string()))??;
+    Ok(())
+}

@@ -1,0 +1,442 @@
+//! The Parquet sink: one open file per Kafka partition, Hive layout.
+//!
+//! Files land at `{root}/readings/date=YYYY-MM-DD/hour=HH/part-{partition}-{first_offset}.parquet`
+//! (partition 5 digits, offset 20 digits, so names sort by offset). `date` and
+//! `hour` are those of the Kafka record timestamp (when the bridge took the
+//! batch, UTC) of the file's first record; a record of another hour closes the
+//! file and opens the next. For readings that arrive on time that is their own
+//! hour; a device's late backlog lands in the hour it arrived, and its `ts`
+//! column still says when each reading was taken.
+//!
+//! A file is written under a hidden temporary name (`.part-….parquet.tmp`),
+//! fsynced, renamed, and its directory fsynced; only then are the Kafka
+//! offsets it covers committed. Its name derives from its first Kafka offset,
+//! so after a crash the file re-written from the committed offset replaces any
+//! earlier attempt under the same name rather than adding a copy.
+//!
+//! A file also closes when a batch brings a channel it has no column for; the
+//! next file has the wider schema (old files keep reading, engines union by
+//! name).
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow_array::builder::{
+    Float64Builder, Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use edgeloop_proto::v1::ReadingBatch;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+
+use crate::config::SinkConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("writing Parquet file {path}: {source}")]
+    Parquet {
+        path: PathBuf,
+        source: parquet::errors::ParquetError,
+    },
+    #[error("building a record batch for {path}: {source}")]
+    Arrow {
+        path: PathBuf,
+        source: arrow_schema::ArrowError,
+    },
+    #[error("invalid zstd level {0}")]
+    Level(i32),
+}
+
+/// The Hive partition of a file: UTC date and hour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bucket {
+    pub date: String,
+    pub hour: u32,
+}
+
+impl Bucket {
+    pub fn of_millis(millis: i64) -> Bucket {
+        let t = chrono::DateTime::from_timestamp_millis(millis).unwrap_or_default();
+        Bucket {
+            date: t.format("%Y-%m-%d").to_string(),
+            hour: chrono::Timelike::hour(&t),
+        }
+    }
+
+    fn dir(&self, root: &Path) -> PathBuf {
+        root.join("readings")
+            .join(format!("date={}", self.date))
+            .join(format!("hour={:02}", self.hour))
+    }
+}
+
+/// The name of the file whose first record is `first_offset` of `partition`.
+pub fn file_name(partition: i32, first_offset: i64) -> String {
+    format!("part-{partition:05}-{first_offset:020}.parquet")
+}
+
+/// The schema of a file with the given channels (sorted).
+pub fn schema(channels: &[String]) -> SchemaRef {
+    let mut fields = vec![
+        Field::new("device_id", DataType::Utf8, false),
+        Field::new("profile", DataType::Utf8, false),
+        Field::new("seq", DataType::Int64, false),
+        Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+    ];
+    fields.extend(channels.iter().map(|c| Field::new(c, DataType::Float64, true)));
+    fields.extend([
+        Field::new("true_label", DataType::Utf8, true),
+        Field::new("kafka_partition", DataType::Int32, false),
+        Field::new("kafka_offset", DataType::Int64, false),
+    ]);
+    Arc::new(Schema::new(fields))
+}
+
+struct Columns {
+    device_id: StringBuilder,
+    profile: StringBuilder,
+    seq: Int64Builder,
+    ts: TimestampMicrosecondBuilder,
+    channels: Vec<Float64Builder>,
+    true_label: StringBuilder,
+    kafka_partition: Int32Builder,
+    kafka_offset: Int64Builder,
+    rows: usize,
+}
+
+impl Columns {
+    fn new(channels: usize) -> Columns {
+        Columns {
+            device_id: StringBuilder::new(),
+            profile: StringBuilder::new(),
+            seq: Int64Builder::new(),
+            ts: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+            channels: (0..channels).map(|_| Float64Builder::new()).collect(),
+            true_label: StringBuilder::new(),
+            kafka_partition: Int32Builder::new(),
+            kafka_offset: Int64Builder::new(),
+            rows: 0,
+        }
+    }
+
+    fn finish(&mut self, schema: &SchemaRef) -> Result<RecordBatch, arrow_schema::ArrowError> {
+        let mut arrays: Vec<ArrayRef> = vec![
+            Arc::new(self.device_id.finish()),
+            Arc::new(self.profile.finish()),
+            Arc::new(self.seq.finish()),
+            Arc::new(self.ts.finish()),
+        ];
+        for c in &mut self.channels {
+            arrays.push(Arc::new(c.finish()));
+        }
+        arrays.push(Arc::new(self.true_label.finish()));
+        arrays.push(Arc::new(self.kafka_partition.finish()));
+        arrays.push(Arc::new(self.kafka_offset.finish()));
+        self.rows = 0;
+        RecordBatch::try_new(schema.clone(), arrays)
+    }
+}
+
+/// A file that was closed and renamed into the data set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedFile {
+    pub path: PathBuf,
+    pub rows: usize,
+    pub first_offset: i64,
+    pub last_offset: i64,
+}
+
+/// The open file of one partition.
+pub struct OpenFile {
+    pub partition: i32,
+    pub first_offset: i64,
+    pub last_offset: i64,
+    pub bucket: Bucket,
+    pub opened_at: Instant,
+    pub rows: usize,
+    pub est_bytes: usize,
+    channels: Vec<String>,
+    schema: SchemaRef,
+    dir: PathBuf,
+    tmp_path: PathBuf,
+    final_path: PathBuf,
+    writer: ArrowWriter<File>,
+    buffer: Columns,
+    flush_rows: usize,
+}
+
+impl OpenFile {
+    /// Opens the file that will start with record `first_offset`.
+    pub fn open(
+        root: &Path,
+        partition: i32,
+        first_offset: i64,
+        bucket: Bucket,
+        mut channels: Vec<String>,
+        config: &SinkConfig,
+    ) -> Result<OpenFile, SinkError> {
+        channels.sort();
+        let dir = bucket.dir(root);
+        fs::create_dir_all(&dir).map_err(|source| SinkError::Io {
+            action: "creating directory",
+            path: dir.clone(),
+            source,
+        })?;
+        let name = file_name(partition, first_offset);
+        let final_path = dir.join(&name);
+        let tmp_path = dir.join(format!(".{name}.tmp"));
+        let file = File::create(&tmp_path).map_err(|source| SinkError::Io {
+            action: "creating",
+            path: tmp_path.clone(),
+            source,
+        })?;
+        let schema = schema(&channels);
+        let level = ZstdLevel::try_new(config.zstd_level).map_err(|_| SinkError::Level(config.zstd_level))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(level))
+            .set_max_row_group_row_count(Some(config.row_group_rows))
+            .set_statistics_enabled(EnabledStatistics::Page)
+            .set_created_by(format!("edgeloop {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        let writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|source| {
+            SinkError::Parquet {
+                path: tmp_path.clone(),
+                source,
+            }
+        })?;
+        let buffer = Columns::new(channels.len());
+        Ok(OpenFile {
+            partition,
+            first_offset,
+            last_offset: first_offset,
+            bucket,
+            opened_at: Instant::now(),
+            rows: 0,
+            est_bytes: 0,
+            channels,
+            schema,
+            dir,
+            tmp_path,
+            final_path,
+            writer,
+            buffer,
+            flush_rows: config.row_group_rows.clamp(1, 64 * 1024),
+        })
+    }
+
+    /// Whether a batch of `bucket` with `channels` can go into this file.
+    pub fn accepts(&self, bucket: &Bucket, channels: &[String]) -> bool {
+        self.bucket == *bucket && channels.iter().all(|c| self.channels.binary_search(c).is_ok())
+    }
+
+    /// Appends one row per reading of `batch` (record `offset`).
+    pub fn append(&mut self, batch: &ReadingBatch, offset: i64) -> Result<(), SinkError> {
+        // Column index in this file of each channel of the batch.
+        let index: Vec<usize> = batch
+            .channels
+            .iter()
+            .map(|c| self.channels.binary_search(c).unwrap_or(usize::MAX))
+            .collect();
+        let b = &mut self.buffer;
+        let mut values: Vec<Option<f64>> = vec![None; self.channels.len()];
+        for (i, r) in batch.readings.iter().enumerate() {
+            b.device_id.append_value(&batch.device_id);
+            b.profile.append_value(&batch.profile);
+            b.seq.append_value((batch.first_seq + i as u64) as i64);
+            b.ts.append_value(r.ts_micros);
+            values.iter_mut().for_each(|v| *v = None);
+            for (&col, &v) in index.iter().zip(&r.values) {
+                if let Some(slot) = values.get_mut(col) {
+                    *slot = (!v.is_nan()).then_some(v);
+                }
+            }
+            for (builder, v) in b.channels.iter_mut().zip(&values) {
+                builder.append_option(*v);
+            }
+            if r.true_label.is_empty() {
+                b.true_label.append_null();
+            } else {
+                b.true_label.append_value(&r.true_label);
+            }
+            b.kafka_partition.append_value(self.partition);
+            b.kafka_offset.append_value(offset);
+            b.rows += 1;
+        }
+        let n = batch.readings.len();
+        self.rows += n;
+        self.est_bytes += n
+            * (batch.device_id.len() + batch.profile.len() + 8 * 3 + 4 + 8 * self.channels.len() + 8);
+        self.last_offset = offset;
+        if self.buffer.rows >= self.flush_rows {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), SinkError> {
+        if self.buffer.rows == 0 {
+            return Ok(());
+        }
+        let batch = self
+            .buffer
+            .finish(&self.schema)
+            .map_err(|source| SinkError::Arrow {
+                path: self.tmp_path.clone(),
+                source,
+            })?;
+        self.writer.write(&batch).map_err(|source| SinkError::Parquet {
+            path: self.tmp_path.clone(),
+            source,
+        })
+    }
+
+    /// Writes the footer, fsyncs, renames into place and fsyncs the directory.
+    pub fn close(mut self) -> Result<ClosedFile, SinkError> {
+        self.flush()?;
+        let tmp = self.tmp_path.clone();
+        let file = self
+            .writer
+            .into_inner()
+            .map_err(|source| SinkError::Parquet {
+                path: tmp.clone(),
+                source,
+            })?;
+        file.sync_all().map_err(|source| SinkError::Io {
+            action: "fsyncing",
+            path: tmp.clone(),
+            source,
+        })?;
+        drop(file);
+        fs::rename(&tmp, &self.final_path).map_err(|source| SinkError::Io {
+            action: "renaming into place",
+            path: tmp.clone(),
+            source,
+        })?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| SinkError::Io {
+                action: "fsyncing directory",
+                path: self.dir.clone(),
+                source,
+            })?;
+        Ok(ClosedFile {
+            path: self.final_path,
+            rows: self.rows,
+            first_offset: self.first_offset,
+            last_offset: self.last_offset,
+        })
+    }
+
+    /// Drops the file unwritten (its partition was revoked): the new owner
+    /// re-reads it from the committed offset.
+    pub fn abort(self) {
+        let tmp = self.tmp_path.clone();
+        drop(self);
+        if let Err(e) = fs::remove_file(&tmp) {
+            tracing::warn!(path = %tmp.display(), error = %e, "could not remove an aborted temporary file");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeloop_proto::v1::Reading;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    fn batch(first_seq: u64, channels: &[&str], n: usize) -> ReadingBatch {
+        ReadingBatch {
+            device_id: "d1".into(),
+            profile: "f32".into(),
+            first_seq,
+            channels: channels.iter().map(|c| c.to_string()).collect(),
+            readings: (0..n)
+                .map(|i| Reading {
+                    ts_micros: 1_700_000_000_000_000 + i as i64,
+                    values: channels.iter().enumerate().map(|(c, _)| (i * 10 + c) as f64).collect(),
+                    true_label: if i == 0 { "spike".into() } else { String::new() },
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn closed_file_is_renamed_into_the_hive_layout_and_reads_back() -> Result<(), Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        let bucket = Bucket::of_millis(1_700_000_000_000);
+        assert_eq!(bucket, Bucket { date: "2023-11-14".into(), hour: 22 });
+        let channels = vec!["temp".to_string(), "hum".to_string()];
+        let mut f = OpenFile::open(root.path(), 3, 42, bucket, channels, &SinkConfig::default())?;
+        // Channels in another order than the file's (sorted) columns.
+        f.append(&batch(0, &["temp", "hum"], 5), 42)?;
+        f.append(&batch(5, &["hum"], 2), 43)?;
+        let closed = f.close()?;
+        assert_eq!(
+            closed.path,
+            root.path().join("readings/date=2023-11-14/hour=22/part-00003-00000000000000000042.parquet")
+        );
+        assert_eq!((closed.rows, closed.first_offset, closed.last_offset), (7, 42, 43));
+        let dir_entries: Vec<_> = fs::read_dir(closed.path.parent().expect("dir"))?.collect();
+        assert_eq!(dir_entries.len(), 1, "no temporary file is left behind");
+
+        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&closed.path)?)?.build()?;
+        let batches: Vec<RecordBatch> = reader.collect::<Result<_, _>>()?;
+        let rb = &batches[0];
+        assert_eq!(rb.num_rows(), 7);
+        let names: Vec<_> = rb.schema().fields().iter().map(|f| f.name().clone()).collect();
+        assert_eq!(
+            names,
+            ["device_id", "profile", "seq", "ts", "hum", "temp", "true_label", "kafka_partition", "kafka_offset"]
+        );
+        let temp = rb.column_by_name("temp").expect("temp").as_any().downcast_ref::<arrow_array::Float64Array>().expect("f64");
+        let hum = rb.column_by_name("hum").expect("hum").as_any().downcast_ref::<arrow_array::Float64Array>().expect("f64");
+        // Row 1 of the first batch: temp = 10, hum = 11.
+        assert_eq!((temp.value(1), hum.value(1)), (10.0, 11.0));
+        // Second batch had no temp column: nulls there; hum was channel 0.
+        assert!(temp.is_null(5));
+        assert_eq!(hum.value(6), 10.0);
+        let seq = rb.column_by_name("seq").expect("seq").as_any().downcast_ref::<arrow_array::Int64Array>().expect("i64");
+        assert_eq!(seq.values().to_vec(), vec![0, 1, 2, 3, 4, 5, 6]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_new_channel_or_another_hour_is_not_accepted_by_an_open_file() -> Result<(), Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        let bucket = Bucket::of_millis(0);
+        let f = OpenFile::open(root.path(), 0, 0, bucket.clone(), vec!["a".into(), "b".into()], &SinkConfig::default())?;
+        assert!(f.accepts(&bucket, &["b".into()]));
+        assert!(!f.accepts(&bucket, &["c".into()]));
+        assert!(!f.accepts(&Bucket::of_millis(3_600_000), &["a".into()]));
+        f.abort();
+        assert_eq!(fs::read_dir(bucket.dir(root.path()))?.count(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn rewriting_the_same_first_offset_replaces_the_earlier_file() -> Result<(), Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        let bucket = Bucket::of_millis(0);
+        let mut f = OpenFile::open(root.path(), 0, 7, bucket.clone(), vec!["a".into()], &SinkConfig::default())?;
+        f.append(&batch(0, &["a"], 3), 7)?;
+        let first = f.close()?;
+        let mut f = OpenFile::open(root.path(), 0, 7, bucket, vec!["a".into()], &SinkConfig::default())?;
+        f.append(&batch(0, &["a"], 3), 7)?;
+        f.append(&batch(3, &["a"], 3), 8)?;
+        let second = f.close()?;
+        assert_eq!(first.path, second.path);
+        let meta = ParquetRecordBatchReaderBuilder::try_new(File::open(&second.path)?)?;
+        assert_eq!(meta.metadata().file_metadata().num_rows(), 6);
+        Ok(())
+    }
+}

@@ -1,0 +1,29 @@
+//! Counters of the stream processor.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct ProcessorStats {
+    /// Kafka records (batches) consumed, dead letters included.
+    pub records_consumed: AtomicU64,
+    /// Readings in files that were closed and renamed into the data set.
+    pub rows_written: AtomicU64,
+    /// Parquet files closed and renamed into the data set.
+    pub files_written: AtomicU64,
+    /// Records sent to the dead-letter topic.
+    pub dead_letters: AtomicU64,
+    /// Offset commits that failed (the records are re-read; files replaced).
+    pub commit_errors: AtomicU64,
+    /// Open files dropped because their partition was revoked.
+    pub files_aborted: AtomicU64,
+}
+
+impl ProcessorStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}

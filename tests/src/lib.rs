@@ -1,0 +1,270 @@
+//! Harness of the end-to-end tests (`tests/tests/*.rs`): it starts the real
+//! components, a Tansu Kafka-API broker and `edgeloop broker` / `edgeloop
+//! processor` as child processes, on free loopback ports, and reads the
+//! Parquet data set back with the parquet crate's reader.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
+use edgeloop_kafka::local::LocalKafka;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tokio::process::{Child, Command};
+
+/// A free port on 127.0.0.1 (bound, then released for the component).
+pub fn free_addr() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}
+
+/// The tansu binary: `TANSU_BIN`, `tansu` on PATH, or ~/.cargo/bin/tansu.
+pub fn tansu_bin() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("TANSU_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("tansu"))
+            .find(|p| p.is_file())
+    });
+    let home = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/tansu"));
+    on_path
+        .or(home.filter(|p| p.is_file()))
+        .context("tansu is not installed: run scripts/setup.sh (cargo install tansu) first")
+}
+
+/// Starts a Tansu broker with its memory engine on a free port.
+pub async fn start_kafka(dir: &Path) -> Result<LocalKafka> {
+    let addr = free_addr()?;
+    Ok(LocalKafka::start(&tansu_bin()?, addr, "memory://tansu/", &dir.join("tansu.log")).await?)
+}
+
+/// An `edgeloop` subcommand running as a child process, killed when dropped.
+pub struct Component {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Component {
+    /// Starts `bin` with `args`, logging to `{dir}/{name}.log`.
+    pub fn start(bin: &Path, name: &str, args: &[&str], dir: &Path) -> Result<Component> {
+        let log = dir.join(format!("{name}.log"));
+        let out = File::create(&log)?;
+        let err = out.try_clone()?;
+        let child = Command::new(bin)
+            .args(args)
+            .env("EDGELOOP_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(Component {
+            name: name.into(),
+            child,
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would.
+    pub async fn kill9(&mut self) -> Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// SIGTERM, then waits up to `grace` for a clean exit; fails otherwise.
+    pub async fn terminate(&mut self, grace: Duration) -> Result<()> {
+        let pid = self.pid().context("already exited")?;
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await?;
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(status) if status?.success() => Ok(()),
+            Ok(status) => bail!("{} exited with {status:?}; log: {}", self.name, self.tail_log()),
+            Err(_) => bail!("{} did not exit within {grace:?}", self.name),
+        }
+    }
+
+    /// Fails if the process has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited with {status}; log: {}", self.name, self.tail_log());
+        }
+        Ok(())
+    }
+
+    pub fn tail_log(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or fails after `limit`
+/// with `what` in the message.
+pub async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One row of the data set, as read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub device_id: String,
+    pub seq: i64,
+    pub ts_micros: i64,
+    pub channels: HashMap<String, Option<f64>>,
+    pub true_label: Option<String>,
+    pub kafka_offset: i64,
+}
+
+/// Every `*.parquet` file under `{root}/readings` (temporary files excluded).
+pub fn parquet_files(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.join("readings")];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "parquet")
+                && !path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T> {
+    batch
+        .column_by_name(name)
+        .with_context(|| format!("column {name} missing"))?
+        .as_any()
+        .downcast_ref::<T>()
+        .with_context(|| format!("column {name} has an unexpected type"))
+}
+
+/// Reads every row of the data set under `root`.
+pub fn read_rows(root: &Path) -> Result<Vec<Row>> {
+    let fixed = [
+        "device_id",
+        "profile",
+        "seq",
+        "ts",
+        "true_label",
+        "kafka_partition",
+        "kafka_offset",
+    ];
+    let mut rows = Vec::new();
+    for path in parquet_files(root)? {
+        let file = File::open(&path)?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .with_context(|| format!("opening {}", path.display()))?
+            .build()?;
+        for batch in reader {
+            let batch = batch?;
+            let device = column::<StringArray>(&batch, "device_id")?;
+            let seq = column::<Int64Array>(&batch, "seq")?;
+            let ts = column::<arrow_array::TimestampMicrosecondArray>(&batch, "ts")?;
+            let label = column::<StringArray>(&batch, "true_label")?;
+            let offset = column::<Int64Array>(&batch, "kafka_offset")?;
+            let schema = batch.schema();
+            let channel_names: Vec<String> = schema
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .filter(|n| !fixed.contains(&n.as_str()))
+                .collect();
+            let channels: Vec<&Float64Array> = channel_names
+                .iter()
+                .map(|n| column::<Float64Array>(&batch, n))
+                .collect::<Result<_>>()?;
+            for i in 0..batch.num_rows() {
+                rows.push(Row {
+                    device_id: device.value(i).to_string(),
+                    seq: seq.value(i),
+                    ts_micros: ts.value(i),
+                    channels: channel_names
+                        .iter()
+                        .zip(&channels)
+                        .map(|(n, c)| (n.clone(), (!c.is_null(i)).then(|| c.value(i))))
+                        .collect(),
+                    true_label: (!label.is_null(i)).then(|| label.value(i).to_string()),
+                    kafka_offset: offset.value(i),
+                });
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Counts of `(device_id, seq)` in `rows`.
+pub fn identity_counts(rows: &[Row]) -> HashMap<(String, i64), usize> {
+    let mut counts = HashMap::new();
+    for r in rows {
+        *counts.entry((r.device_id.clone(), r.seq)).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Checks that rows hold every seq `0..per_device[d]` of each device exactly
+/// once and nothing else; the error lists what is missing or duplicated.
+pub fn check_exactly_once(rows: &[Row], per_device: &HashMap<String, u64>) -> Result<()> {
+    let counts = identity_counts(rows);
+    let mut missing = Vec::new();
+    for (device, n) in per_device {
+        for seq in 0..*n as i64 {
+            if !counts.contains_key(&(device.clone(), seq)) {
+                missing.push((device.clone(), seq));
+            }
+        }
+    }
+    let duplicated: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).map(|(k, c)| (k.clone(), *c)).collect();
+    let unexpected: Vec<_> = counts
+        .keys()
+        .filter(|(d, s)| per_device.get(d).is_none_or(|n| *s >= *n as i64))
+        .cloned()
+        .collect();
+    if !missing.is_empty() || !duplicated.is_empty() || !unexpected.is_empty() {
+        bail!(
+            "{} missing (first {:?}), {} duplicated (first {:?}), {} unexpected (first {:?})",
+            missing.len(),
+            missing.iter().take(5).collect::<Vec<_>>(),
+            duplicated.len(),
+            duplicated.iter().take(5).collect::<Vec<_>>(),
+            unexpected.len(),
+            unexpected.iter().take(5).collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,411 @@
+//! End-to-end tests of the slice device → MQTT → Kafka → Parquet, against the
+//! real components: a Tansu Kafka-API broker, `edgeloop broker` and
+//! `edgeloop processor` as child processes, agents in-process with rumqttc.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use edgeloop_agent::config::SourceConfig;
+use edgeloop_agent::source::simulator::Simulator;
+use edgeloop_agent::{AgentConfig, AgentStats};
+use edgeloop_kafka::local::LocalKafka;
+use edgeloop_proto::v1::{Ack, Reading, ReadingBatch};
+use edgeloop_proto::{topics, Message as _};
+use edgeloop_tests::{check_exactly_once, parquet_files, read_rows, start_kafka, wait_for, Component};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+const BIN: &str = env!("CARGO_BIN_EXE_edgeloop");
+
+struct Stack {
+    dir: tempfile::TempDir,
+    kafka: LocalKafka,
+    broker: Component,
+    mqtt: SocketAddr,
+    parquet: PathBuf,
+    group: String,
+}
+
+impl Stack {
+    async fn start() -> Result<Stack> {
+        let dir = tempfile::tempdir()?;
+        let kafka = start_kafka(dir.path()).await?;
+        let mqtt = edgeloop_tests::free_addr()?;
+        let mut broker = Component::start(
+            std::path::Path::new(BIN),
+            "broker",
+            &["broker", "--listen", &mqtt.to_string(), "--kafka", &kafka.bootstrap()],
+            dir.path(),
+        )?;
+        wait_for(Duration::from_secs(60), "the MQTT listener", || {
+            let running = broker.check_running();
+            async move {
+                running?;
+                Ok(tokio::net::TcpStream::connect(mqtt).await.ok().map(|_| ()))
+            }
+        })
+        .await?;
+        let parquet = dir.path().join("parquet");
+        let group = format!("test-{}", std::process::id());
+        Ok(Stack {
+            dir,
+            kafka,
+            broker,
+            mqtt,
+            parquet,
+            group,
+        })
+    }
+
+    fn processor(&self, name: &str) -> Result<Component> {
+        Component::start(
+            std::path::Path::new(BIN),
+            name,
+            &[
+                "processor",
+                "--kafka",
+                &self.kafka.bootstrap(),
+                "--group-id",
+                &self.group,
+                "--parquet-root",
+                &self.parquet.to_string_lossy(),
+                "--max-age",
+                "1s",
+            ],
+            self.dir.path(),
+        )
+    }
+
+    fn agent(&self, device: &str, seed: u64, limit: u64, rate: f64, batch: usize) -> AgentConfig {
+        let mut config = AgentConfig {
+            device_id: device.into(),
+            ..AgentConfig::default()
+        };
+        config.mqtt.host = self.mqtt.ip().to_string();
+        config.mqtt.port = self.mqtt.port();
+        config.uplink.batch_size = batch;
+        config.uplink.linger = Duration::from_millis(50);
+        config.uplink.resend_after = Duration::from_secs(5);
+        let SourceConfig::Simulator(sim) = &mut config.source;
+        sim.seed = seed;
+        sim.limit = Some(limit);
+        sim.rate_hz = rate;
+        sim.anomaly_rate = 0.01;
+        config
+    }
+}
+
+/// Rows of the data set once exactly `expected` distinct identities are there.
+async fn wait_for_rows(stack: &Stack, expected: usize, limit: Duration) -> Result<Vec<edgeloop_tests::Row>> {
+    let root = stack.parquet.clone();
+    wait_for(limit, &format!("{expected} readings in Parquet"), || {
+        let root = root.clone();
+        async move {
+            let rows = read_rows(&root)?;
+            let distinct = edgeloop_tests::identity_counts(&rows).len();
+            Ok((distinct >= expected).then_some(rows))
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_of_every_device_reach_parquet_exactly_once_with_their_values() -> Result<()> {
+    let stack = Stack::start().await?;
+    let _processor = stack.processor("processor")?;
+    let (devices, per_device) = (4usize, 600u64);
+    let template = stack.agent("unused", 100, per_device, 1_000.0, 50);
+    let stats = Arc::new(AgentStats::default());
+    let reports = tokio::time::timeout(
+        Duration::from_secs(120),
+        edgeloop_agent::run_fleet(template.clone(), "dev", devices, CancellationToken::new(), stats),
+    )
+    .await
+    .context("fleet did not finish")??;
+    for r in &reports {
+        ensure!(r.next_seq == per_device && r.committed_seq == per_device, "{r:?}");
+    }
+
+    let rows = wait_for_rows(&stack, devices * per_device as usize, Duration::from_secs(60)).await?;
+    let expected: HashMap<String, u64> = (0..devices).map(|i| (format!("dev-{i:04}"), per_device)).collect();
+    check_exactly_once(&rows, &expected)?;
+
+    // The values are those the device generated: replay each simulator.
+    let by_id: HashMap<(String, i64), &edgeloop_tests::Row> =
+        rows.iter().map(|r| ((r.device_id.clone(), r.seq), r)).collect();
+    let SourceConfig::Simulator(sim) = &template.source;
+    let mut anomalies = 0;
+    for i in 0..devices {
+        let device = format!("dev-{i:04}");
+        let mut replay = Simulator::new(edgeloop_agent::source::simulator::SimulatorConfig {
+            seed: sim.seed + i as u64,
+            ..sim.clone()
+        });
+        let names = replay.channel_names();
+        for seq in 0..per_device as i64 {
+            let want = replay.next_reading();
+            let row = by_id[&(device.clone(), seq)];
+            for (name, value) in names.iter().zip(&want.values) {
+                ensure!(
+                    row.channels.get(name) == Some(&Some(*value)),
+                    "{device} seq {seq} {name}: Parquet has {:?}, the device sent {value}",
+                    row.channels.get(name)
+                );
+            }
+            ensure!(row.true_label.as_deref() == Some(want.label), "{device} seq {seq} label");
+            anomalies += usize::from(want.label != "normal");
+        }
+    }
+    ensure!(anomalies > 0, "the simulated data should contain anomalies");
+    Ok(())
+}
+
+fn kafka_consumer(kafka: &LocalKafka, group: &str) -> Result<BaseConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?)
+}
+
+/// Every record currently in `topic` (all partitions, from the beginning).
+fn read_topic(kafka: &LocalKafka, topic: &str) -> Result<Vec<rdkafka::message::OwnedMessage>> {
+    let consumer = kafka_consumer(kafka, "test-reader")?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut assignment = TopicPartitionList::new();
+    let mut remaining = 0i64;
+    let mut ends = HashMap::new();
+    for p in &partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(10))?;
+        assignment.add_partition_offset(topic, *p, Offset::Beginning)?;
+        remaining += high - low;
+        ends.insert(*p, high);
+    }
+    consumer.assign(&assignment)?;
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while remaining > 0 {
+        ensure!(std::time::Instant::now() < deadline, "reading {topic}: {remaining} records not read");
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                if m.offset() < ends[&m.partition()] {
+                    remaining -= 1;
+                    out.push(m.detach());
+                }
+            }
+            Some(Err(e)) => bail!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_payload_lands_in_the_deadletter_topic_and_later_readings_still_arrive() -> Result<()> {
+    let stack = Stack::start().await?;
+    let _processor = stack.processor("processor")?;
+    let garbage: &[u8] = b"\xff\xfe this is not a ReadingBatch";
+    let mut options = rumqttc::MqttOptions::new("x", stack.mqtt.ip().to_string(), stack.mqtt.port());
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    client
+        .publish(topics::telemetry("x"), rumqttc::QoS::AtLeastOnce, false, garbage.to_vec())
+        .await?;
+    wait_for(Duration::from_secs(10), "the PUBACK of the malformed publish", || {
+        let polled = futures_poll(&mut eventloop);
+        async move { Ok(polled.await?.then_some(())) }
+    })
+    .await?;
+
+    let after = stack.agent("after", 7, 120, 500.0, 30);
+    let report = tokio::time::timeout(
+        Duration::from_secs(60),
+        edgeloop_agent::run(after, CancellationToken::new(), Arc::new(AgentStats::default())),
+    )
+    .await??;
+    ensure!(report.committed_seq == 120, "{report:?}");
+    let rows = wait_for_rows(&stack, 120, Duration::from_secs(60)).await?;
+    check_exactly_once(&rows, &HashMap::from([("after".to_string(), 120)]))?;
+
+    let letters = wait_for(Duration::from_secs(30), "the dead letter", || {
+        let read = read_topic(&stack.kafka, topics::KAFKA_DEADLETTER);
+        async move { Ok(read.ok().filter(|l| !l.is_empty())) }
+    })
+    .await?;
+    ensure!(letters.len() == 1, "expected one dead letter, found {}", letters.len());
+    let letter = &letters[0];
+    ensure!(letter.payload() == Some(garbage), "the original bytes are kept");
+    ensure!(letter.key() == Some(b"x".as_slice()), "the original key is kept");
+    let reason = letter
+        .headers()
+        .and_then(|h| h.iter().find(|h| h.key == "reason").and_then(|h| h.value))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .context("no reason header")?;
+    ensure!(reason.starts_with("payload does not decode as a ReadingBatch"), "reason: {reason}");
+    Ok(())
+}
+
+/// Polls the event loop once; true when a PUBACK arrived.
+async fn futures_poll(eventloop: &mut rumqttc::EventLoop) -> Result<bool> {
+    match tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await {
+        Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => Ok(true),
+        Ok(Ok(_)) | Err(_) => Ok(false),
+        Ok(Err(e)) => bail!("MQTT: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processor_killed_mid_stream_and_restarted_loses_and_duplicates_nothing() -> Result<()> {
+    let stack = Stack::start().await?;
+    let mut processor = stack.processor("processor-1")?;
+    let (devices, per_device) = (3usize, 3_000u64);
+    let template = stack.agent("unused", 300, per_device, 300.0, 30);
+    let fleet = tokio::spawn(edgeloop_agent::run_fleet(
+        template,
+        "kill",
+        devices,
+        CancellationToken::new(),
+        Arc::new(AgentStats::default()),
+    ));
+    // Kill it once it has written files (and so committed offsets) and is
+    // in the middle of more.
+    let root = stack.parquet.clone();
+    wait_for(Duration::from_secs(60), "two Parquet files", || {
+        let files = parquet_files(&root);
+        async move { Ok((files?.len() >= 2).then_some(())) }
+    })
+    .await?;
+    processor.check_running()?;
+    processor.kill9().await?;
+    let written_before = read_rows(&stack.parquet)?.len();
+    ensure!(written_before < devices * per_device as usize, "the kill came too late to test anything");
+    let mut processor = stack.processor("processor-2")?;
+
+    let reports = tokio::time::timeout(Duration::from_secs(120), fleet).await???;
+    ensure!(reports.iter().all(|r| r.committed_seq == per_device), "{reports:?}");
+    let total = devices * per_device as usize;
+    wait_for_rows(&stack, total, Duration::from_secs(120)).await?;
+    // Let the processor close whatever it still has open, then stop it
+    // cleanly and look at the final data set.
+    processor.terminate(Duration::from_secs(30)).await?;
+    let rows = read_rows(&stack.parquet)?;
+    let expected: HashMap<String, u64> = (0..devices).map(|i| (format!("kill-{i:04}"), per_device)).collect();
+    check_exactly_once(&rows, &expected)?;
+    Ok(())
+}
+
+fn batch(device: &str, first_seq: u64, n: u64) -> Vec<u8> {
+    ReadingBatch {
+        device_id: device.into(),
+        profile: "f32".into(),
+        first_seq,
+        channels: vec!["v".into()],
+        readings: (first_seq..first_seq + n)
+            .map(|s| Reading {
+                ts_micros: 1_800_000_000_000_000 + s as i64,
+                values: vec![s as f64],
+                true_label: String::new(),
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
+/// The seqs of `device` now in the Kafka readings topic.
+fn seqs_in_kafka(kafka: &LocalKafka, device: &str) -> Result<BTreeSet<u64>> {
+    let mut seqs = BTreeSet::new();
+    for m in read_topic(kafka, topics::KAFKA_READINGS)? {
+        if m.key() == Some(device.as_bytes()) {
+            let b = ReadingBatch::decode(m.payload().unwrap_or_default())?;
+            seqs.extend(b.first_seq..b.end_seq());
+        }
+    }
+    Ok(seqs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_watermark_reaches_the_device_and_never_passes_what_kafka_holds() -> Result<()> {
+    let stack = Stack::start().await?;
+    let device = "acker";
+    let mut options = rumqttc::MqttOptions::new(device, stack.mqtt.ip().to_string(), stack.mqtt.port());
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    client.subscribe(topics::ack(device), rumqttc::QoS::AtLeastOnce).await?;
+    let (ack_tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
+    let ack_topic = topics::ack(device);
+    let pump = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) if p.topic == ack_topic => {
+                    let ack = Ack::decode(p.payload.as_ref()).map(|a| a.committed_seq);
+                    if ack_tx.send(ack).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+
+    // Every ack seen is checked against Kafka at once; returns the last.
+    let mut last = 0u64;
+    let mut next_ack = async |want: u64, acks: &mut tokio::sync::mpsc::UnboundedReceiver<Result<u64, prost::DecodeError>>| -> Result<u64> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ack = tokio::time::timeout_at(deadline, acks.recv())
+                .await
+                .with_context(|| format!("no ack {want} within 30 s (last {last})"))?
+                .context("ack pump ended")??;
+            ensure!(ack >= last, "ack went backwards: {last} then {ack}");
+            last = ack;
+            let in_kafka = seqs_in_kafka(&stack.kafka, device)?;
+            let missing: Vec<u64> = (0..ack).filter(|s| !in_kafka.contains(s)).collect();
+            ensure!(missing.is_empty(), "ack {ack} published while Kafka lacks seqs {missing:?}");
+            if ack >= want {
+                return Ok(ack);
+            }
+        }
+    };
+
+    let publish = |first: u64, n: u64| {
+        let client = client.clone();
+        async move {
+            client
+                .publish(topics::telemetry(device), rumqttc::QoS::AtLeastOnce, false, batch(device, first, n))
+                .await
+        }
+    };
+    publish(0, 10).await?;
+    ensure!(next_ack(10, &mut acks).await? == 10);
+    // 10..20 is withheld: 20..30 reaches Kafka, but the watermark must not
+    // jump the gap.
+    publish(20, 10).await?;
+    wait_for(Duration::from_secs(30), "seq 20..30 in Kafka", || {
+        let seqs = seqs_in_kafka(&stack.kafka, device);
+        async move { Ok(seqs?.contains(&29).then_some(())) }
+    })
+    .await?;
+    // The bridge publishes acks every 50 ms; give it many rounds.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    while let Ok(ack) = acks.try_recv() {
+        let ack = ack?;
+        ensure!(ack == 10, "the watermark moved past the gap to {ack}");
+    }
+    publish(10, 10).await?;
+    ensure!(next_ack(30, &mut acks).await? == 30);
+    pump.abort();
+    Ok(())
+}
