@@ -60,6 +60,7 @@ pub async fn run(
     let spool = Arc::new(SharedSpool::new(Box::new(spool::memory::MemorySpool::new(
         config.spool.capacity_readings,
     ))));
+    spool.set_channels(source::channels(&config));
     let source_done = CancellationToken::new();
     let source = {
         let config = config.clone();
@@ -105,9 +106,8 @@ pub async fn run_fleet(
     for i in 0..count {
         let mut config = template.clone();
         config.device_id = format!("{prefix}-{i:04}");
-        if let config::SourceConfig::Simulator(sim) = &mut config.source {
-            sim.seed = sim.seed.wrapping_add(i as u64);
-        }
+        let config::SourceConfig::Simulator(sim) = &mut config.source;
+        sim.seed = sim.seed.wrapping_add(i as u64);
         let shutdown = shutdown.clone();
         let stats = stats.clone();
         tasks.spawn(async move { run(config, shutdown, stats).await });

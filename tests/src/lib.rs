@@ -91,7 +91,7 @@ impl Component {
             .status()
             .await?;
         match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(status) if status?.success() => Ok(()),
+            Ok(Ok(status)) if status.success() => Ok(()),
             Ok(status) => bail!("{} exited with {status:?}; log: {}", self.name, self.tail_log()),
             Err(_) => bail!("{} did not exit within {grace:?}", self.name),
         }

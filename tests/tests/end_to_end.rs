@@ -26,7 +26,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_edgeloop");
 struct Stack {
     dir: tempfile::TempDir,
     kafka: LocalKafka,
-    broker: Component,
+    // Kept so the broker lives as long as the stack (killed on drop).
+    _broker: Component,
     mqtt: SocketAddr,
     parquet: PathBuf,
     group: String,
@@ -56,7 +57,7 @@ impl Stack {
         Ok(Stack {
             dir,
             kafka,
-            broker,
+            _broker: broker,
             mqtt,
             parquet,
             group,
@@ -223,11 +224,10 @@ async fn malformed_payload_lands_in_the_deadletter_topic_and_later_readings_stil
     client
         .publish(topics::telemetry("x"), rumqttc::QoS::AtLeastOnce, false, garbage.to_vec())
         .await?;
-    wait_for(Duration::from_secs(10), "the PUBACK of the malformed publish", || {
-        let polled = futures_poll(&mut eventloop);
-        async move { Ok(polled.await?.then_some(())) }
-    })
-    .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !puback(&mut eventloop).await? {
+        ensure!(tokio::time::Instant::now() < deadline, "no PUBACK for the malformed publish");
+    }
 
     let after = stack.agent("after", 7, 120, 500.0, 30);
     let report = tokio::time::timeout(
@@ -258,7 +258,7 @@ async fn malformed_payload_lands_in_the_deadletter_topic_and_later_readings_stil
 }
 
 /// Polls the event loop once; true when a PUBACK arrived.
-async fn futures_poll(eventloop: &mut rumqttc::EventLoop) -> Result<bool> {
+async fn puback(eventloop: &mut rumqttc::EventLoop) -> Result<bool> {
     match tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await {
         Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => Ok(true),
         Ok(Ok(_)) | Err(_) => Ok(false),

@@ -28,7 +28,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use futures::channel::oneshot::Canceled;
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use std::future::Future;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
@@ -91,7 +91,8 @@ pub async fn run(
         let can_take = stop_deadline.is_none() && in_flight.len() < config.max_in_flight_batches;
         tokio::select! {
             biased;
-            Some((delivered, (device, first, readings, tracked))) = in_flight.next(), if !in_flight.is_empty() => {
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                let (delivered, (device, first, readings, tracked)): (Delivered, InFlight) = done;
                 let ok = matches!(delivered, Ok(Ok(_)));
                 if let Ok(Err((e, _))) = &delivered {
                     tracing::warn!(%device, first_seq = first, error = %e, "Kafka did not take a batch; the device will resend it");
@@ -190,7 +191,6 @@ async fn take(
             Ok(delivery) => return Some(delivered(delivery, (device, first, readings, tracked))),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                 record = back;
-                producer.poll(Duration::from_millis(0));
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Err((e, _)) => {

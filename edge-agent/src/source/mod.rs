@@ -26,6 +26,13 @@ fn now_micros() -> i64 {
         .unwrap_or(0)
 }
 
+/// The channel names the configured source produces, in value order.
+pub fn channels(config: &AgentConfig) -> Vec<String> {
+    match &config.source {
+        SourceConfig::Simulator(sim) => sim.channels.iter().map(|c| c.name.clone()).collect(),
+    }
+}
+
 /// Runs the configured source until `shutdown` or until it is exhausted.
 pub async fn run(
     config: &AgentConfig,
@@ -45,7 +52,6 @@ async fn run_simulator(
     stats: Arc<AgentStats>,
 ) -> Result<(), SourceError> {
     let mut sim = simulator::Simulator::new(config.clone());
-    spool.set_channels(sim.channel_names());
     let start = tokio::time::Instant::now();
     let start_micros = now_micros();
     let step_micros = 1e6 / config.rate_hz;

@@ -121,7 +121,6 @@ pub async fn run(
         })
     };
 
-    let channels = spool.channels();
     let mut connected = false;
     let mut ever_connected = false;
     let (_, mut watermark) = spool.positions();
@@ -218,7 +217,7 @@ pub async fn run(
                 device_id: device.clone(),
                 profile: config.profile.clone(),
                 first_seq,
-                channels: channels.clone(),
+                channels: spool.channels(),
                 readings,
             };
             let end = batch.end_seq();

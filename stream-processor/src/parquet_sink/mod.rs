@@ -351,6 +351,7 @@ impl OpenFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow_array::Array;
     use edgeloop_proto::v1::Reading;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
