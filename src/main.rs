@@ -82,6 +82,10 @@ struct ProcessorArgs {
     /// Kafka consumer group id.
     #[arg(long, env = "EDGELOOP_GROUP_ID")]
     group_id: Option<String>,
+    /// Stable name of this processor instance (Kafka static group membership),
+    /// e.g. the pod name: a restart under the same name resumes at once.
+    #[arg(long, env = "EDGELOOP_INSTANCE_ID")]
+    instance_id: Option<String>,
     /// Root directory of the Parquet data set.
     #[arg(long, env = "EDGELOOP_PARQUET_ROOT")]
     parquet_root: Option<PathBuf>,
@@ -205,12 +209,16 @@ async fn main() -> Result<()> {
             std::process::exit(0);
         }
         Command::Processor(args) => {
-            let mut config: edgeloop_processor::ProcessorConfig = read_toml(args.config.as_deref())?;
+            let mut config: edgeloop_processor::ProcessorConfig =
+                read_toml(args.config.as_deref())?;
             if let Some(kafka) = args.kafka {
                 config.kafka.bootstrap_servers = kafka;
             }
             if let Some(g) = args.group_id {
                 config.group_id = g;
+            }
+            if let Some(i) = args.instance_id {
+                config.instance_id = Some(i);
             }
             if let Some(root) = args.parquet_root {
                 config.parquet_root = root;
@@ -255,10 +263,7 @@ async fn main() -> Result<()> {
                     report.next_seq
                 );
             }
-            println!(
-                "{} readings taken, all acknowledged",
-                report.next_seq
-            );
+            println!("{} readings taken, all acknowledged", report.next_seq);
             Ok(())
         }
     }

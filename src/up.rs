@@ -122,7 +122,11 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
             };
             let log = data_dir.join("kafka/tansu.log");
             let kafka = LocalKafka::start(&bin, args.tansu_listen, &storage, &log).await?;
-            println!("Kafka-API broker (Tansu, {storage}) on {}; log in {}", kafka.bootstrap(), log.display());
+            println!(
+                "Kafka-API broker (Tansu, {storage}) on {}; log in {}",
+                kafka.bootstrap(),
+                log.display()
+            );
             let b = kafka.bootstrap();
             local_kafka = Some(kafka);
             b
@@ -136,6 +140,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     processor_config.kafka.bootstrap_servers = bootstrap.clone();
     processor_config.parquet_root = data_dir.join("parquet");
     processor_config.group_id = "edgeloop-up".into();
+    processor_config.instance_id = Some("edgeloop-up-0".into());
     processor_config.sink.max_age = args.file_max_age;
     let mut agent = AgentConfig::default();
     agent.mqtt.host = args.mqtt_listen.ip().to_string();
@@ -144,7 +149,10 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     }
     agent.mqtt.port = args.mqtt_listen.port();
     agent.uplink.batch_size = args.batch_size;
-    agent.uplink.max_unacked_readings = agent.uplink.max_unacked_readings.max(args.batch_size as u64 * 4);
+    agent.uplink.max_unacked_readings = agent
+        .uplink
+        .max_unacked_readings
+        .max(args.batch_size as u64 * 4);
     let edgeloop_agent::config::SourceConfig::Simulator(sim) = &mut agent.source;
     sim.rate_hz = args.rate;
     broker_config.validate().map_err(anyhow::Error::msg)?;
@@ -172,7 +180,10 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
             anyhow::bail!("the broker stopped during start-up");
         }
     }
-    println!("MQTT broker on {}; bridge to Kafka {bootstrap}", args.mqtt_listen);
+    println!(
+        "MQTT broker on {}; bridge to Kafka {bootstrap}",
+        args.mqtt_listen
+    );
 
     let processor_stop = CancellationToken::new();
     let mut processor = tokio::spawn(edgeloop_processor::run(
@@ -180,7 +191,10 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         processor_stop.clone(),
         counters.processor.clone(),
     ));
-    println!("Stream processor writing Parquet under {}", data_dir.join("parquet").display());
+    println!(
+        "Stream processor writing Parquet under {}",
+        data_dir.join("parquet").display()
+    );
 
     let fleet_stop = CancellationToken::new();
     let mut fleet = tokio::spawn(edgeloop_agent::run_fleet(
@@ -229,7 +243,9 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         }
     }
 
-    println!("stopping: devices send what they hold, then the bridge, the processor and Kafka stop");
+    println!(
+        "stopping: devices send what they hold, then the bridge, the processor and Kafka stop"
+    );
     fleet_stop.cancel();
     let reports = match fleet_result {
         Some(r) => r,
@@ -241,7 +257,9 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     // Let the processor take everything Kafka acknowledged before it stops.
     let in_kafka = BrokerStats::get(&counters.broker.batches_in_kafka);
     let wait_until = Instant::now() + Duration::from_secs(20);
-    while ProcessorStats::get(&counters.processor.records_consumed) < in_kafka && Instant::now() < wait_until {
+    while ProcessorStats::get(&counters.processor.records_consumed) < in_kafka
+        && Instant::now() < wait_until
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     processor_stop.cancel();
@@ -254,7 +272,10 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     let acked: u64 = reports.iter().map(|r| r.committed_seq).sum();
     let elapsed = start.elapsed();
     let rows = ProcessorStats::get(&counters.processor.rows_written);
-    println!("{}", counters.line(elapsed, rows as f64 / elapsed.as_secs_f64()));
+    println!(
+        "{}",
+        counters.line(elapsed, rows as f64 / elapsed.as_secs_f64())
+    );
     println!(
         "done: {taken} readings taken by {} devices, {acked} acknowledged, {rows} written to Parquet in {} files under {}",
         reports.len(),

@@ -5,7 +5,7 @@
 //! - [`bridge`]: MQTT `telemetry/+` → Kafka `edgeloop.readings`, delivery
 //!   reports → retained `ack/{device}` ([`bridge::acks`] computes the
 //!   watermark).
-//! - [`stats`]: counters.
+//! - [`stats`]: the bridge's counters.
 //!
 //! rumqttd's `Broker::start()` blocks and has no shutdown, so it runs on its
 //! own thread; the bridge reaches it through a local link. On shutdown the

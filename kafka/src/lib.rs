@@ -111,13 +111,14 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), 
     if !config.create_topics {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> = config
-        .client_config(&[])
-        .create()
-        .map_err(|source| Error::Client {
-            bootstrap: config.bootstrap_servers.clone(),
-            source,
-        })?;
+    let admin: AdminClient<DefaultClientContext> =
+        config
+            .client_config(&[])
+            .create()
+            .map_err(|source| Error::Client {
+                bootstrap: config.bootstrap_servers.clone(),
+                source,
+            })?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|name| {

@@ -11,14 +11,22 @@ use tokio::process::{Child, Command};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalKafkaError {
-    #[error("could not start the Kafka-API broker {bin}: {source} (install it with scripts/setup.sh)")]
-    Spawn { bin: PathBuf, source: std::io::Error },
+    #[error(
+        "could not start the Kafka-API broker {bin}: {source} (install it with scripts/setup.sh)"
+    )]
+    Spawn {
+        bin: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the Kafka-API broker exited at start-up ({status}); see {log}")]
     Exited { status: String, log: String },
     #[error("the Kafka-API broker did not listen on {addr} within {waited:?}")]
     Timeout { addr: SocketAddr, waited: Duration },
     #[error("could not open the broker log {path}: {source}")]
-    Log { path: PathBuf, source: std::io::Error },
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A running Tansu broker; killed when dropped.
@@ -41,12 +49,20 @@ impl LocalKafka {
             path: log.to_path_buf(),
             source,
         })?;
-        let log_err = log_file.try_clone().map_err(|source| LocalKafkaError::Log {
-            path: log.to_path_buf(),
-            source,
-        })?;
+        let log_err = log_file
+            .try_clone()
+            .map_err(|source| LocalKafkaError::Log {
+                path: log.to_path_buf(),
+                source,
+            })?;
         let mut child = Command::new(bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", storage])
             .stdin(Stdio::null())
             .stdout(log_file)
@@ -92,7 +108,10 @@ impl LocalKafka {
                 .status()
                 .await;
         }
-        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
             let _ = self.child.kill().await;
         }
     }

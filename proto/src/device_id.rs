@@ -11,7 +11,10 @@ pub fn validate(id: &str) -> Result<(), String> {
         return Err("device id is empty".into());
     }
     if id.len() > MAX_LEN {
-        return Err(format!("device id is {} bytes long; at most {MAX_LEN} are allowed", id.len()));
+        return Err(format!(
+            "device id is {} bytes long; at most {MAX_LEN} are allowed",
+            id.len()
+        ));
     }
     if let Some(c) = id
         .chars()

@@ -13,6 +13,12 @@ pub struct ProcessorConfig {
     pub kafka: KafkaConfig,
     /// Kafka consumer group; processors in one group share the partitions.
     pub group_id: String,
+    /// Static group membership (`group.instance.id`): a stable name per
+    /// processor instance (a StatefulSet pod name, say). A processor that
+    /// restarts under the same name takes its partitions back at once instead
+    /// of waiting for the group to notice the old member is gone (which some
+    /// Kafka-API brokers, Tansu among them, never do).
+    pub instance_id: Option<String>,
     /// Consumer session timeout: how long a silent member keeps its partitions.
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
@@ -44,6 +50,7 @@ impl Default for ProcessorConfig {
         ProcessorConfig {
             kafka: KafkaConfig::default(),
             group_id: "edgeloop-processor".into(),
+            instance_id: None,
             session_timeout: Duration::from_secs(10),
             parquet_root: PathBuf::from("data/parquet"),
             sink: SinkConfig::default(),
@@ -80,7 +87,10 @@ impl ProcessorConfig {
             return Err("sink.row_group_rows: must be at least 1".into());
         }
         if !(1..=22).contains(&self.sink.zstd_level) {
-            return Err(format!("sink.zstd_level: {} is not within 1..=22", self.sink.zstd_level));
+            return Err(format!(
+                "sink.zstd_level: {} is not within 1..=22",
+                self.sink.zstd_level
+            ));
         }
         if self.sink.max_age.is_zero() {
             return Err("sink.max_age: must be longer than zero".into());
@@ -104,6 +114,9 @@ mod tests {
     fn bad_zstd_level_is_refused_naming_the_field() {
         let mut config = ProcessorConfig::default();
         config.sink.zstd_level = 40;
-        assert!(config.validate().expect_err("refused").starts_with("sink.zstd_level"));
+        assert!(config
+            .validate()
+            .expect_err("refused")
+            .starts_with("sink.zstd_level"));
     }
 }

@@ -55,8 +55,6 @@ pub async fn run(
             let _ = done_tx.send(result);
         })
         .map_err(|e| Error::Thread(e.to_string()))?;
-    done_rx
-        .await
-        .map_err(|e| Error::Thread(e.to_string()))??;
+    done_rx.await.map_err(|e| Error::Thread(e.to_string()))??;
     Ok(())
 }

@@ -41,7 +41,13 @@ pub fn tansu_bin() -> Result<PathBuf> {
 /// Starts a Tansu broker with its memory engine on a free port.
 pub async fn start_kafka(dir: &Path) -> Result<LocalKafka> {
     let addr = free_addr()?;
-    Ok(LocalKafka::start(&tansu_bin()?, addr, "memory://tansu/", &dir.join("tansu.log")).await?)
+    Ok(LocalKafka::start(
+        &tansu_bin()?,
+        addr,
+        "memory://tansu/",
+        &dir.join("tansu.log"),
+    )
+    .await?)
 }
 
 /// An `edgeloop` subcommand running as a child process, killed when dropped.
@@ -92,7 +98,11 @@ impl Component {
             .await?;
         match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(Ok(status)) if status.success() => Ok(()),
-            Ok(status) => bail!("{} exited with {status:?}; log: {}", self.name, self.tail_log()),
+            Ok(status) => bail!(
+                "{} exited with {status:?}; log: {}",
+                self.name,
+                self.tail_log()
+            ),
             Err(_) => bail!("{} did not exit within {grace:?}", self.name),
         }
     }
@@ -100,7 +110,11 @@ impl Component {
     /// Fails if the process has exited.
     pub fn check_running(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited with {status}; log: {}", self.name, self.tail_log());
+            bail!(
+                "{} exited with {status}; log: {}",
+                self.name,
+                self.tail_log()
+            );
         }
         Ok(())
     }
@@ -155,7 +169,9 @@ pub fn parquet_files(root: &Path) -> Result<Vec<PathBuf>> {
             if path.is_dir() {
                 stack.push(path);
             } else if path.extension().is_some_and(|e| e == "parquet")
-                && !path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                && !path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
             {
                 out.push(path);
             }
@@ -249,7 +265,11 @@ pub fn check_exactly_once(rows: &[Row], per_device: &HashMap<String, u64>) -> Re
             }
         }
     }
-    let duplicated: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).map(|(k, c)| (k.clone(), *c)).collect();
+    let duplicated: Vec<_> = counts
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(k, c)| (k.clone(), *c))
+        .collect();
     let unexpected: Vec<_> = counts
         .keys()
         .filter(|(d, s)| per_device.get(d).is_none_or(|n| *s >= *n as i64))

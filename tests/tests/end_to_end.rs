@@ -15,7 +15,9 @@ use edgeloop_agent::{AgentConfig, AgentStats};
 use edgeloop_kafka::local::LocalKafka;
 use edgeloop_proto::v1::{Ack, Reading, ReadingBatch};
 use edgeloop_proto::{topics, Message as _};
-use edgeloop_tests::{check_exactly_once, parquet_files, read_rows, start_kafka, wait_for, Component};
+use edgeloop_tests::{
+    check_exactly_once, parquet_files, read_rows, start_kafka, wait_for, Component,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -41,7 +43,13 @@ impl Stack {
         let mut broker = Component::start(
             std::path::Path::new(BIN),
             "broker",
-            &["broker", "--listen", &mqtt.to_string(), "--kafka", &kafka.bootstrap()],
+            &[
+                "broker",
+                "--listen",
+                &mqtt.to_string(),
+                "--kafka",
+                &kafka.bootstrap(),
+            ],
             dir.path(),
         )?;
         wait_for(Duration::from_secs(60), "the MQTT listener", || {
@@ -78,6 +86,8 @@ impl Stack {
                 &self.parquet.to_string_lossy(),
                 "--max-age",
                 "1s",
+                "--instance-id",
+                "processor-0",
             ],
             self.dir.path(),
         )
@@ -103,7 +113,11 @@ impl Stack {
 }
 
 /// Rows of the data set once exactly `expected` distinct identities are there.
-async fn wait_for_rows(stack: &Stack, expected: usize, limit: Duration) -> Result<Vec<edgeloop_tests::Row>> {
+async fn wait_for_rows(
+    stack: &Stack,
+    expected: usize,
+    limit: Duration,
+) -> Result<Vec<edgeloop_tests::Row>> {
     let root = stack.parquet.clone();
     wait_for(limit, &format!("{expected} readings in Parquet"), || {
         let root = root.clone();
@@ -125,21 +139,39 @@ async fn readings_of_every_device_reach_parquet_exactly_once_with_their_values()
     let stats = Arc::new(AgentStats::default());
     let reports = tokio::time::timeout(
         Duration::from_secs(120),
-        edgeloop_agent::run_fleet(template.clone(), "dev", devices, CancellationToken::new(), stats),
+        edgeloop_agent::run_fleet(
+            template.clone(),
+            "dev",
+            devices,
+            CancellationToken::new(),
+            stats,
+        ),
     )
     .await
     .context("fleet did not finish")??;
     for r in &reports {
-        ensure!(r.next_seq == per_device && r.committed_seq == per_device, "{r:?}");
+        ensure!(
+            r.next_seq == per_device && r.committed_seq == per_device,
+            "{r:?}"
+        );
     }
 
-    let rows = wait_for_rows(&stack, devices * per_device as usize, Duration::from_secs(60)).await?;
-    let expected: HashMap<String, u64> = (0..devices).map(|i| (format!("dev-{i:04}"), per_device)).collect();
+    let rows = wait_for_rows(
+        &stack,
+        devices * per_device as usize,
+        Duration::from_secs(60),
+    )
+    .await?;
+    let expected: HashMap<String, u64> = (0..devices)
+        .map(|i| (format!("dev-{i:04}"), per_device))
+        .collect();
     check_exactly_once(&rows, &expected)?;
 
     // The values are those the device generated: replay each simulator.
-    let by_id: HashMap<(String, i64), &edgeloop_tests::Row> =
-        rows.iter().map(|r| ((r.device_id.clone(), r.seq), r)).collect();
+    let by_id: HashMap<(String, i64), &edgeloop_tests::Row> = rows
+        .iter()
+        .map(|r| ((r.device_id.clone(), r.seq), r))
+        .collect();
     let SourceConfig::Simulator(sim) = &template.source;
     let mut anomalies = 0;
     for i in 0..devices {
@@ -159,7 +191,10 @@ async fn readings_of_every_device_reach_parquet_exactly_once_with_their_values()
                     row.channels.get(name)
                 );
             }
-            ensure!(row.true_label.as_deref() == Some(want.label), "{device} seq {seq} label");
+            ensure!(
+                row.true_label.as_deref() == Some(want.label),
+                "{device} seq {seq} label"
+            );
             anomalies += usize::from(want.label != "normal");
         }
     }
@@ -198,14 +233,16 @@ fn read_topic(kafka: &LocalKafka, topic: &str) -> Result<Vec<rdkafka::message::O
     let mut out = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while remaining > 0 {
-        ensure!(std::time::Instant::now() < deadline, "reading {topic}: {remaining} records not read");
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "reading {topic}: {remaining} records not read"
+        );
         match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                if m.offset() < ends[&m.partition()] {
-                    remaining -= 1;
-                    out.push(m.detach());
-                }
+            Some(Ok(m)) if m.offset() < ends[&m.partition()] => {
+                remaining -= 1;
+                out.push(m.detach());
             }
+            Some(Ok(_)) => {}
             Some(Err(e)) => bail!("reading {topic}: {e}"),
             None => {}
         }
@@ -214,25 +251,39 @@ fn read_topic(kafka: &LocalKafka, topic: &str) -> Result<Vec<rdkafka::message::O
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_payload_lands_in_the_deadletter_topic_and_later_readings_still_arrive() -> Result<()> {
+async fn malformed_payload_lands_in_the_deadletter_topic_and_later_readings_still_arrive(
+) -> Result<()> {
     let stack = Stack::start().await?;
     let _processor = stack.processor("processor")?;
     let garbage: &[u8] = b"\xff\xfe this is not a ReadingBatch";
-    let mut options = rumqttc::MqttOptions::new("x", stack.mqtt.ip().to_string(), stack.mqtt.port());
+    let mut options =
+        rumqttc::MqttOptions::new("x", stack.mqtt.ip().to_string(), stack.mqtt.port());
     options.set_keep_alive(Duration::from_secs(5));
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
     client
-        .publish(topics::telemetry("x"), rumqttc::QoS::AtLeastOnce, false, garbage.to_vec())
+        .publish(
+            topics::telemetry("x"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            garbage.to_vec(),
+        )
         .await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !puback(&mut eventloop).await? {
-        ensure!(tokio::time::Instant::now() < deadline, "no PUBACK for the malformed publish");
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no PUBACK for the malformed publish"
+        );
     }
 
     let after = stack.agent("after", 7, 120, 500.0, 30);
     let report = tokio::time::timeout(
         Duration::from_secs(60),
-        edgeloop_agent::run(after, CancellationToken::new(), Arc::new(AgentStats::default())),
+        edgeloop_agent::run(
+            after,
+            CancellationToken::new(),
+            Arc::new(AgentStats::default()),
+        ),
     )
     .await??;
     ensure!(report.committed_seq == 120, "{report:?}");
@@ -244,16 +295,29 @@ async fn malformed_payload_lands_in_the_deadletter_topic_and_later_readings_stil
         async move { Ok(read.ok().filter(|l| !l.is_empty())) }
     })
     .await?;
-    ensure!(letters.len() == 1, "expected one dead letter, found {}", letters.len());
+    ensure!(
+        letters.len() == 1,
+        "expected one dead letter, found {}",
+        letters.len()
+    );
     let letter = &letters[0];
-    ensure!(letter.payload() == Some(garbage), "the original bytes are kept");
-    ensure!(letter.key() == Some(b"x".as_slice()), "the original key is kept");
+    ensure!(
+        letter.payload() == Some(garbage),
+        "the original bytes are kept"
+    );
+    ensure!(
+        letter.key() == Some(b"x".as_slice()),
+        "the original key is kept"
+    );
     let reason = letter
         .headers()
         .and_then(|h| h.iter().find(|h| h.key == "reason").and_then(|h| h.value))
         .map(|v| String::from_utf8_lossy(v).into_owned())
         .context("no reason header")?;
-    ensure!(reason.starts_with("payload does not decode as a ReadingBatch"), "reason: {reason}");
+    ensure!(
+        reason.starts_with("payload does not decode as a ReadingBatch"),
+        "reason: {reason}"
+    );
     Ok(())
 }
 
@@ -290,18 +354,26 @@ async fn processor_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
     processor.check_running()?;
     processor.kill9().await?;
     let written_before = read_rows(&stack.parquet)?.len();
-    ensure!(written_before < devices * per_device as usize, "the kill came too late to test anything");
+    ensure!(
+        written_before < devices * per_device as usize,
+        "the kill came too late to test anything"
+    );
     let mut processor = stack.processor("processor-2")?;
 
     let reports = tokio::time::timeout(Duration::from_secs(120), fleet).await???;
-    ensure!(reports.iter().all(|r| r.committed_seq == per_device), "{reports:?}");
+    ensure!(
+        reports.iter().all(|r| r.committed_seq == per_device),
+        "{reports:?}"
+    );
     let total = devices * per_device as usize;
     wait_for_rows(&stack, total, Duration::from_secs(120)).await?;
     // Let the processor close whatever it still has open, then stop it
     // cleanly and look at the final data set.
     processor.terminate(Duration::from_secs(30)).await?;
     let rows = read_rows(&stack.parquet)?;
-    let expected: HashMap<String, u64> = (0..devices).map(|i| (format!("kill-{i:04}"), per_device)).collect();
+    let expected: HashMap<String, u64> = (0..devices)
+        .map(|i| (format!("kill-{i:04}"), per_device))
+        .collect();
     check_exactly_once(&rows, &expected)?;
     Ok(())
 }
@@ -339,16 +411,21 @@ fn seqs_in_kafka(kafka: &LocalKafka, device: &str) -> Result<BTreeSet<u64>> {
 async fn ack_watermark_reaches_the_device_and_never_passes_what_kafka_holds() -> Result<()> {
     let stack = Stack::start().await?;
     let device = "acker";
-    let mut options = rumqttc::MqttOptions::new(device, stack.mqtt.ip().to_string(), stack.mqtt.port());
+    let mut options =
+        rumqttc::MqttOptions::new(device, stack.mqtt.ip().to_string(), stack.mqtt.port());
     options.set_keep_alive(Duration::from_secs(5));
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
-    client.subscribe(topics::ack(device), rumqttc::QoS::AtLeastOnce).await?;
+    client
+        .subscribe(topics::ack(device), rumqttc::QoS::AtLeastOnce)
+        .await?;
     let (ack_tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
     let ack_topic = topics::ack(device);
     let pump = tokio::spawn(async move {
         loop {
             match eventloop.poll().await {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) if p.topic == ack_topic => {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))
+                    if p.topic == ack_topic =>
+                {
                     let ack = Ack::decode(p.payload.as_ref()).map(|a| a.committed_seq);
                     if ack_tx.send(ack).is_err() {
                         break;
@@ -362,29 +439,40 @@ async fn ack_watermark_reaches_the_device_and_never_passes_what_kafka_holds() ->
 
     // Every ack seen is checked against Kafka at once; returns the last.
     let mut last = 0u64;
-    let mut next_ack = async |want: u64, acks: &mut tokio::sync::mpsc::UnboundedReceiver<Result<u64, prost::DecodeError>>| -> Result<u64> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let ack = tokio::time::timeout_at(deadline, acks.recv())
-                .await
-                .with_context(|| format!("no ack {want} within 30 s (last {last})"))?
-                .context("ack pump ended")??;
-            ensure!(ack >= last, "ack went backwards: {last} then {ack}");
-            last = ack;
-            let in_kafka = seqs_in_kafka(&stack.kafka, device)?;
-            let missing: Vec<u64> = (0..ack).filter(|s| !in_kafka.contains(s)).collect();
-            ensure!(missing.is_empty(), "ack {ack} published while Kafka lacks seqs {missing:?}");
-            if ack >= want {
-                return Ok(ack);
+    let mut next_ack =
+        async |want: u64,
+               acks: &mut tokio::sync::mpsc::UnboundedReceiver<Result<u64, prost::DecodeError>>|
+               -> Result<u64> {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let ack = tokio::time::timeout_at(deadline, acks.recv())
+                    .await
+                    .with_context(|| format!("no ack {want} within 30 s (last {last})"))?
+                    .context("ack pump ended")??;
+                ensure!(ack >= last, "ack went backwards: {last} then {ack}");
+                last = ack;
+                let in_kafka = seqs_in_kafka(&stack.kafka, device)?;
+                let missing: Vec<u64> = (0..ack).filter(|s| !in_kafka.contains(s)).collect();
+                ensure!(
+                    missing.is_empty(),
+                    "ack {ack} published while Kafka lacks seqs {missing:?}"
+                );
+                if ack >= want {
+                    return Ok(ack);
+                }
             }
-        }
-    };
+        };
 
     let publish = |first: u64, n: u64| {
         let client = client.clone();
         async move {
             client
-                .publish(topics::telemetry(device), rumqttc::QoS::AtLeastOnce, false, batch(device, first, n))
+                .publish(
+                    topics::telemetry(device),
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    batch(device, first, n),
+                )
                 .await
         }
     };

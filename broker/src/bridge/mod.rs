@@ -23,16 +23,16 @@ use std::time::Duration;
 use edgeloop_kafka::KafkaConfig;
 use edgeloop_proto::v1::{Ack, ReadingBatch};
 use edgeloop_proto::{topics, Message};
+use futures::channel::oneshot::Canceled;
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use futures::channel::oneshot::Canceled;
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use std::future::Future;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
 use rumqttd::Notification;
+use std::future::Future;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BridgeConfig;
@@ -52,8 +52,8 @@ type InFlight = (String, u64, u64, bool);
 
 type Delivered = Result<OwnedDeliveryResult, Canceled>;
 
-fn delivered(delivery: DeliveryFuture, meta: InFlight) -> impl Future<Output = (Delivered, InFlight)> {
-    async move { (delivery.await, meta) }
+async fn delivered(delivery: DeliveryFuture, meta: InFlight) -> (Delivered, InFlight) {
+    (delivery.await, meta)
 }
 
 pub fn producer(kafka: &KafkaConfig, bridge: &BridgeConfig) -> Result<FutureProducer, BridgeError> {

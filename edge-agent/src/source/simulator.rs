@@ -80,18 +80,29 @@ impl Default for SimulatorConfig {
 
 impl SimulatorConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.rate_hz > 0.0 && self.rate_hz.is_finite()) {
-            return Err(format!("rate_hz: must be a positive number, not {}", self.rate_hz));
+        if !self.rate_hz.is_finite() || self.rate_hz <= 0.0 {
+            return Err(format!(
+                "rate_hz: must be a positive number, not {}",
+                self.rate_hz
+            ));
         }
         if !(0.0..=1.0).contains(&self.anomaly_rate) {
-            return Err(format!("anomaly_rate: must be within 0..=1, not {}", self.anomaly_rate));
+            return Err(format!(
+                "anomaly_rate: must be within 0..=1, not {}",
+                self.anomaly_rate
+            ));
         }
         if self.channels.is_empty() {
             return Err("channels: at least one channel is needed".into());
         }
         let mut names = std::collections::HashSet::new();
         for (i, c) in self.channels.iter().enumerate() {
-            if c.name.is_empty() || !c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
+            if c.name.is_empty()
+                || !c
+                    .name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+            {
                 return Err(format!(
                     "channels[{i}].name: {:?} must be letters, digits or '_'",
                     c.name
@@ -100,7 +111,7 @@ impl SimulatorConfig {
             if !names.insert(&c.name) {
                 return Err(format!("channels[{i}].name: {:?} appears twice", c.name));
             }
-            if !(c.period_s > 0.0) {
+            if c.period_s.is_nan() || c.period_s <= 0.0 {
                 return Err(format!("channels[{i}].period_s: must be positive"));
             }
         }
@@ -152,7 +163,11 @@ impl Simulator {
     }
 
     pub fn channel_names(&self) -> Vec<String> {
-        self.config.channels.iter().map(|c| c.name.clone()).collect()
+        self.config
+            .channels
+            .iter()
+            .map(|c| c.name.clone())
+            .collect()
     }
 
     /// Standard normal sample (Box–Muller).
@@ -249,7 +264,10 @@ mod tests {
             *seen.entry(sim.next_reading().label).or_insert(0u32) += 1;
         }
         for label in [LABEL_NORMAL, LABEL_SPIKE, LABEL_DRIFT, LABEL_STUCK] {
-            assert!(seen.get(label).copied().unwrap_or(0) > 0, "{label} never seen: {seen:?}");
+            assert!(
+                seen.get(label).copied().unwrap_or(0) > 0,
+                "{label} never seen: {seen:?}"
+            );
         }
         // Most readings are normal.
         assert!(seen[LABEL_NORMAL] > 10_000, "{seen:?}");
@@ -268,10 +286,15 @@ mod tests {
             if r.label == LABEL_SPIKE {
                 let t = i as f64 / config.rate_hz;
                 let far = config.channels.iter().zip(&r.values).any(|(c, v)| {
-                    let clean = c.base + c.amplitude * (std::f64::consts::TAU * t / c.period_s).sin();
+                    let clean =
+                        c.base + c.amplitude * (std::f64::consts::TAU * t / c.period_s).sin();
                     (v - clean).abs() > 2.0 * c.amplitude
                 });
-                assert!(far, "spike at {i} not far from clean signal: {:?}", r.values);
+                assert!(
+                    far,
+                    "spike at {i} not far from clean signal: {:?}",
+                    r.values
+                );
                 checked += 1;
             }
         }

@@ -102,7 +102,10 @@ mod tests {
         assert_eq!(s.next_seq(), 4);
         let (first, got) = s.read(1, 2);
         assert_eq!(first, 1);
-        assert_eq!(got.iter().map(|r| r.ts_micros).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            got.iter().map(|r| r.ts_micros).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
         s.acknowledge(3);
         assert_eq!(s.first_unacked(), 3);
         assert_eq!(s.backlog().records, 1);

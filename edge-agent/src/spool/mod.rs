@@ -82,7 +82,10 @@ impl SharedSpool {
     }
 
     pub fn channels(&self) -> Vec<String> {
-        self.channels.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// (next_seq, first_unacked)

@@ -222,7 +222,12 @@ pub async fn run(
             };
             let end = batch.end_seq();
             if client
-                .try_publish(&telemetry_topic, QoS::AtLeastOnce, false, batch.encode_to_vec())
+                .try_publish(
+                    &telemetry_topic,
+                    QoS::AtLeastOnce,
+                    false,
+                    batch.encode_to_vec(),
+                )
                 .is_err()
             {
                 // The request queue is full: the event loop is busy or
@@ -232,7 +237,10 @@ pub async fn run(
             AgentStats::add(&stats.batches_published, 1);
             if end > highest_sent {
                 AgentStats::add(&stats.readings_published, end - highest_sent.max(first_seq));
-                AgentStats::add(&stats.readings_resent, highest_sent.saturating_sub(first_seq));
+                AgentStats::add(
+                    &stats.readings_resent,
+                    highest_sent.saturating_sub(first_seq),
+                );
                 highest_sent = end;
             } else {
                 AgentStats::add(&stats.readings_resent, end - first_seq);

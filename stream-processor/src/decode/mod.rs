@@ -46,8 +46,7 @@ pub enum Refused {
 
 /// Decodes and checks a record's payload.
 pub fn decode(key: Option<&[u8]>, payload: &[u8]) -> Result<ReadingBatch, Refused> {
-    let batch =
-        ReadingBatch::decode(payload).map_err(|e| Refused::Undecodable(e.to_string()))?;
+    let batch = ReadingBatch::decode(payload).map_err(|e| Refused::Undecodable(e.to_string()))?;
     edgeloop_proto::device_id::validate(&batch.device_id).map_err(Refused::DeviceId)?;
     let key = key.map(String::from_utf8_lossy).unwrap_or_default();
     if key != batch.device_id {
@@ -81,7 +80,10 @@ pub fn decode(key: Option<&[u8]>, payload: &[u8]) -> Result<ReadingBatch, Refuse
             });
         }
     }
-    if batch.first_seq.checked_add(batch.readings.len() as u64).is_none()
+    if batch
+        .first_seq
+        .checked_add(batch.readings.len() as u64)
+        .is_none()
         || batch.end_seq() > i64::MAX as u64
     {
         return Err(Refused::SeqOverflow(batch.first_seq));
@@ -117,13 +119,19 @@ mod tests {
     #[test]
     fn garbage_is_refused_with_a_reason() {
         let err = decode(Some(b"d1"), b"\xff\xff\xff not protobuf").expect_err("refused");
-        assert!(err.to_string().starts_with("payload does not decode"), "{err}");
+        assert!(
+            err.to_string().starts_with("payload does not decode"),
+            "{err}"
+        );
     }
 
     #[test]
     fn mismatched_key_wrong_value_count_and_reserved_channel_are_refused() {
         let bytes = batch().encode_to_vec();
-        assert!(matches!(decode(Some(b"d2"), &bytes), Err(Refused::KeyMismatch { .. })));
+        assert!(matches!(
+            decode(Some(b"d2"), &bytes),
+            Err(Refused::KeyMismatch { .. })
+        ));
         let mut b = batch();
         b.readings[0].values.push(2.0);
         assert!(matches!(

@@ -54,8 +54,17 @@ impl ClientContext for RebalanceContext {}
 impl ConsumerContext for RebalanceContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
+            let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+            tracing::info!(?partitions, "partitions revoked");
             let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
-            revoked.extend(list.elements().iter().map(|e| e.partition()));
+            revoked.extend(partitions);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+            tracing::info!(?partitions, "partitions assigned");
         }
     }
 }
@@ -71,7 +80,11 @@ impl Sink<'_> {
     fn commit(&self, partition: i32, next_offset: i64) {
         let mut list = TopicPartitionList::new();
         if list
-            .add_partition_offset(topics::KAFKA_READINGS, partition, Offset::Offset(next_offset))
+            .add_partition_offset(
+                topics::KAFKA_READINGS,
+                partition,
+                Offset::Offset(next_offset),
+            )
             .is_err()
         {
             return;
@@ -94,7 +107,11 @@ impl Sink<'_> {
         Ok(())
     }
 
-    fn handle(&mut self, message: &BorrowedMessage<'_>, dead: &DeadLetters) -> Result<(), SourceError> {
+    fn handle(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        dead: &DeadLetters,
+    ) -> Result<(), SourceError> {
         ProcessorStats::add(&self.stats.records_consumed, 1);
         let partition = message.partition();
         let offset = message.offset();
@@ -168,16 +185,20 @@ pub fn run(
     stats: &ProcessorStats,
 ) -> Result<(), SourceError> {
     let session = config.session_timeout.as_millis().to_string();
+    let mut settings = vec![
+        ("group.id", config.group_id.as_str()),
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        ("auto.offset.reset", "earliest"),
+        ("session.timeout.ms", &session),
+        ("client.id", "edgeloop-processor"),
+    ];
+    if let Some(instance) = &config.instance_id {
+        settings.push(("group.instance.id", instance));
+    }
     let consumer: BaseConsumer<RebalanceContext> = config
         .kafka
-        .client_config(&[
-            ("group.id", &config.group_id),
-            ("enable.auto.commit", "false"),
-            ("enable.auto.offset.store", "false"),
-            ("auto.offset.reset", "earliest"),
-            ("session.timeout.ms", &session),
-            ("client.id", "edgeloop-processor"),
-        ])
+        .client_config(&settings)
         .create_with_context(RebalanceContext::default())
         .map_err(SourceError::Create)?;
     consumer
@@ -232,4 +253,3 @@ fn ensure_dir(path: &Path) -> Result<(), SinkError> {
         source,
     })
 }
-

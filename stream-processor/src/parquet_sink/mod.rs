@@ -91,9 +91,17 @@ pub fn schema(channels: &[String]) -> SchemaRef {
         Field::new("device_id", DataType::Utf8, false),
         Field::new("profile", DataType::Utf8, false),
         Field::new("seq", DataType::Int64, false),
-        Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
     ];
-    fields.extend(channels.iter().map(|c| Field::new(c, DataType::Float64, true)));
+    fields.extend(
+        channels
+            .iter()
+            .map(|c| Field::new(c, DataType::Float64, true)),
+    );
     fields.extend([
         Field::new("true_label", DataType::Utf8, true),
         Field::new("kafka_partition", DataType::Int32, false),
@@ -201,7 +209,8 @@ impl OpenFile {
             source,
         })?;
         let schema = schema(&channels);
-        let level = ZstdLevel::try_new(config.zstd_level).map_err(|_| SinkError::Level(config.zstd_level))?;
+        let level = ZstdLevel::try_new(config.zstd_level)
+            .map_err(|_| SinkError::Level(config.zstd_level))?;
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(level))
             .set_max_row_group_row_count(Some(config.row_group_rows))
@@ -236,7 +245,10 @@ impl OpenFile {
 
     /// Whether a batch of `bucket` with `channels` can go into this file.
     pub fn accepts(&self, bucket: &Bucket, channels: &[String]) -> bool {
-        self.bucket == *bucket && channels.iter().all(|c| self.channels.binary_search(c).is_ok())
+        self.bucket == *bucket
+            && channels
+                .iter()
+                .all(|c| self.channels.binary_search(c).is_ok())
     }
 
     /// Appends one row per reading of `batch` (record `offset`).
@@ -275,7 +287,12 @@ impl OpenFile {
         let n = batch.readings.len();
         self.rows += n;
         self.est_bytes += n
-            * (batch.device_id.len() + batch.profile.len() + 8 * 3 + 4 + 8 * self.channels.len() + 8);
+            * (batch.device_id.len()
+                + batch.profile.len()
+                + 8 * 3
+                + 4
+                + 8 * self.channels.len()
+                + 8);
         self.last_offset = offset;
         if self.buffer.rows >= self.flush_rows {
             self.flush()?;
@@ -294,10 +311,12 @@ impl OpenFile {
                 path: self.tmp_path.clone(),
                 source,
             })?;
-        self.writer.write(&batch).map_err(|source| SinkError::Parquet {
-            path: self.tmp_path.clone(),
-            source,
-        })
+        self.writer
+            .write(&batch)
+            .map_err(|source| SinkError::Parquet {
+                path: self.tmp_path.clone(),
+                source,
+            })
     }
 
     /// Writes the footer, fsyncs, renames into place and fsyncs the directory.
@@ -364,18 +383,33 @@ mod tests {
             readings: (0..n)
                 .map(|i| Reading {
                     ts_micros: 1_700_000_000_000_000 + i as i64,
-                    values: channels.iter().enumerate().map(|(c, _)| (i * 10 + c) as f64).collect(),
-                    true_label: if i == 0 { "spike".into() } else { String::new() },
+                    values: channels
+                        .iter()
+                        .enumerate()
+                        .map(|(c, _)| (i * 10 + c) as f64)
+                        .collect(),
+                    true_label: if i == 0 {
+                        "spike".into()
+                    } else {
+                        String::new()
+                    },
                 })
                 .collect(),
         }
     }
 
     #[test]
-    fn closed_file_is_renamed_into_the_hive_layout_and_reads_back() -> Result<(), Box<dyn std::error::Error>> {
+    fn closed_file_is_renamed_into_the_hive_layout_and_reads_back(
+    ) -> Result<(), Box<dyn std::error::Error>> {
         let root = tempfile::tempdir()?;
         let bucket = Bucket::of_millis(1_700_000_000_000);
-        assert_eq!(bucket, Bucket { date: "2023-11-14".into(), hour: 22 });
+        assert_eq!(
+            bucket,
+            Bucket {
+                date: "2023-11-14".into(),
+                hour: 22
+            }
+        );
         let channels = vec!["temp".to_string(), "hum".to_string()];
         let mut f = OpenFile::open(root.path(), 3, 42, bucket, channels, &SinkConfig::default())?;
         // Channels in another order than the file's (sorted) columns.
@@ -384,38 +418,81 @@ mod tests {
         let closed = f.close()?;
         assert_eq!(
             closed.path,
-            root.path().join("readings/date=2023-11-14/hour=22/part-00003-00000000000000000042.parquet")
+            root.path()
+                .join("readings/date=2023-11-14/hour=22/part-00003-00000000000000000042.parquet")
         );
-        assert_eq!((closed.rows, closed.first_offset, closed.last_offset), (7, 42, 43));
+        assert_eq!(
+            (closed.rows, closed.first_offset, closed.last_offset),
+            (7, 42, 43)
+        );
         let dir_entries: Vec<_> = fs::read_dir(closed.path.parent().expect("dir"))?.collect();
         assert_eq!(dir_entries.len(), 1, "no temporary file is left behind");
 
-        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&closed.path)?)?.build()?;
+        let reader =
+            ParquetRecordBatchReaderBuilder::try_new(File::open(&closed.path)?)?.build()?;
         let batches: Vec<RecordBatch> = reader.collect::<Result<_, _>>()?;
         let rb = &batches[0];
         assert_eq!(rb.num_rows(), 7);
-        let names: Vec<_> = rb.schema().fields().iter().map(|f| f.name().clone()).collect();
+        let names: Vec<_> = rb
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
         assert_eq!(
             names,
-            ["device_id", "profile", "seq", "ts", "hum", "temp", "true_label", "kafka_partition", "kafka_offset"]
+            [
+                "device_id",
+                "profile",
+                "seq",
+                "ts",
+                "hum",
+                "temp",
+                "true_label",
+                "kafka_partition",
+                "kafka_offset"
+            ]
         );
-        let temp = rb.column_by_name("temp").expect("temp").as_any().downcast_ref::<arrow_array::Float64Array>().expect("f64");
-        let hum = rb.column_by_name("hum").expect("hum").as_any().downcast_ref::<arrow_array::Float64Array>().expect("f64");
+        let temp = rb
+            .column_by_name("temp")
+            .expect("temp")
+            .as_any()
+            .downcast_ref::<arrow_array::Float64Array>()
+            .expect("f64");
+        let hum = rb
+            .column_by_name("hum")
+            .expect("hum")
+            .as_any()
+            .downcast_ref::<arrow_array::Float64Array>()
+            .expect("f64");
         // Row 1 of the first batch: temp = 10, hum = 11.
         assert_eq!((temp.value(1), hum.value(1)), (10.0, 11.0));
         // Second batch had no temp column: nulls there; hum was channel 0.
         assert!(temp.is_null(5));
         assert_eq!(hum.value(6), 10.0);
-        let seq = rb.column_by_name("seq").expect("seq").as_any().downcast_ref::<arrow_array::Int64Array>().expect("i64");
+        let seq = rb
+            .column_by_name("seq")
+            .expect("seq")
+            .as_any()
+            .downcast_ref::<arrow_array::Int64Array>()
+            .expect("i64");
         assert_eq!(seq.values().to_vec(), vec![0, 1, 2, 3, 4, 5, 6]);
         Ok(())
     }
 
     #[test]
-    fn a_new_channel_or_another_hour_is_not_accepted_by_an_open_file() -> Result<(), Box<dyn std::error::Error>> {
+    fn a_new_channel_or_another_hour_is_not_accepted_by_an_open_file(
+    ) -> Result<(), Box<dyn std::error::Error>> {
         let root = tempfile::tempdir()?;
         let bucket = Bucket::of_millis(0);
-        let f = OpenFile::open(root.path(), 0, 0, bucket.clone(), vec!["a".into(), "b".into()], &SinkConfig::default())?;
+        let f = OpenFile::open(
+            root.path(),
+            0,
+            0,
+            bucket.clone(),
+            vec!["a".into(), "b".into()],
+            &SinkConfig::default(),
+        )?;
         assert!(f.accepts(&bucket, &["b".into()]));
         assert!(!f.accepts(&bucket, &["c".into()]));
         assert!(!f.accepts(&Bucket::of_millis(3_600_000), &["a".into()]));
@@ -425,13 +502,28 @@ mod tests {
     }
 
     #[test]
-    fn rewriting_the_same_first_offset_replaces_the_earlier_file() -> Result<(), Box<dyn std::error::Error>> {
+    fn rewriting_the_same_first_offset_replaces_the_earlier_file(
+    ) -> Result<(), Box<dyn std::error::Error>> {
         let root = tempfile::tempdir()?;
         let bucket = Bucket::of_millis(0);
-        let mut f = OpenFile::open(root.path(), 0, 7, bucket.clone(), vec!["a".into()], &SinkConfig::default())?;
+        let mut f = OpenFile::open(
+            root.path(),
+            0,
+            7,
+            bucket.clone(),
+            vec!["a".into()],
+            &SinkConfig::default(),
+        )?;
         f.append(&batch(0, &["a"], 3), 7)?;
         let first = f.close()?;
-        let mut f = OpenFile::open(root.path(), 0, 7, bucket, vec!["a".into()], &SinkConfig::default())?;
+        let mut f = OpenFile::open(
+            root.path(),
+            0,
+            7,
+            bucket,
+            vec!["a".into()],
+            &SinkConfig::default(),
+        )?;
         f.append(&batch(0, &["a"], 3), 7)?;
         f.append(&batch(3, &["a"], 3), 8)?;
         let second = f.close()?;
