@@ -117,7 +117,9 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
                 Storage::Sqlite => {
                     let db = std::path::absolute(data_dir.join("kafka/tansu.db"))
                         .context("resolving the data directory")?;
-                    format!("sqlite://{}", db.display())
+                    // Tansu reads the URL path as relative to its working
+                    // directory; one more slash makes it absolute.
+                    format!("sqlite:///{}", db.display())
                 }
             };
             let log = data_dir.join("kafka/tansu.log");
