@@ -286,7 +286,9 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     );
     if acked < taken {
         println!(
-            "warning: {} readings were not acknowledged before the grace period ended (held in memory only, so lost)",
+            "warning: {} readings had no ack at their device when its grace period ended; those that \
+             did not reach Kafka are lost (the device spool is in memory only for now); compare \
+             'in Kafka' above",
             taken - acked
         );
     }
