@@ -62,19 +62,10 @@ enum Storage {
 }
 
 fn find_tansu(explicit: Option<PathBuf>) -> PathBuf {
-    if let Some(bin) = explicit {
-        return bin;
-    }
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("tansu"))
-            .find(|p| p.is_file())
-    });
-    on_path
+    explicit
         .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cargo/bin/tansu"))
-                .filter(|p| p.is_file())
+            let home = std::env::var_os("HOME").map(PathBuf::from);
+            edgeloop_kafka::local::find_tansu(std::env::var_os("PATH").as_deref(), home.as_deref())
         })
         .unwrap_or_else(|| PathBuf::from("tansu"))
 }

@@ -29,6 +29,21 @@ pub enum LocalKafkaError {
     },
 }
 
+/// Where the `tansu` binary is: the first `tansu` file on `path` (the value
+/// of `PATH`), else `{home}/.cargo/bin/tansu` where `cargo install` puts it.
+/// The caller passes the environment in; this crate does not read it.
+pub fn find_tansu(path: Option<&std::ffi::OsStr>, home: Option<&Path>) -> Option<PathBuf> {
+    path.and_then(|paths| {
+        std::env::split_paths(paths)
+            .map(|p| p.join("tansu"))
+            .find(|p| p.is_file())
+    })
+    .or_else(|| {
+        home.map(|h| h.join(".cargo/bin/tansu"))
+            .filter(|p| p.is_file())
+    })
+}
+
 /// A running Tansu broker; killed when dropped.
 pub struct LocalKafka {
     child: Child,

@@ -27,14 +27,8 @@ pub fn tansu_bin() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os("TANSU_BIN") {
         return Ok(PathBuf::from(bin));
     }
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("tansu"))
-            .find(|p| p.is_file())
-    });
-    let home = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/tansu"));
-    on_path
-        .or(home.filter(|p| p.is_file()))
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    edgeloop_kafka::local::find_tansu(std::env::var_os("PATH").as_deref(), home.as_deref())
         .context("tansu is not installed: run scripts/setup.sh (cargo install tansu) first")
 }
 
