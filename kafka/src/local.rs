@@ -111,10 +111,6 @@ impl LocalKafka {
         self.addr.to_string()
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-
     /// Asks the broker to stop (SIGTERM), waiting up to `grace` before killing it.
     pub async fn stop(mut self, grace: Duration) {
         if let Some(pid) = self.child.id() {
@@ -129,10 +125,5 @@ impl LocalKafka {
         {
             let _ = self.child.kill().await;
         }
-    }
-
-    /// Kills the broker at once (SIGKILL), as a crash would.
-    pub async fn kill(mut self) {
-        let _ = self.child.kill().await;
     }
 }

@@ -374,6 +374,14 @@ mod tests {
     use edgeloop_proto::v1::Reading;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+    fn f64_column<'a>(rb: &'a RecordBatch, name: &str) -> &'a arrow_array::Float64Array {
+        rb.column_by_name(name)
+            .expect(name)
+            .as_any()
+            .downcast_ref::<arrow_array::Float64Array>()
+            .expect("f64")
+    }
+
     fn batch(first_seq: u64, channels: &[&str], n: usize) -> ReadingBatch {
         ReadingBatch {
             device_id: "d1".into(),
@@ -453,18 +461,8 @@ mod tests {
                 "kafka_offset"
             ]
         );
-        let temp = rb
-            .column_by_name("temp")
-            .expect("temp")
-            .as_any()
-            .downcast_ref::<arrow_array::Float64Array>()
-            .expect("f64");
-        let hum = rb
-            .column_by_name("hum")
-            .expect("hum")
-            .as_any()
-            .downcast_ref::<arrow_array::Float64Array>()
-            .expect("f64");
+        let temp = f64_column(rb, "temp");
+        let hum = f64_column(rb, "hum");
         // Row 1 of the first batch: temp = 10, hum = 11.
         assert_eq!((temp.value(1), hum.value(1)), (10.0, 11.0));
         // Second batch had no temp column: nulls there; hum was channel 0.
