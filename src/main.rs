@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
@@ -120,6 +120,9 @@ struct AgentArgs {
     /// Readings per MQTT message.
     #[arg(long, env = "EDGELOOP_BATCH_SIZE")]
     batch_size: Option<usize>,
+    /// Directory of the device's spool (readings wait there until acknowledged).
+    #[arg(long, env = "EDGELOOP_SPOOL_DIR")]
+    spool_dir: Option<PathBuf>,
 }
 
 fn read_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
@@ -244,6 +247,9 @@ async fn main() -> Result<()> {
             if let Some(b) = args.batch_size {
                 config.uplink.batch_size = b;
             }
+            if let Some(dir) = args.spool_dir {
+                config.spool.dir = dir;
+            }
             let edgeloop_agent::config::SourceConfig::Simulator(sim) = &mut config.source;
             if let Some(rate) = args.rate {
                 sim.rate_hz = rate;
@@ -257,11 +263,11 @@ async fn main() -> Result<()> {
             let stats = Arc::new(edgeloop_agent::AgentStats::default());
             let report = edgeloop_agent::run(config, shutdown, stats).await?;
             if report.committed_seq < report.next_seq {
-                bail!(
-                    "stopped with readings {}..{} unacknowledged (they were in memory only)",
-                    report.committed_seq,
-                    report.next_seq
+                println!(
+                    "stopped with readings {}..{} unacknowledged; they stay in the spool and are sent on the next start",
+                    report.committed_seq, report.next_seq
                 );
+                return Ok(());
             }
             println!("{} readings taken, all acknowledged", report.next_seq);
             Ok(())

@@ -28,7 +28,8 @@ pub struct UpArgs {
     #[arg(long, env = "EDGELOOP_DURATION", value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
     /// Directory for everything the run writes: Parquet under DIR/parquet/,
-    /// the Kafka-API broker's data and log under DIR/kafka/.
+    /// the Kafka-API broker's data and log under DIR/kafka/, each device's
+    /// spool under DIR/spool/{device}/.
     #[arg(long, env = "EDGELOOP_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
     /// Kafka bootstrap servers of an existing cluster; without it a Tansu
@@ -142,6 +143,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     }
     agent.mqtt.port = args.mqtt_listen.port();
     agent.uplink.batch_size = args.batch_size;
+    agent.spool.dir = data_dir.join("spool");
     agent.uplink.max_unacked_readings = agent
         .uplink
         .max_unacked_readings
@@ -277,10 +279,10 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     );
     if acked < taken {
         println!(
-            "warning: {} readings had no ack at their device when its grace period ended; those that \
-             did not reach Kafka are lost (the device spool is in memory only for now); compare \
-             'in Kafka' above",
-            taken - acked
+            "note: {} readings had no ack at their device when its grace period ended; they stay in \
+             the devices' spools under {} and are sent on the next run",
+            taken - acked,
+            data_dir.join("spool").display()
         );
     }
     Ok(())

@@ -82,20 +82,7 @@ pub enum SourceConfig {
     Simulator(SimulatorConfig),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SpoolConfig {
-    /// Readings held at most; when full the source waits (nothing is dropped).
-    pub capacity_readings: usize,
-}
-
-impl Default for SpoolConfig {
-    fn default() -> Self {
-        SpoolConfig {
-            capacity_readings: 200_000,
-        }
-    }
-}
+pub use crate::spool::disk::{DiskSpoolConfig as SpoolConfig, FullPolicy};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -148,9 +135,7 @@ impl AgentConfig {
         if self.mqtt.max_inflight == 0 {
             return Err("mqtt.max_inflight: must be at least 1".into());
         }
-        if self.spool.capacity_readings == 0 {
-            return Err("spool.capacity_readings: must be at least 1".into());
-        }
+        self.spool.validate().map_err(|e| format!("spool.{e}"))?;
         if self.uplink.batch_size == 0 {
             return Err("uplink.batch_size: must be at least 1".into());
         }

@@ -5,9 +5,9 @@
 //!
 //! - [`source`]: where readings come from. [`source::simulator`] is a seeded
 //!   signal generator with anomalies whose true label it knows.
-//! - [`spool`]: where readings wait until the cloud acknowledges them. The
-//!   [`spool::Spool`] trait is the interface; [`spool::memory`] is the bounded
-//!   in-memory queue used until the durable on-disk spool lands.
+//! - [`spool`]: where readings wait until the cloud acknowledges them:
+//!   [`spool::disk`], a bounded log of segment files on the device's disk,
+//!   group-committed, that survives restarts and power cuts.
 //! - [`uplink`]: batches readings into `ReadingBatch` messages, publishes them
 //!   with QoS 1 on `telemetry/{device}`, follows the retained `ack/{device}`
 //!   watermark and resends from it after a reconnect or a stall.
@@ -36,12 +36,14 @@ pub enum Error {
     Config(String),
     #[error("agent task failed: {0}")]
     Task(String),
+    #[error("{0}")]
+    Spool(String),
 }
 
 /// What an agent did, returned when it stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AgentReport {
-    /// Readings the source produced (seq 0 .. `next_seq`).
+    /// The seq the next reading would get (the spool keeps it across restarts).
     pub next_seq: u64,
     /// The acknowledged watermark at exit: readings below it are in Kafka.
     pub committed_seq: u64,
@@ -57,10 +59,37 @@ pub async fn run(
     stats: Arc<AgentStats>,
 ) -> Result<AgentReport, Error> {
     config.validate().map_err(Error::Config)?;
-    let spool = Arc::new(SharedSpool::new(Box::new(spool::memory::MemorySpool::new(
-        config.spool.capacity_readings,
-    ))));
-    spool.set_channels(source::channels(&config));
+    let opened = {
+        let spool_config = config.spool.clone();
+        let channels = source::channels(&config);
+        tokio::task::spawn_blocking(move || spool::disk::DiskSpool::open(spool_config, channels))
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?
+            .map_err(|e| Error::Spool(e.to_string()))?
+    };
+    let spool = Arc::new(SharedSpool::new(Box::new(opened)));
+    let sync_stop = CancellationToken::new();
+    let sync_task = {
+        let spool = spool.clone();
+        let stop = sync_stop.clone();
+        let every = config.spool.sync_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                    _ = spool.sync_wanted.notified() => {}
+                }
+                if let Err(e) = spool.sync().await {
+                    tracing::error!(error = %e, "spool sync failed");
+                }
+            }
+            // A last sync so that nothing appended is left unsynced.
+            spool.sync().await
+        })
+    };
     let source_done = CancellationToken::new();
     let source = {
         let config = config.clone();
@@ -84,9 +113,12 @@ pub async fn run(
     .await;
     // The uplink only returns once the source has finished (or failed).
     let source_result = source.await.map_err(|e| Error::Task(e.to_string()))?;
+    sync_stop.cancel();
+    let synced = sync_task.await.map_err(|e| Error::Task(e.to_string()))?;
     source_result.map_err(|e| Error::Task(e.to_string()))?;
     uplink.map_err(|e| Error::Task(e.to_string()))?;
-    let (next_seq, committed_seq) = spool.positions();
+    synced.map_err(|e| Error::Spool(e.to_string()))?;
+    let (next_seq, committed_seq, _) = spool.positions();
     Ok(AgentReport {
         next_seq,
         committed_seq,
@@ -94,7 +126,8 @@ pub async fn run(
 }
 
 /// Runs `count` simulated agents derived from `template`: device `i` gets the
-/// id `{prefix}-{i:04}` and the seed `template seed + i`.
+/// id `{prefix}-{i:04}`, the seed `template seed + i`, and the spool
+/// `{template spool dir}/{device id}`.
 pub async fn run_fleet(
     template: AgentConfig,
     prefix: &str,
@@ -106,6 +139,7 @@ pub async fn run_fleet(
     for i in 0..count {
         let mut config = template.clone();
         config.device_id = format!("{prefix}-{i:04}");
+        config.spool.dir = template.spool.dir.join(&config.device_id);
         let config::SourceConfig::Simulator(sim) = &mut config.source;
         sim.seed = sim.seed.wrapping_add(i as u64);
         let shutdown = shutdown.clone();

@@ -14,6 +14,8 @@ pub struct AgentStats {
     pub readings_resent: AtomicU64,
     /// Batches (MQTT messages) published, resends included.
     pub batches_published: AtomicU64,
+    /// Loss reports sent (resends included).
+    pub loss_reports_sent: AtomicU64,
     /// Connections lost and re-established.
     pub reconnects: AtomicU64,
 }

@@ -20,9 +20,13 @@ pub mod v1 {
 pub use prost::Message;
 
 impl v1::ReadingBatch {
-    /// The seq after the last reading of this batch (exclusive end).
+    /// The seq after the last reading of this batch (exclusive end); for a
+    /// loss report, the end of the lost range.
     pub fn end_seq(&self) -> u64 {
-        self.first_seq.saturating_add(self.readings.len() as u64)
+        match &self.loss {
+            Some(loss) => loss.end_seq.max(self.first_seq),
+            None => self.first_seq.saturating_add(self.readings.len() as u64),
+        }
     }
 }
 
@@ -49,6 +53,7 @@ mod golden {
                     true_label: String::new(),
                 },
             ],
+            loss: None,
         }
     }
 

@@ -14,6 +14,10 @@ pub struct ProcessorStats {
     pub dead_letters: AtomicU64,
     /// Offset commits that failed (the records are re-read; files replaced).
     pub commit_errors: AtomicU64,
+    /// Loss reports from devices written to the `losses` table, and the
+    /// readings they cover.
+    pub loss_reports: AtomicU64,
+    pub readings_reported_lost: AtomicU64,
     /// Open files dropped because their partition was revoked.
     pub files_aborted: AtomicU64,
 }

@@ -98,6 +98,8 @@ impl Stack {
             device_id: device.into(),
             ..AgentConfig::default()
         };
+        config.spool.dir = self.dir.path().join("spool").join(device);
+        config.spool.sync_interval = Duration::from_millis(20);
         config.mqtt.host = self.mqtt.ip().to_string();
         config.mqtt.port = self.mqtt.port();
         config.uplink.batch_size = batch;
@@ -135,7 +137,8 @@ async fn readings_of_every_device_reach_parquet_exactly_once_with_their_values()
     let stack = Stack::start().await?;
     let _processor = stack.processor("processor")?;
     let (devices, per_device) = (4usize, 600u64);
-    let template = stack.agent("unused", 100, per_device, 1_000.0, 50);
+    let mut template = stack.agent("unused", 100, per_device, 1_000.0, 50);
+    template.spool.dir = stack.dir.path().join("spool");
     let stats = Arc::new(AgentStats::default());
     let reports = tokio::time::timeout(
         Duration::from_secs(120),
@@ -335,7 +338,8 @@ async fn processor_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
     let stack = Stack::start().await?;
     let mut processor = stack.processor("processor-1")?;
     let (devices, per_device) = (3usize, 3_000u64);
-    let template = stack.agent("unused", 300, per_device, 300.0, 30);
+    let mut template = stack.agent("unused", 300, per_device, 300.0, 30);
+    template.spool.dir = stack.dir.path().join("spool");
     let fleet = tokio::spawn(edgeloop_agent::run_fleet(
         template,
         "kill",
@@ -391,6 +395,7 @@ fn batch(device: &str, first_seq: u64, n: u64) -> Vec<u8> {
                 true_label: String::new(),
             })
             .collect(),
+        loss: None,
     }
     .encode_to_vec()
 }

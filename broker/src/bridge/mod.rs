@@ -47,7 +47,8 @@ pub enum BridgeError {
     Link(String),
 }
 
-/// A batch on its way to Kafka: (device, first_seq, readings, tracked).
+/// A batch on its way to Kafka: (device, first_seq, readings in it, tracked).
+/// A loss report has no readings but covers its range of seqs.
 type InFlight = (String, u64, u64, bool);
 
 type Delivered = Result<OwnedDeliveryResult, Canceled>;
@@ -164,7 +165,7 @@ async fn take(
                 BrokerStats::add(&stats.batches_skipped, 1);
                 return None;
             }
-            (first, end - first, true)
+            (first, batch.readings.len() as u64, true)
         }
         // Not ours to judge in detail: the processor dead-letters it with the
         // reason. It is never acknowledged.

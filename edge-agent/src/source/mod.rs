@@ -15,7 +15,7 @@ use crate::stats::AgentStats;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("spool refused readings: {0}")]
+    #[error("the spool refused readings: {0}")]
     Spool(#[from] crate::spool::SpoolError),
 }
 

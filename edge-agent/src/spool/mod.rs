@@ -2,27 +2,42 @@
 //!
 //! [`Spool`] is the interface the uplink and the sources use: append gives each
 //! reading the next `seq`; `read` serves any unacknowledged range again (for
-//! resends); `acknowledge` frees everything below the cloud's watermark. The
-//! only implementation today is [`memory::MemorySpool`], a bounded in-memory
-//! queue: it does not survive a restart. The durable on-disk spool replaces it
-//! behind this same trait.
+//! resends), or the loss report standing in for a range the device lost;
+//! `acknowledge` frees everything below the cloud's watermark. Its
+//! implementation is [`disk::DiskSpool`], a bounded log of segment files that
+//! survives restarts and power cuts (the format and recovery rules are in its
+//! module docs).
 //!
-//! [`SharedSpool`] puts a spool behind a mutex with two wake-ups, "new data"
-//! for the uplink and "space freed" for the sources.
+//! [`SharedSpool`] puts a spool behind a mutex with wake-ups: "new durable
+//! data" for the uplink, "space freed" for the sources, "sync wanted" for the
+//! group-commit task.
 
-pub mod memory;
+pub mod disk;
 
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use edgeloop_proto::v1::Reading;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub use disk::Loss;
+
+#[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    /// Expected: the spool holds its maximum; the caller waits for acks.
-    #[error("spool is full ({capacity} readings held, none acknowledged yet)")]
+    /// Expected: the spool holds its maximum (policy `block`); the caller waits.
+    #[error("spool is full ({capacity} bytes held, not yet acknowledged)")]
     Full { capacity: usize },
+    #[error("spool: {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("spool segment {path} is corrupt at byte {offset} (it checked out at start-up; the disk changed under it)")]
+    Corrupt { path: PathBuf, offset: u64 },
+    #[error("spool is closed")]
+    Closed,
 }
 
 /// Counts of what waits in a spool.
@@ -34,63 +49,72 @@ pub struct Backlog {
     pub oldest_ts_micros: Option<i64>,
 }
 
+/// What the spool serves from a seq on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Chunk {
+    /// Readings with consecutive seqs from `first_seq`, all of the same channels.
+    Readings {
+        first_seq: u64,
+        channels: Vec<String>,
+        readings: Vec<Reading>,
+    },
+    /// A range the device lost; sent upstream as a loss report.
+    Lost(Loss),
+}
+
 pub trait Spool: Send {
     /// Appends readings, giving them consecutive seqs; returns how many were
-    /// taken (fewer than offered when the spool fills up).
+    /// taken. `Full` when none could be (policy `block`).
     fn append(&mut self, readings: &mut Vec<Reading>) -> Result<usize, SpoolError>;
-    /// Up to `max` readings starting at `from_seq` (clamped to what is held).
-    /// Returns the seq of the first one returned.
-    fn read(&self, from_seq: u64, max: usize) -> (u64, Vec<Reading>);
-    /// Frees every reading with seq below `committed_seq`.
-    fn acknowledge(&mut self, committed_seq: u64);
+    /// What is held from `from_seq` on (at most `max` readings), clamped to
+    /// what is acknowledged and durable; `None` when nothing is.
+    fn read(&mut self, from_seq: u64, max: usize) -> Result<Option<Chunk>, SpoolError>;
+    /// Frees every reading (and loss) with seq below `committed_seq`.
+    fn acknowledge(&mut self, committed_seq: u64) -> Result<(), SpoolError>;
+    /// Makes every appended reading durable (group commit).
+    fn sync(&mut self) -> Result<(), SpoolError>;
+    /// Whether enough is waiting that a sync should not wait for its timer.
+    fn wants_sync(&self) -> bool;
     /// The seq the next appended reading gets.
     fn next_seq(&self) -> u64;
-    /// The lowest seq not yet acknowledged (== next_seq when empty).
+    /// Readings below this are durable (and may be sent).
+    fn durable_end(&self) -> u64;
+    /// The lowest seq not yet acknowledged.
     fn first_unacked(&self) -> u64;
     fn backlog(&self) -> Backlog;
 }
 
-/// A spool shared by the source and the uplink of one agent.
+/// A spool shared by the sources, the uplink and the sync task of one agent.
 pub struct SharedSpool {
     inner: Mutex<Box<dyn Spool>>,
-    channels: Mutex<Vec<String>>,
-    /// Woken when readings are appended.
+    /// Woken when readings become durable.
     pub data: Notify,
     /// Woken when readings are acknowledged (space freed).
     pub space: Notify,
+    /// Woken when a sync should happen before its timer.
+    pub sync_wanted: Notify,
 }
 
 impl SharedSpool {
     pub fn new(spool: Box<dyn Spool>) -> Self {
         SharedSpool {
             inner: Mutex::new(spool),
-            channels: Mutex::new(Vec::new()),
             data: Notify::new(),
             space: Notify::new(),
+            sync_wanted: Notify::new(),
         }
     }
 
     /// Runs `f` on the spool. A poisoned lock (a panic while holding it) is
-    /// taken over: the spool's state is updated by single assignments only.
+    /// taken over: the spool's files, not its memory, are the truth.
     pub fn with<R>(&self, f: impl FnOnce(&mut dyn Spool) -> R) -> R {
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         f(guard.as_mut())
     }
 
-    pub fn set_channels(&self, channels: Vec<String>) {
-        *self.channels.lock().unwrap_or_else(|p| p.into_inner()) = channels;
-    }
-
-    pub fn channels(&self) -> Vec<String> {
-        self.channels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// (next_seq, first_unacked)
-    pub fn positions(&self) -> (u64, u64) {
-        self.with(|s| (s.next_seq(), s.first_unacked()))
+    /// (next_seq, first_unacked, durable_end)
+    pub fn positions(&self) -> (u64, u64, u64) {
+        self.with(|s| (s.next_seq(), s.first_unacked(), s.durable_end()))
     }
 
     /// Appends all of `readings`, waiting for space when the spool is full.
@@ -102,11 +126,11 @@ impl SharedSpool {
     ) -> Result<bool, SpoolError> {
         loop {
             let space = self.space.notified();
-            let result = self.with(|s| s.append(&mut readings));
+            let result = self.with(|s| s.append(&mut readings).map(|n| (n, s.wants_sync())));
             match result {
-                Ok(n) if n > 0 => self.data.notify_waiters(),
-                Ok(_) => {}
-                Err(SpoolError::Full { .. }) => {}
+                Ok((_, true)) => self.sync_wanted.notify_one(),
+                Ok(_) | Err(SpoolError::Full { .. }) => {}
+                Err(e) => return Err(e),
             }
             if readings.is_empty() {
                 return Ok(true);
@@ -118,8 +142,24 @@ impl SharedSpool {
         }
     }
 
-    pub fn acknowledge(&self, committed_seq: u64) {
-        self.with(|s| s.acknowledge(committed_seq));
+    /// Group commit, on a blocking thread (fsync must not stall the async
+    /// workers). Wakes the uplink when new readings became durable.
+    pub async fn sync(self: &std::sync::Arc<Self>) -> Result<(), SpoolError> {
+        let me = self.clone();
+        let before = self.with(|s| s.durable_end());
+        let after =
+            tokio::task::spawn_blocking(move || me.with(|s| s.sync().map(|_| s.durable_end())))
+                .await
+                .map_err(|_| SpoolError::Closed)??;
+        if after != before {
+            self.data.notify_waiters();
+        }
+        Ok(())
+    }
+
+    pub fn acknowledge(&self, committed_seq: u64) -> Result<(), SpoolError> {
+        self.with(|s| s.acknowledge(committed_seq))?;
         self.space.notify_waiters();
+        Ok(())
     }
 }

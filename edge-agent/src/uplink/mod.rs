@@ -18,7 +18,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgeloop_proto::v1::{Ack, ReadingBatch};
+use edgeloop_proto::v1::{Ack, LossReport, ReadingBatch};
 use edgeloop_proto::{topics, Message};
 use rand::Rng;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
-use crate::spool::SharedSpool;
+use crate::spool::{Chunk, SharedSpool};
 use crate::stats::AgentStats;
 
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +123,7 @@ pub async fn run(
 
     let mut connected = false;
     let mut ever_connected = false;
-    let (_, mut watermark) = spool.positions();
+    let (_, mut watermark, _) = spool.positions();
     let mut cursor = watermark;
     let mut highest_sent = watermark;
     let mut last_progress = Instant::now();
@@ -155,11 +155,13 @@ pub async fn run(
                 Some(LinkEvent::Disconnected) => connected = false,
                 Some(LinkEvent::Ack(n)) => {
                     if n > watermark {
-                        let (next_seq, _) = spool.positions();
-                        let n = n.min(next_seq);
+                        let (_, _, durable) = spool.positions();
+                        let n = n.min(durable);
                         AgentStats::add(&stats.readings_acknowledged, n - watermark);
                         watermark = n;
-                        spool.acknowledge(n);
+                        if let Err(e) = spool.acknowledge(n) {
+                            tracing::error!(%device, error = %e, "could not free acknowledged readings");
+                        }
                         cursor = cursor.max(watermark);
                         last_progress = Instant::now();
                     }
@@ -173,7 +175,7 @@ pub async fn run(
             }
         }
 
-        let (next_seq, _) = spool.positions();
+        let (next_seq, _, durable) = spool.positions();
         let done = source_done.is_cancelled();
         if done && watermark >= next_seq {
             break Ok(());
@@ -196,7 +198,7 @@ pub async fn run(
         }
         // Publish whole batches, then a partial one once it has lingered.
         loop {
-            let limit = next_seq.min(watermark + up.max_unacked_readings);
+            let limit = durable.min(watermark + up.max_unacked_readings);
             let available = limit.saturating_sub(cursor);
             if available == 0 {
                 pending_since = None;
@@ -205,22 +207,46 @@ pub async fn run(
             if available < up.batch_size as u64 {
                 let since = *pending_since.get_or_insert_with(Instant::now);
                 let flush = since.elapsed() >= up.linger || done || drain_deadline.is_some();
-                if !flush || limit < next_seq {
+                if !flush || limit < durable {
                     break;
                 }
             }
-            let (first_seq, readings) = spool.with(|s| s.read(cursor, up.batch_size));
-            if readings.is_empty() {
-                break;
-            }
-            let batch = ReadingBatch {
-                device_id: device.clone(),
-                profile: config.profile.clone(),
-                first_seq,
-                channels: spool.channels(),
-                readings,
+            let batch = match spool.with(|s| s.read(cursor, up.batch_size)) {
+                Ok(Some(Chunk::Readings {
+                    first_seq,
+                    channels,
+                    readings,
+                })) => ReadingBatch {
+                    device_id: device.clone(),
+                    profile: config.profile.clone(),
+                    first_seq,
+                    channels,
+                    readings,
+                    loss: None,
+                },
+                Ok(Some(Chunk::Lost(loss))) => ReadingBatch {
+                    device_id: device.clone(),
+                    profile: config.profile.clone(),
+                    first_seq: loss.first_seq,
+                    channels: Vec::new(),
+                    readings: Vec::new(),
+                    loss: Some(LossReport {
+                        device_id: device.clone(),
+                        first_seq: loss.first_seq,
+                        end_seq: loss.end_seq,
+                        reason: loss.reason,
+                        detected_at_micros: loss.detected_at_micros,
+                    }),
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(%device, error = %e, "could not read the spool");
+                    break;
+                }
             };
+            let first_seq = batch.first_seq;
             let end = batch.end_seq();
+            let batch_is_loss = batch.loss.is_some();
             if client
                 .try_publish(
                     &telemetry_topic,
@@ -235,6 +261,9 @@ pub async fn run(
                 break;
             }
             AgentStats::add(&stats.batches_published, 1);
+            if batch_is_loss {
+                AgentStats::add(&stats.loss_reports_sent, 1);
+            }
             if end > highest_sent {
                 AgentStats::add(&stats.readings_published, end - highest_sent.max(first_seq));
                 AgentStats::add(

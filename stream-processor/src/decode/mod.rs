@@ -42,6 +42,13 @@ pub enum Refused {
     },
     #[error("the batch's seq range overflows (first_seq {0})")]
     SeqOverflow(u64),
+    #[error("a loss report must carry no readings and cover first_seq {first}.. (it covers {loss_first}..{loss_end} with {readings} readings)")]
+    BadLoss {
+        first: u64,
+        loss_first: u64,
+        loss_end: u64,
+        readings: usize,
+    },
 }
 
 /// Decodes and checks a record's payload.
@@ -80,6 +87,19 @@ pub fn decode(key: Option<&[u8]>, payload: &[u8]) -> Result<ReadingBatch, Refuse
             });
         }
     }
+    if let Some(loss) = &batch.loss {
+        if !batch.readings.is_empty()
+            || loss.first_seq != batch.first_seq
+            || loss.end_seq <= loss.first_seq
+        {
+            return Err(Refused::BadLoss {
+                first: batch.first_seq,
+                loss_first: loss.first_seq,
+                loss_end: loss.end_seq,
+                readings: batch.readings.len(),
+            });
+        }
+    }
     if batch
         .first_seq
         .checked_add(batch.readings.len() as u64)
@@ -107,7 +127,32 @@ mod tests {
                 values: vec![1.0],
                 true_label: String::new(),
             }],
+            loss: None,
         }
+    }
+
+    #[test]
+    fn loss_report_with_readings_or_an_empty_range_is_refused() {
+        let loss = |first, end| edgeloop_proto::v1::LossReport {
+            device_id: "d1".into(),
+            first_seq: first,
+            end_seq: end,
+            reason: "evicted_full".into(),
+            detected_at_micros: 0,
+        };
+        let mut b = batch();
+        b.loss = Some(loss(0, 10));
+        assert!(matches!(
+            decode(Some(b"d1"), &b.encode_to_vec()),
+            Err(Refused::BadLoss { .. })
+        ));
+        b.readings.clear();
+        assert!(decode(Some(b"d1"), &b.encode_to_vec()).is_ok());
+        b.loss = Some(loss(0, 0));
+        assert!(matches!(
+            decode(Some(b"d1"), &b.encode_to_vec()),
+            Err(Refused::BadLoss { .. })
+        ));
     }
 
     #[test]

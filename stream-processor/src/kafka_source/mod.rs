@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ProcessorConfig;
 use crate::deadletter::{DeadLetterError, DeadLetters};
 use crate::decode;
-use crate::parquet_sink::{Bucket, OpenFile, SinkError};
+use crate::parquet_sink::{losses, Bucket, OpenFile, SinkError};
 use crate::stats::ProcessorStats;
 
 #[derive(Debug, thiserror::Error)]
@@ -128,17 +128,35 @@ impl Sink<'_> {
                 return Ok(());
             }
         };
+        let millis = message
+            .timestamp()
+            .to_millis()
+            .or_else(|| batch.readings.first().map(|r| r.ts_micros / 1000))
+            .unwrap_or(0);
+        let bucket = Bucket::of_millis(millis);
         if batch.readings.is_empty() {
+            if let Some(loss) = &batch.loss {
+                let path = losses::write(
+                    &self.config.parquet_root,
+                    &bucket,
+                    partition,
+                    offset,
+                    &batch.device_id,
+                    &batch.profile,
+                    loss,
+                )?;
+                tracing::info!(device = %batch.device_id, first_seq = loss.first_seq, end_seq = loss.end_seq, reason = %loss.reason, path = %path.display(), "device reported lost readings");
+                ProcessorStats::add(&self.stats.loss_reports, 1);
+                ProcessorStats::add(
+                    &self.stats.readings_reported_lost,
+                    loss.end_seq - loss.first_seq,
+                );
+            }
             if !self.open.contains_key(&partition) {
                 self.commit(partition, offset + 1);
             }
             return Ok(());
         }
-        let millis = message
-            .timestamp()
-            .to_millis()
-            .unwrap_or(batch.readings[0].ts_micros / 1000);
-        let bucket = Bucket::of_millis(millis);
         if self
             .open
             .get(&partition)

@@ -35,6 +35,8 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
 use crate::config::SinkConfig;
 
+pub mod losses;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("{action} {path}: {source}")]
@@ -74,10 +76,43 @@ impl Bucket {
     }
 
     fn dir(&self, root: &Path) -> PathBuf {
-        root.join("readings")
+        self.dir_of(root, "readings")
+    }
+
+    /// The directory of this bucket in `table` (`readings`, `losses`).
+    pub fn dir_of(&self, root: &Path, table: &str) -> PathBuf {
+        root.join(table)
             .join(format!("date={}", self.date))
             .join(format!("hour={:02}", self.hour))
     }
+}
+
+/// Makes a written file part of the data set: fsync, rename from its
+/// temporary name, fsync the directory.
+pub(crate) fn publish(
+    file: File,
+    tmp: &Path,
+    final_path: &Path,
+    dir: &Path,
+) -> Result<(), SinkError> {
+    file.sync_all().map_err(|source| SinkError::Io {
+        action: "fsyncing",
+        path: tmp.to_path_buf(),
+        source,
+    })?;
+    drop(file);
+    fs::rename(tmp, final_path).map_err(|source| SinkError::Io {
+        action: "renaming into place",
+        path: tmp.to_path_buf(),
+        source,
+    })?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| SinkError::Io {
+            action: "fsyncing directory",
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 /// The name of the file whose first record is `first_offset` of `partition`.
@@ -330,24 +365,7 @@ impl OpenFile {
                 path: tmp.clone(),
                 source,
             })?;
-        file.sync_all().map_err(|source| SinkError::Io {
-            action: "fsyncing",
-            path: tmp.clone(),
-            source,
-        })?;
-        drop(file);
-        fs::rename(&tmp, &self.final_path).map_err(|source| SinkError::Io {
-            action: "renaming into place",
-            path: tmp.clone(),
-            source,
-        })?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| SinkError::Io {
-                action: "fsyncing directory",
-                path: self.dir.clone(),
-                source,
-            })?;
+        publish(file, &tmp, &self.final_path, &self.dir)?;
         Ok(ClosedFile {
             path: self.final_path,
             rows: self.rows,
@@ -403,6 +421,7 @@ mod tests {
                     },
                 })
                 .collect(),
+            loss: None,
         }
     }
 
