@@ -3,6 +3,7 @@
 //!
 //! - [`kafka_source`]: the consumer-group member and its commit discipline.
 //! - [`decode`]: decoding and checking one record; refusals have reasons.
+//! - [`dedup`]: drops readings the data set already has, by `(device_id, seq)`.
 //! - [`deadletter`]: refused records go to `edgeloop.deadletter`.
 //! - [`parquet_sink`]: open files per partition, rolled by rows, bytes, age,
 //!   hour and schema; written to a temporary name, fsynced, renamed.
@@ -11,6 +12,7 @@
 pub mod config;
 pub mod deadletter;
 pub mod decode;
+pub mod dedup;
 pub mod kafka_source;
 pub mod parquet_sink;
 pub mod stats;

@@ -18,6 +18,8 @@ pub struct ProcessorStats {
     /// readings they cover.
     pub loss_reports: AtomicU64,
     pub readings_reported_lost: AtomicU64,
+    /// Readings (and lost seqs) dropped because the data set already has them.
+    pub duplicates_dropped: AtomicU64,
     /// Open files dropped because their partition was revoked.
     pub files_aborted: AtomicU64,
 }

@@ -152,8 +152,13 @@ pub struct Row {
 
 /// Every `*.parquet` file under `{root}/readings` (temporary files excluded).
 pub fn parquet_files(root: &Path) -> Result<Vec<PathBuf>> {
+    table_files(root, "readings")
+}
+
+/// Every `*.parquet` file of `table` (`readings`, `losses`) under `root`.
+pub fn table_files(root: &Path, table: &str) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
-    let mut stack = vec![root.join("readings")];
+    let mut stack = vec![root.join(table)];
     while let Some(dir) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
@@ -281,4 +286,37 @@ pub fn check_exactly_once(rows: &[Row], per_device: &HashMap<String, u64>) -> Re
         );
     }
     Ok(())
+}
+
+/// One row of the `losses` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LossRow {
+    pub device_id: String,
+    pub first_seq: i64,
+    pub end_seq: i64,
+    pub reason: String,
+}
+
+/// Reads every row of the `losses` table under `root`.
+pub fn read_losses(root: &Path) -> Result<Vec<LossRow>> {
+    let mut rows = Vec::new();
+    for path in table_files(root, "losses")? {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&path)?)?.build()?;
+        for batch in reader {
+            let batch = batch?;
+            let device = column::<StringArray>(&batch, "device_id")?;
+            let first = column::<Int64Array>(&batch, "first_seq")?;
+            let end = column::<Int64Array>(&batch, "end_seq")?;
+            let reason = column::<StringArray>(&batch, "reason")?;
+            for i in 0..batch.num_rows() {
+                rows.push(LossRow {
+                    device_id: device.value(i).to_string(),
+                    first_seq: first.value(i),
+                    end_seq: end.value(i),
+                    reason: reason.value(i).to_string(),
+                });
+            }
+        }
+    }
+    Ok(rows)
 }

@@ -28,8 +28,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_edgeloop");
 struct Stack {
     dir: tempfile::TempDir,
     kafka: LocalKafka,
-    // Kept so the broker lives as long as the stack (killed on drop).
-    _broker: Component,
+    /// The MQTT broker (killed on drop); `None` while it is down.
+    broker: Option<Component>,
     mqtt: SocketAddr,
     parquet: PathBuf,
     group: String,
@@ -37,9 +37,30 @@ struct Stack {
 
 impl Stack {
     async fn start() -> Result<Stack> {
+        let mut stack = Stack::without_broker().await?;
+        stack.start_broker().await?;
+        Ok(stack)
+    }
+
+    /// Kafka only; the MQTT address is reserved but nothing listens on it.
+    async fn without_broker() -> Result<Stack> {
         let dir = tempfile::tempdir()?;
         let kafka = start_kafka(dir.path()).await?;
         let mqtt = edgeloop_tests::free_addr()?;
+        let parquet = dir.path().join("parquet");
+        let group = format!("test-{}", std::process::id());
+        Ok(Stack {
+            dir,
+            kafka,
+            broker: None,
+            mqtt,
+            parquet,
+            group,
+        })
+    }
+
+    async fn start_broker(&mut self) -> Result<()> {
+        let mqtt = self.mqtt;
         let mut broker = Component::start(
             std::path::Path::new(BIN),
             "broker",
@@ -48,9 +69,9 @@ impl Stack {
                 "--listen",
                 &mqtt.to_string(),
                 "--kafka",
-                &kafka.bootstrap(),
+                &self.kafka.bootstrap(),
             ],
-            dir.path(),
+            self.dir.path(),
         )?;
         wait_for(Duration::from_secs(60), "the MQTT listener", || {
             let running = broker.check_running();
@@ -60,16 +81,8 @@ impl Stack {
             }
         })
         .await?;
-        let parquet = dir.path().join("parquet");
-        let group = format!("test-{}", std::process::id());
-        Ok(Stack {
-            dir,
-            kafka,
-            _broker: broker,
-            mqtt,
-            parquet,
-            group,
-        })
+        self.broker = Some(broker);
+        Ok(())
     }
 
     fn processor(&self, name: &str) -> Result<Component> {
@@ -500,5 +513,189 @@ async fn ack_watermark_reaches_the_device_and_never_passes_what_kafka_holds() ->
     publish(10, 10).await?;
     ensure!(next_ack(30, &mut acks).await? == 30);
     pump.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_while_publishing_loses_no_fsynced_reading_and_sends_none_twice() -> Result<()>
+{
+    let stack = Stack::start().await?;
+    let _processor = stack.processor("processor")?;
+    let spool = stack.dir.path().join("spool-k");
+    let mqtt = stack.mqtt.to_string();
+    let spool_arg = spool.to_string_lossy().into_owned();
+    let agent = |name: &str, limit: &str| {
+        Component::start(
+            std::path::Path::new(BIN),
+            name,
+            &[
+                "agent",
+                "--device-id",
+                "killed",
+                "--mqtt",
+                &mqtt,
+                "--rate",
+                "1000",
+                "--limit",
+                limit,
+                "--batch-size",
+                "50",
+                "--spool-dir",
+                &spool_arg,
+            ],
+            stack.dir.path(),
+        )
+    };
+    let mut first = agent("agent-1", "20000")?;
+    // Kill it once readings are flowing into the data set.
+    wait_for(
+        Duration::from_secs(60),
+        "readings of the first run in Parquet",
+        || {
+            let rows = read_rows(&stack.parquet);
+            async move { Ok((rows?.len() >= 200).then_some(())) }
+        },
+    )
+    .await?;
+    first.check_running()?;
+    first.kill9().await?;
+    let mut second = agent("agent-2", "500")?;
+    wait_for(Duration::from_secs(120), "the second run to finish", || {
+        let status = second.check_running();
+        async move { Ok(status.is_err().then_some(())) }
+    })
+    .await?;
+    ensure!(
+        second.tail_log().contains("all acknowledged"),
+        "second run: {}",
+        second.tail_log()
+    );
+
+    // Whatever the spool holds as durable is the truth: seqs 0..next_seq.
+    let opened = edgeloop_agent::spool::disk::DiskSpool::open(
+        edgeloop_agent::spool::disk::DiskSpoolConfig {
+            dir: spool.clone(),
+            ..Default::default()
+        },
+        vec![],
+    )?;
+    let next_seq = edgeloop_agent::spool::Spool::next_seq(&opened);
+    ensure!(
+        next_seq >= 700,
+        "both runs took readings: next_seq {next_seq}"
+    );
+    let rows = wait_for_rows(&stack, next_seq as usize, Duration::from_secs(60)).await?;
+    check_exactly_once(&rows, &HashMap::from([("killed".to_string(), next_seq)]))?;
+    ensure!(
+        edgeloop_tests::read_losses(&stack.parquet)?.is_empty(),
+        "a kill loses nothing fsynced"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_for_30_seconds_loses_nothing_and_the_spools_drain() -> Result<()> {
+    let mut stack = Stack::start().await?;
+    let _processor = stack.processor("processor")?;
+    let (devices, per_device) = (3usize, 6_000u64);
+    let mut template = stack.agent("unused", 500, per_device, 150.0, 50);
+    template.spool.dir = stack.dir.path().join("spool");
+    template.uplink.reconnect_max = Duration::from_secs(2);
+    let fleet = tokio::spawn(edgeloop_agent::run_fleet(
+        template,
+        "outage",
+        devices,
+        CancellationToken::new(),
+        Arc::new(AgentStats::default()),
+    ));
+    wait_for(Duration::from_secs(60), "readings in Parquet", || {
+        let rows = read_rows(&stack.parquet);
+        async move { Ok((rows?.len() >= 300).then_some(())) }
+    })
+    .await?;
+    let mut broker = stack.broker.take().context("broker")?;
+    broker.kill9().await?;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    ensure!(
+        !fleet.is_finished(),
+        "the devices cannot have finished while the broker was down"
+    );
+    stack.start_broker().await?;
+    let reports = tokio::time::timeout(Duration::from_secs(120), fleet).await???;
+    ensure!(
+        reports
+            .iter()
+            .all(|r| r.committed_seq == per_device && r.next_seq == per_device),
+        "spools drained: {reports:?}"
+    );
+    let total = devices * per_device as usize;
+    let rows = wait_for_rows(&stack, total, Duration::from_secs(60)).await?;
+    let expected: HashMap<String, u64> = (0..devices)
+        .map(|i| (format!("outage-{i:04}"), per_device))
+        .collect();
+    check_exactly_once(&rows, &expected)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_with_the_link_down_reports_its_loss_and_every_gap_is_explained() -> Result<()>
+{
+    let mut stack = Stack::without_broker().await?;
+    let total = 3_000u64;
+    let mut config = stack.agent("tiny", 9, total, 5_000.0, 100);
+    config.spool.max_bytes = 16 * 1024;
+    config.spool.segment_bytes = 4096;
+    let stats = Arc::new(AgentStats::default());
+    let agent = tokio::spawn(edgeloop_agent::run(
+        config.clone(),
+        CancellationToken::new(),
+        stats.clone(),
+    ));
+    // All readings taken while no broker listens: the spool must evict.
+    wait_for(Duration::from_secs(30), "the source to finish", || {
+        let n = AgentStats::get(&stats.readings_generated);
+        async move { Ok((n >= total).then_some(())) }
+    })
+    .await?;
+    stack.start_broker().await?;
+    let _processor = stack.processor("processor")?;
+    let report = tokio::time::timeout(Duration::from_secs(120), agent).await???;
+    ensure!(report.committed_seq == total, "{report:?}");
+
+    let root = stack.parquet.clone();
+    let (rows, losses) = wait_for(
+        Duration::from_secs(60),
+        "readings and losses to cover every seq",
+        || {
+            let root = root.clone();
+            async move {
+                let rows = read_rows(&root)?;
+                let losses = edgeloop_tests::read_losses(&root)?;
+                let lost: i64 = losses.iter().map(|l| l.end_seq - l.first_seq).sum();
+                let covered = edgeloop_tests::identity_counts(&rows).len() as i64 + lost;
+                Ok((covered >= total as i64).then_some((rows, losses)))
+            }
+        },
+    )
+    .await?;
+    ensure!(!losses.is_empty(), "the tiny spool must have evicted");
+    ensure!(
+        losses
+            .iter()
+            .all(|l| l.device_id == "tiny" && l.reason == "evicted_full"),
+        "{losses:?}"
+    );
+    let counts = edgeloop_tests::identity_counts(&rows);
+    for seq in 0..total as i64 {
+        let in_rows = counts.get(&("tiny".to_string(), seq)).copied().unwrap_or(0);
+        let in_losses = losses
+            .iter()
+            .filter(|l| l.first_seq <= seq && seq < l.end_seq)
+            .count();
+        ensure!(
+            in_rows + in_losses == 1,
+            "seq {seq}: {in_rows} rows, {in_losses} loss reports"
+        );
+    }
     Ok(())
 }

@@ -12,6 +12,9 @@
 //!
 //! On a rebalance, open files of revoked partitions are dropped unwritten;
 //! their next owner re-reads them from the committed offset.
+//!
+//! Readings already in the data set (device re-sends) are dropped by
+//! [`crate::dedup`], whose state is snapshotted at every commit.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -28,8 +31,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ProcessorConfig;
 use crate::deadletter::{DeadLetterError, DeadLetters};
 use crate::decode;
+use crate::dedup::{self, DedupError, SeenSet};
 use crate::parquet_sink::{losses, Bucket, OpenFile, SinkError};
 use crate::stats::ProcessorStats;
+use edgeloop_proto::v1::ReadingBatch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -41,6 +46,8 @@ pub enum SourceError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     DeadLetter(#[from] DeadLetterError),
+    #[error(transparent)]
+    Dedup(#[from] DedupError),
 }
 
 /// Records revoked partitions during a rebalance (called inside `poll`).
@@ -74,10 +81,17 @@ struct Sink<'a> {
     consumer: &'a BaseConsumer<RebalanceContext>,
     stats: &'a ProcessorStats,
     open: HashMap<i32, OpenFile>,
+    /// Seqs in the data set (and the open file) per partition; loaded from
+    /// the snapshot of the offset a partition resumes at.
+    seen: HashMap<i32, SeenSet>,
 }
 
 impl Sink<'_> {
-    fn commit(&self, partition: i32, next_offset: i64) {
+    /// Saves the dedup state for `next_offset`, then commits it.
+    fn commit(&self, partition: i32, next_offset: i64) -> Result<(), SourceError> {
+        if let Some(seen) = self.seen.get(&partition) {
+            dedup::save(&self.config.parquet_root, partition, next_offset, seen)?;
+        }
         let mut list = TopicPartitionList::new();
         if list
             .add_partition_offset(
@@ -87,24 +101,44 @@ impl Sink<'_> {
             )
             .is_err()
         {
-            return;
+            return Ok(());
         }
         if let Err(e) = self.consumer.commit(&list, CommitMode::Sync) {
             // Not fatal: the records are re-read and the file replaced.
             tracing::warn!(partition, next_offset, error = %e, "offset commit failed");
             ProcessorStats::add(&self.stats.commit_errors, 1);
         }
+        Ok(())
     }
 
-    fn close(&mut self, partition: i32) -> Result<(), SinkError> {
+    /// Commits past `offset` unless an open file still holds earlier records
+    /// of the partition (its close commits them all).
+    fn commit_if_idle(&self, partition: i32, offset: i64) -> Result<(), SourceError> {
+        if self.open.contains_key(&partition) {
+            return Ok(());
+        }
+        self.commit(partition, offset + 1)
+    }
+
+    fn close(&mut self, partition: i32) -> Result<(), SourceError> {
         if let Some(file) = self.open.remove(&partition) {
             let closed = file.close()?;
             tracing::debug!(path = %closed.path.display(), rows = closed.rows, "file written");
             ProcessorStats::add(&self.stats.rows_written, closed.rows as u64);
             ProcessorStats::add(&self.stats.files_written, 1);
-            self.commit(partition, closed.last_offset + 1);
+            self.commit(partition, closed.last_offset + 1)?;
         }
         Ok(())
+    }
+
+    /// Drops what was in progress for a revoked partition.
+    fn revoke(&mut self, partition: i32) {
+        self.seen.remove(&partition);
+        if let Some(file) = self.open.remove(&partition) {
+            tracing::info!(partition, "partition revoked: dropping its open file");
+            file.abort();
+            ProcessorStats::add(&self.stats.files_aborted, 1);
+        }
     }
 
     fn handle(
@@ -122,10 +156,7 @@ impl Sink<'_> {
                 tracing::warn!(partition, offset, %reason, "dead-lettering a record");
                 dead.send(message, &reason)?;
                 ProcessorStats::add(&self.stats.dead_letters, 1);
-                if !self.open.contains_key(&partition) {
-                    self.commit(partition, offset + 1);
-                }
-                return Ok(());
+                return self.commit_if_idle(partition, offset);
             }
         };
         let millis = message
@@ -134,28 +165,43 @@ impl Sink<'_> {
             .or_else(|| batch.readings.first().map(|r| r.ts_micros / 1000))
             .unwrap_or(0);
         let bucket = Bucket::of_millis(millis);
+        if !self.seen.contains_key(&partition) {
+            let loaded = dedup::load(&self.config.parquet_root, partition, offset)?;
+            self.seen.insert(partition, loaded);
+        }
+        let seen = self.seen.entry(partition).or_default();
+        let unseen = seen.unseen(&batch.device_id, batch.first_seq, batch.end_seq());
+        let covered: u64 = unseen.iter().map(|(a, b)| b - a).sum();
+        ProcessorStats::add(
+            &self.stats.duplicates_dropped,
+            batch.end_seq() - batch.first_seq - covered,
+        );
+        for &(a, b) in &unseen {
+            seen.insert(&batch.device_id, a, b);
+        }
+        if unseen.is_empty() {
+            return self.commit_if_idle(partition, offset);
+        }
+        if let Some(loss) = &batch.loss {
+            let path = losses::write(
+                &self.config.parquet_root,
+                &bucket,
+                partition,
+                offset,
+                &batch.device_id,
+                &batch.profile,
+                loss,
+            )?;
+            tracing::info!(device = %batch.device_id, first_seq = loss.first_seq, end_seq = loss.end_seq, reason = %loss.reason, path = %path.display(), "device reported lost readings");
+            ProcessorStats::add(&self.stats.loss_reports, 1);
+            ProcessorStats::add(
+                &self.stats.readings_reported_lost,
+                loss.end_seq - loss.first_seq,
+            );
+            return self.commit_if_idle(partition, offset);
+        }
         if batch.readings.is_empty() {
-            if let Some(loss) = &batch.loss {
-                let path = losses::write(
-                    &self.config.parquet_root,
-                    &bucket,
-                    partition,
-                    offset,
-                    &batch.device_id,
-                    &batch.profile,
-                    loss,
-                )?;
-                tracing::info!(device = %batch.device_id, first_seq = loss.first_seq, end_seq = loss.end_seq, reason = %loss.reason, path = %path.display(), "device reported lost readings");
-                ProcessorStats::add(&self.stats.loss_reports, 1);
-                ProcessorStats::add(
-                    &self.stats.readings_reported_lost,
-                    loss.end_seq - loss.first_seq,
-                );
-            }
-            if !self.open.contains_key(&partition) {
-                self.commit(partition, offset + 1);
-            }
-            return Ok(());
+            return self.commit_if_idle(partition, offset);
         }
         if self
             .open
@@ -175,14 +221,27 @@ impl Sink<'_> {
                 &self.config.sink,
             )?),
         };
-        file.append(&batch, offset)?;
+        if unseen == [(batch.first_seq, batch.end_seq())] {
+            file.append(&batch, offset)?;
+        } else {
+            // Part of the batch is already in the data set: write the rest.
+            for (a, b) in unseen {
+                let skip = (a - batch.first_seq) as usize;
+                let part = ReadingBatch {
+                    first_seq: a,
+                    readings: batch.readings[skip..skip + (b - a) as usize].to_vec(),
+                    ..batch.clone()
+                };
+                file.append(&part, offset)?;
+            }
+        }
         if file.rows >= self.config.sink.max_rows || file.est_bytes >= self.config.sink.max_bytes {
             self.close(partition)?;
         }
         Ok(())
     }
 
-    fn close_aged(&mut self) -> Result<(), SinkError> {
+    fn close_aged(&mut self) -> Result<(), SourceError> {
         let aged: Vec<i32> = self
             .open
             .iter()
@@ -232,6 +291,7 @@ pub fn run(
         consumer: &consumer,
         stats,
         open: HashMap::new(),
+        seen: HashMap::new(),
     };
     while !shutdown.is_cancelled() {
         let polled = consumer.poll(Duration::from_millis(100));
@@ -243,11 +303,7 @@ pub fn run(
                 .unwrap_or_else(|p| p.into_inner()),
         );
         for p in revoked {
-            if let Some(file) = sink.open.remove(&p) {
-                tracing::info!(partition = p, "partition revoked: dropping its open file");
-                file.abort();
-                ProcessorStats::add(&stats.files_aborted, 1);
-            }
+            sink.revoke(p);
         }
         match polled {
             None => {}
