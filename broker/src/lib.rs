@@ -97,9 +97,11 @@ pub async fn run(
     let (mut link_tx, link_rx) = broker
         .link("edgeloop-bridge")
         .map_err(|e| Error::Mqtt(e.to_string()))?;
-    link_tx
-        .subscribe(topics::TELEMETRY_FILTER)
-        .map_err(|e| Error::Mqtt(e.to_string()))?;
+    for filter in [topics::TELEMETRY_FILTER, topics::STATUS_FILTER] {
+        link_tx
+            .subscribe(filter)
+            .map_err(|e| Error::Mqtt(e.to_string()))?;
+    }
     std::thread::Builder::new()
         .name("rumqttd".into())
         .spawn(move || {

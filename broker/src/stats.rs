@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct BrokerStats {
     /// Telemetry publishes the bridge took from the broker.
     pub batches_received: AtomicU64,
+    /// Device status messages forwarded to Kafka.
+    pub statuses_received: AtomicU64,
     /// Batches not sent again because they were acknowledged or in flight.
     pub batches_skipped: AtomicU64,
     /// Payloads that did not decode (forwarded for dead-lettering).

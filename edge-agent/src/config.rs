@@ -103,6 +103,24 @@ pub struct UplinkConfig {
     pub reconnect_min: Duration,
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// After an outage: `in_order` sends the backlog first; `live_first`
+    /// sends new readings ahead of it while the backlog drains behind them.
+    pub drain_order: DrainOrder,
+    /// With `live_first`, the share of batches the backlog gets while new
+    /// readings are waiting too (it gets everything when they are not).
+    pub backlog_share: f64,
+    /// How often the retained `status/{device}` is re-published (it is also
+    /// published on every connect and when losses change).
+    #[serde(with = "humantime_serde")]
+    pub status_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainOrder {
+    #[default]
+    InOrder,
+    LiveFirst,
 }
 
 impl Default for UplinkConfig {
@@ -114,6 +132,9 @@ impl Default for UplinkConfig {
             resend_after: Duration::from_secs(15),
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(10),
+            drain_order: DrainOrder::InOrder,
+            backlog_share: 0.5,
+            status_interval: Duration::from_secs(30),
         }
     }
 }
@@ -143,6 +164,13 @@ impl AgentConfig {
             return Err(format!(
                 "uplink.max_unacked_readings: {} is smaller than uplink.batch_size {}",
                 self.uplink.max_unacked_readings, self.uplink.batch_size
+            ));
+        }
+        let share = self.uplink.backlog_share;
+        if share.is_nan() || share <= 0.0 || share > 1.0 {
+            return Err(format!(
+                "uplink.backlog_share: {} is not within (0, 1]",
+                self.uplink.backlog_share
             ));
         }
         if self.uplink.reconnect_min > self.uplink.reconnect_max {

@@ -18,11 +18,28 @@ pub struct AgentStats {
     pub loss_reports_sent: AtomicU64,
     /// Connections lost and re-established.
     pub reconnects: AtomicU64,
+    /// Readings waiting in the spools, unacknowledged (a gauge).
+    pub backlog_readings: AtomicU64,
+    /// Bytes of the spools' segments (a gauge).
+    pub backlog_bytes: AtomicU64,
+    /// Lines (or samples) a source could not turn into readings.
+    pub bad_lines: AtomicU64,
 }
 
 impl AgentStats {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Moves a gauge shared by many agents from this agent's `last` value to
+    /// `now`, so that the shared gauge is the sum over the agents.
+    pub fn move_gauge(gauge: &AtomicU64, last: &mut u64, now: u64) {
+        if now >= *last {
+            gauge.fetch_add(now - *last, Ordering::Relaxed);
+        } else {
+            gauge.fetch_sub(*last - now, Ordering::Relaxed);
+        }
+        *last = now;
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {

@@ -18,6 +18,8 @@ pub const KAFKA_DEADLETTER: &str = "edgeloop.deadletter";
 
 /// Filter that matches every device's telemetry topic.
 pub const TELEMETRY_FILTER: &str = "telemetry/+";
+/// Filter that matches every device's status topic.
+pub const STATUS_FILTER: &str = "status/+";
 /// Filter that matches every model topic.
 pub const MODELS_FILTER: &str = "models/#";
 
@@ -44,6 +46,13 @@ pub fn device_of_telemetry(topic: &str) -> Option<&str> {
         .filter(|d| !d.is_empty() && !d.contains('/'))
 }
 
+/// The device id of a `status/{device}` topic, or `None` for any other topic.
+pub fn device_of_status(topic: &str) -> Option<&str> {
+    topic
+        .strip_prefix("status/")
+        .filter(|d| !d.is_empty() && !d.contains('/'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,6 +63,8 @@ mod tests {
         assert_eq!(device_of_telemetry("telemetry/"), None);
         assert_eq!(device_of_telemetry("telemetry/a/b"), None);
         assert_eq!(device_of_telemetry("status/dev-7"), None);
+        assert_eq!(device_of_status(&status("dev-7")), Some("dev-7"));
+        assert_eq!(device_of_status("telemetry/dev-7"), None);
         assert_eq!(models("anomaly", "int8"), "models/anomaly/int8");
         assert_eq!(ack("d"), "ack/d");
         assert_eq!(status("d"), "status/d");

@@ -13,7 +13,7 @@ use edgeloop_agent::config::SourceConfig;
 use edgeloop_agent::source::simulator::Simulator;
 use edgeloop_agent::{AgentConfig, AgentStats};
 use edgeloop_kafka::local::LocalKafka;
-use edgeloop_proto::v1::{Ack, Reading, ReadingBatch};
+use edgeloop_proto::v1::{Ack, DeviceStatus, Reading, ReadingBatch};
 use edgeloop_proto::{topics, Message as _};
 use edgeloop_tests::{
     check_exactly_once, parquet_files, read_rows, start_kafka, wait_for, Component,
@@ -559,6 +559,30 @@ async fn agent_killed_while_publishing_loses_no_fsynced_reading_and_sends_none_t
     .await?;
     first.check_running()?;
     first.kill9().await?;
+    // The broker notices the dead connection and publishes the last will:
+    // the retained status says offline, and it reaches Kafka.
+    let statuses = wait_for(
+        Duration::from_secs(30),
+        "the last will in edgeloop.status",
+        || {
+            let read = read_topic(&stack.kafka, topics::KAFKA_STATUS);
+            async move {
+                let statuses: Vec<DeviceStatus> = read?
+                    .iter()
+                    .filter_map(|m| DeviceStatus::decode(m.payload().unwrap_or_default()).ok())
+                    .collect();
+                Ok(statuses
+                    .last()
+                    .is_some_and(|s| !s.online)
+                    .then_some(statuses))
+            }
+        },
+    )
+    .await?;
+    ensure!(
+        statuses.iter().any(|s| s.online && s.device_id == "killed"),
+        "an online status came first"
+    );
     let mut second = agent("agent-2", "500")?;
     wait_for(Duration::from_secs(120), "the second run to finish", || {
         let status = second.check_running();
@@ -697,5 +721,51 @@ async fn a_full_spool_with_the_link_down_reports_its_loss_and_every_gap_is_expla
             "seq {seq}: {in_rows} rows, {in_losses} loss reports"
         );
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_first_sends_new_readings_ahead_of_the_backlog_after_an_outage() -> Result<()> {
+    let mut stack = Stack::without_broker().await?;
+    let mut config = stack.agent("live", 3, 8_000, 1_000.0, 10);
+    config.uplink.drain_order = edgeloop_agent::config::DrainOrder::LiveFirst;
+    let stats = Arc::new(AgentStats::default());
+    let agent = tokio::spawn(edgeloop_agent::run(
+        config,
+        CancellationToken::new(),
+        stats.clone(),
+    ));
+    // A backlog builds up while no broker listens.
+    let backlog = wait_for(Duration::from_secs(30), "a backlog of 4000", || {
+        let n = AgentStats::get(&stats.readings_generated);
+        async move { Ok((n >= 4_000).then_some(n)) }
+    })
+    .await?;
+    stack.start_broker().await?;
+    let _processor = stack.processor("processor")?;
+    let report = tokio::time::timeout(Duration::from_secs(120), agent).await???;
+    ensure!(report.committed_seq == 8_000, "{report:?}");
+    let rows = wait_for_rows(&stack, 8_000, Duration::from_secs(60)).await?;
+    check_exactly_once(&rows, &HashMap::from([("live".to_string(), 8_000)]))?;
+
+    // In Kafka's order (one device, one partition): some batch taken after
+    // the outage precedes some batch of the backlog.
+    let order: Vec<(u64, u64)> = read_topic(&stack.kafka, topics::KAFKA_READINGS)?
+        .iter()
+        .filter_map(|m| ReadingBatch::decode(m.payload().unwrap_or_default()).ok())
+        .map(|b| (b.first_seq, b.end_seq()))
+        .collect();
+    let first_live = order
+        .iter()
+        .position(|(first, _)| *first >= backlog)
+        .context("no live batch")?;
+    let last_backlog = order
+        .iter()
+        .rposition(|(_, end)| *end <= backlog)
+        .context("no backlog batch")?;
+    ensure!(
+        first_live < last_backlog,
+        "live batch at {first_live} came after the whole backlog (last at {last_backlog})"
+    );
     Ok(())
 }

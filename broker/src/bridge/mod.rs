@@ -7,6 +7,10 @@
 //! [`acks::AckTracker`], and every `ack_interval` the changed watermarks are
 //! published retained on `ack/{device}`.
 //!
+//! Retained `status/{device}` messages (`DeviceStatus`, the last will
+//! included) go to the compacted Kafka topic `edgeloop.status`, keyed by
+//! device.
+//!
 //! A payload that does not decode is still produced (keyed by the topic's
 //! device) so the stream processor dead-letters it with its reason; it is
 //! never acknowledged to the device.
@@ -152,27 +156,41 @@ async fn take(
     stats: &BrokerStats,
 ) -> Option<impl Future<Output = (Delivered, InFlight)>> {
     let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-    let Some(device) = topics::device_of_telemetry(&topic).map(str::to_owned) else {
-        tracing::warn!(%topic, "ignoring a publish outside telemetry/{{device}}");
+    let (device, kafka_topic) = if let Some(d) = topics::device_of_telemetry(&topic) {
+        (d.to_owned(), topics::KAFKA_READINGS)
+    } else if let Some(d) = topics::device_of_status(&topic) {
+        (d.to_owned(), topics::KAFKA_STATUS)
+    } else {
+        tracing::warn!(%topic, "ignoring a publish outside telemetry/ and status/");
         return None;
     };
-    BrokerStats::add(&stats.batches_received, 1);
-    let (first, readings, tracked) = match ReadingBatch::decode(publish.payload.as_ref()) {
-        Ok(batch) if batch.device_id == device => {
-            let first = batch.first_seq;
-            let end = batch.end_seq();
-            if tracker.on_received(&device, first, end) == Take::Skip {
-                BrokerStats::add(&stats.batches_skipped, 1);
-                return None;
+    let decoded = if kafka_topic == topics::KAFKA_STATUS {
+        // Device status goes to the compacted status topic as it is.
+        BrokerStats::add(&stats.statuses_received, 1);
+        None
+    } else {
+        BrokerStats::add(&stats.batches_received, 1);
+        Some(ReadingBatch::decode(publish.payload.as_ref()))
+    };
+    let (first, readings, tracked) = match decoded {
+        None => (0, 0, false),
+        Some(decoded) => match decoded {
+            Ok(batch) if batch.device_id == device => {
+                let first = batch.first_seq;
+                let end = batch.end_seq();
+                if tracker.on_received(&device, first, end) == Take::Skip {
+                    BrokerStats::add(&stats.batches_skipped, 1);
+                    return None;
+                }
+                (first, batch.readings.len() as u64, true)
             }
-            (first, batch.readings.len() as u64, true)
-        }
-        // Not ours to judge in detail: the processor dead-letters it with the
-        // reason. It is never acknowledged.
-        Ok(_) | Err(_) => {
-            BrokerStats::add(&stats.malformed_forwarded, 1);
-            (0, 0, false)
-        }
+            // Not ours to judge in detail: the processor dead-letters it with the
+            // reason. It is never acknowledged.
+            Ok(_) | Err(_) => {
+                BrokerStats::add(&stats.malformed_forwarded, 1);
+                (0, 0, false)
+            }
+        },
     };
     let headers = OwnedHeaders::new()
         .insert(Header {
@@ -183,7 +201,7 @@ async fn take(
             key: "device_id",
             value: Some(device.as_bytes()),
         });
-    let mut record = FutureRecord::to(topics::KAFKA_READINGS)
+    let mut record = FutureRecord::to(kafka_topic)
         .key(device.as_bytes())
         .payload(publish.payload.as_ref())
         .headers(headers);

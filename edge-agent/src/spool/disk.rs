@@ -245,6 +245,8 @@ pub struct DiskSpool {
     channels: Vec<String>,
     /// Bytes of the active segment known to be fsynced.
     active_synced_len: u64,
+    /// Seqs lost since open (including what open found).
+    lost_total: u64,
     recovery: Vec<RecoveryEvent>,
 }
 
@@ -546,6 +548,7 @@ impl DiskSpool {
         losses.retain(|l| l.end_seq > acked);
         losses.sort_by_key(|l| l.first_seq);
         let total_bytes = segments.iter().map(|s| s.bytes).sum();
+        let lost_total = losses.iter().map(|l| l.end_seq - l.first_seq).sum();
         let mut spool = DiskSpool {
             config,
             segments,
@@ -559,6 +562,7 @@ impl DiskSpool {
             cursor: None,
             channels,
             active_synced_len: 0,
+            lost_total,
             recovery,
         };
         spool.write_losses()?;
@@ -638,6 +642,7 @@ impl DiskSpool {
             return Ok(());
         }
         tracing::warn!(first_seq, end_seq, reason, "spool lost readings");
+        self.lost_total += end_seq - first_seq;
         match self.losses.last_mut() {
             Some(last) if last.end_seq == first_seq && last.reason == reason => {
                 last.end_seq = end_seq
@@ -1040,6 +1045,7 @@ impl Spool for DiskSpool {
                 .iter()
                 .find(|s| s.end_seq > self.acked)
                 .and_then(|s| s.oldest_ts_micros),
+            lost_readings: self.lost_total,
         }
     }
 }

@@ -47,6 +47,9 @@ pub struct Backlog {
     pub bytes: u64,
     /// Timestamp of the oldest unacknowledged reading, if any.
     pub oldest_ts_micros: Option<i64>,
+    /// Readings this spool lost since it was opened (evicted or corrupt),
+    /// those found lost when it was opened included.
+    pub lost_readings: u64,
 }
 
 /// What the spool serves from a seq on.

@@ -1,33 +1,39 @@
 //! The uplink: spool → MQTT, and the ack watermark back.
 //!
-//! - Readings are read from the spool from a send cursor and published as one
-//!   `ReadingBatch` per MQTT message, QoS 1, on `telemetry/{device}`: a batch
-//!   goes out when `batch_size` readings are waiting or the oldest has waited
-//!   `linger`.
+//! - Readings are read from the spool and published as one `ReadingBatch`
+//!   per MQTT message, QoS 1, on `telemetry/{device}`: a batch goes out when
+//!   `batch_size` readings are waiting or the oldest has waited `linger`. A
+//!   range the spool lost goes out as a loss report in its place.
 //! - At most `max_unacked_readings` are outstanding beyond the watermark.
 //! - The agent subscribes to its retained `ack/{device}`; each `Ack` frees the
 //!   spool below `committed_seq`.
 //! - After every (re)connect, and whenever the watermark has not moved for
-//!   `resend_after` while readings are outstanding, the cursor goes back to the
+//!   `resend_after` while readings are outstanding, sending restarts at the
 //!   watermark: a broker crash or a lost message can only cause a re-send.
+//! - Drain order after an outage: `in_order` sends the backlog first;
+//!   `live_first` starts a second lane at the newest readings and gives the
+//!   backlog `backlog_share` of the batches while both have something to send.
+//! - A retained `status/{device}` (`DeviceStatus`) is published on connect,
+//!   every `status_interval` and when losses change; the last will marks the
+//!   device offline.
 //! - Reconnects back off exponentially with jitter.
 //!
 //! The MQTT event loop runs in its own task; this loop never blocks on it
 //! (publishes use `try_publish`), so acks are always read.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use edgeloop_proto::v1::{Ack, LossReport, ReadingBatch};
+use edgeloop_proto::v1::{Ack, DeviceStatus, LossReport, ReadingBatch};
 use edgeloop_proto::{topics, Message};
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::AgentConfig;
-use crate::spool::{Chunk, SharedSpool};
+use crate::config::{AgentConfig, DrainOrder};
+use crate::spool::{Chunk, SharedSpool, SpoolError};
 use crate::stats::AgentStats;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +49,81 @@ enum LinkEvent {
     Ack(u64),
 }
 
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// The device's status as it stands.
+fn status(config: &AgentConfig, spool: &SharedSpool, online: bool) -> DeviceStatus {
+    let backlog = spool.with(|s| s.backlog());
+    let (next_seq, _, _) = spool.positions();
+    let now = now_micros();
+    DeviceStatus {
+        device_id: config.device_id.clone(),
+        profile: config.profile.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        online,
+        ts_micros: now,
+        backlog_records: backlog.records,
+        backlog_bytes: backlog.bytes,
+        oldest_unacked_ms: backlog
+            .oldest_ts_micros
+            .map_or(0, |ts| (now - ts).max(0) as u64 / 1000),
+        applied_model_versions: Default::default(),
+        lost_readings: backlog.lost_readings,
+        last_model_error: String::new(),
+        next_seq,
+    }
+}
+
+/// The next batch from `from` on (at most `max` readings).
+fn next_batch(
+    spool: &SharedSpool,
+    config: &AgentConfig,
+    from: u64,
+    max: usize,
+) -> Result<Option<ReadingBatch>, SpoolError> {
+    let device = &config.device_id;
+    Ok(spool.with(|s| s.read(from, max))?.map(|chunk| match chunk {
+        Chunk::Readings {
+            first_seq,
+            channels,
+            readings,
+        } => ReadingBatch {
+            device_id: device.clone(),
+            profile: config.profile.clone(),
+            first_seq,
+            channels,
+            readings,
+            loss: None,
+        },
+        Chunk::Lost(loss) => ReadingBatch {
+            device_id: device.clone(),
+            profile: config.profile.clone(),
+            first_seq: loss.first_seq,
+            channels: Vec::new(),
+            readings: Vec::new(),
+            loss: Some(LossReport {
+                device_id: device.clone(),
+                first_seq: loss.first_seq,
+                end_seq: loss.end_seq,
+                reason: loss.reason,
+                detected_at_micros: loss.detected_at_micros,
+            }),
+        },
+    }))
+}
+
+/// Which lane the next batch comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    Backlog,
+    Live,
+}
+
 /// Runs the uplink until the source is done and everything is acknowledged,
 /// or until `shutdown` plus the grace period.
 pub async fn run(
@@ -55,6 +136,7 @@ pub async fn run(
     let device = config.device_id.clone();
     let telemetry_topic = topics::telemetry(&device);
     let ack_topic = topics::ack(&device);
+    let status_topic = topics::status(&device);
     let up = &config.uplink;
 
     let mut options = MqttOptions::new(&device, &config.mqtt.host, config.mqtt.port);
@@ -62,7 +144,13 @@ pub async fn run(
         .set_keep_alive(config.mqtt.keep_alive)
         .set_clean_session(true)
         .set_max_packet_size(config.mqtt.max_packet_bytes, config.mqtt.max_packet_bytes)
-        .set_inflight(config.mqtt.max_inflight);
+        .set_inflight(config.mqtt.max_inflight)
+        .set_last_will(LastWill::new(
+            &status_topic,
+            status(config, &spool, false).encode_to_vec(),
+            QoS::AtLeastOnce,
+            true,
+        ));
     if let (Some(user), Some(pass)) = (&config.mqtt.username, &config.mqtt.password) {
         options.set_credentials(user, pass);
     }
@@ -124,17 +212,25 @@ pub async fn run(
     let mut connected = false;
     let mut ever_connected = false;
     let (_, mut watermark, _) = spool.positions();
+    // The backlog lane (in order from the watermark) and, with live_first
+    // after an outage, the live lane that started at the newest readings.
     let mut cursor = watermark;
+    let mut live: Option<u64> = None;
+    let (mut backlog_batches, mut live_batches) = (0u64, 0u64);
     let mut highest_sent = watermark;
     let mut last_progress = Instant::now();
     let mut pending_since: Option<Instant> = None;
     let mut drain_deadline: Option<Instant> = None;
+    let mut status_due = Instant::now() + up.status_interval;
+    let mut reported_lost = spool.with(|s| s.backlog().lost_readings);
     let tick_every = (up.linger / 2).max(Duration::from_millis(5));
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backlog_gauge = (0u64, 0u64);
 
     let result = loop {
         let data = spool.data.notified();
+        let mut publish_status = false;
         tokio::select! {
             biased;
             event = events.recv() => match event {
@@ -150,7 +246,13 @@ pub async fn run(
                         tracing::warn!(%device, error = %e, "could not subscribe to the ack topic");
                     }
                     cursor = watermark;
+                    let (_, _, durable) = spool.positions();
+                    live = (up.drain_order == DrainOrder::LiveFirst
+                        && durable.saturating_sub(watermark) > 2 * up.batch_size as u64)
+                        .then_some(durable);
+                    (backlog_batches, live_batches) = (0, 0);
                     last_progress = Instant::now();
+                    publish_status = true;
                 }
                 Some(LinkEvent::Disconnected) => connected = false,
                 Some(LinkEvent::Ack(n)) => {
@@ -175,6 +277,13 @@ pub async fn run(
             }
         }
 
+        let backlog = spool.with(|s| s.backlog());
+        AgentStats::move_gauge(
+            &stats.backlog_readings,
+            &mut backlog_gauge.0,
+            backlog.records,
+        );
+        AgentStats::move_gauge(&stats.backlog_bytes, &mut backlog_gauge.1, backlog.bytes);
         let (next_seq, _, durable) = spool.positions();
         let done = source_done.is_cancelled();
         if done && watermark >= next_seq {
@@ -184,60 +293,80 @@ pub async fn run(
             tracing::warn!(
                 %device,
                 unacknowledged = next_seq - watermark,
-                "shutdown grace period over with readings unacknowledged"
+                "shutdown grace period over with readings unacknowledged; they stay in the spool"
             );
             break Ok(());
         }
         if !connected {
             continue;
         }
+        if publish_status || Instant::now() >= status_due || backlog.lost_readings != reported_lost
+        {
+            let payload = status(config, &spool, true).encode_to_vec();
+            if client
+                .try_publish(&status_topic, QoS::AtLeastOnce, true, payload)
+                .is_ok()
+            {
+                status_due = Instant::now() + up.status_interval;
+                reported_lost = backlog.lost_readings;
+            }
+        }
         if cursor > watermark && last_progress.elapsed() >= up.resend_after {
             tracing::info!(%device, from = watermark, "ack watermark stalled; sending again from it");
             cursor = watermark;
+            live = None;
             last_progress = Instant::now();
         }
-        // Publish whole batches, then a partial one once it has lingered.
         loop {
-            let limit = durable.min(watermark + up.max_unacked_readings);
-            let available = limit.saturating_sub(cursor);
-            if available == 0 {
-                pending_since = None;
-                break;
+            // The backlog lane ends where the live lane started.
+            if live.is_some_and(|l| cursor >= l) {
+                cursor = live.take().unwrap_or(cursor).max(cursor);
             }
-            if available < up.batch_size as u64 {
+            let backlog_end = live
+                .unwrap_or(durable)
+                .min(watermark + up.max_unacked_readings);
+            let backlog_avail = backlog_end.saturating_sub(cursor);
+            let live_avail = live.map_or(0, |l| {
+                durable.min(l + up.max_unacked_readings).saturating_sub(l)
+            });
+            let lingered = (backlog_avail > 0 || live_avail > 0) && {
                 let since = *pending_since.get_or_insert_with(Instant::now);
-                let flush = since.elapsed() >= up.linger || done || drain_deadline.is_some();
-                if !flush || limit < durable {
+                since.elapsed() >= up.linger || done || drain_deadline.is_some()
+            };
+            let full = up.batch_size as u64;
+            // A partial backlog batch goes when the backlog ends there (the
+            // live lane starts), or, with no live lane, once it has lingered;
+            // never because the in-flight window cut it short.
+            let backlog_ready = backlog_avail >= full
+                || (backlog_avail > 0
+                    && match live {
+                        Some(l) => backlog_end == l,
+                        None => backlog_end == durable && lingered,
+                    });
+            let live_ready = live_avail >= full || (live_avail > 0 && lingered);
+            let backlog_turn = (backlog_batches as f64)
+                < up.backlog_share * (backlog_batches + live_batches + 1) as f64;
+            let lane = match (backlog_ready, live_ready) {
+                (true, true) if backlog_turn => Lane::Backlog,
+                (_, true) => Lane::Live,
+                (true, false) => Lane::Backlog,
+                (false, false) => {
+                    if backlog_avail == 0 && live_avail == 0 {
+                        pending_since = None;
+                    }
                     break;
                 }
-            }
-            let batch = match spool.with(|s| s.read(cursor, up.batch_size)) {
-                Ok(Some(Chunk::Readings {
-                    first_seq,
-                    channels,
-                    readings,
-                })) => ReadingBatch {
-                    device_id: device.clone(),
-                    profile: config.profile.clone(),
-                    first_seq,
-                    channels,
-                    readings,
-                    loss: None,
-                },
-                Ok(Some(Chunk::Lost(loss))) => ReadingBatch {
-                    device_id: device.clone(),
-                    profile: config.profile.clone(),
-                    first_seq: loss.first_seq,
-                    channels: Vec::new(),
-                    readings: Vec::new(),
-                    loss: Some(LossReport {
-                        device_id: device.clone(),
-                        first_seq: loss.first_seq,
-                        end_seq: loss.end_seq,
-                        reason: loss.reason,
-                        detected_at_micros: loss.detected_at_micros,
-                    }),
-                },
+            };
+            let from = match lane {
+                Lane::Backlog => cursor,
+                Lane::Live => live.unwrap_or(cursor),
+            };
+            let max = match lane {
+                Lane::Backlog => backlog_avail.min(full) as usize,
+                Lane::Live => up.batch_size,
+            };
+            let batch = match next_batch(&spool, config, from, max) {
+                Ok(Some(batch)) => batch,
                 Ok(None) => break,
                 Err(e) => {
                     tracing::error!(%device, error = %e, "could not read the spool");
@@ -246,7 +375,7 @@ pub async fn run(
             };
             let first_seq = batch.first_seq;
             let end = batch.end_seq();
-            let batch_is_loss = batch.loss.is_some();
+            let is_loss = batch.loss.is_some();
             if client
                 .try_publish(
                     &telemetry_topic,
@@ -261,7 +390,7 @@ pub async fn run(
                 break;
             }
             AgentStats::add(&stats.batches_published, 1);
-            if batch_is_loss {
+            if is_loss {
                 AgentStats::add(&stats.loss_reports_sent, 1);
             }
             if end > highest_sent {
@@ -274,14 +403,29 @@ pub async fn run(
             } else {
                 AgentStats::add(&stats.readings_resent, end - first_seq);
             }
-            cursor = end;
+            match lane {
+                Lane::Backlog => {
+                    cursor = end;
+                    backlog_batches += 1;
+                }
+                Lane::Live => {
+                    live = Some(end);
+                    live_batches += 1;
+                }
+            }
             pending_since = None;
         }
     };
 
+    AgentStats::move_gauge(&stats.backlog_readings, &mut backlog_gauge.0, 0);
+    AgentStats::move_gauge(&stats.backlog_bytes, &mut backlog_gauge.1, 0);
     if connected {
+        // A clean stop: say so in the retained status, then disconnect (no
+        // last will on a clean DISCONNECT).
+        let payload = status(config, &spool, false).encode_to_vec();
+        let _ = client.try_publish(&status_topic, QoS::AtLeastOnce, true, payload);
         let _ = client.try_disconnect();
-        // Give the event loop a moment to send the DISCONNECT.
+        // Give the event loop a moment to send them.
         let _ = tokio::time::timeout(Duration::from_millis(200), async {
             while let Some(event) = events.recv().await {
                 if matches!(event, LinkEvent::Disconnected) {
