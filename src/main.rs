@@ -53,6 +53,29 @@ enum Command {
     Processor(ProcessorArgs),
     /// Run one edge agent (a simulated device) against a broker.
     Agent(AgentArgs),
+    /// Look into a device's spool directory (for debugging a device in the field).
+    #[command(subcommand)]
+    Spool(SpoolCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum SpoolCommand {
+    /// What is in a spool: segments, seq ranges, acknowledged or not, losses
+    /// not yet reported, quarantined files. Changes nothing.
+    Inspect {
+        /// The spool directory (the agent's `spool.dir`).
+        dir: PathBuf,
+    },
+    /// Check every record's checksum; exit status 1 if anything is wrong.
+    /// With --repair, apply the recovery rules the agent applies at start
+    /// (cut torn tails, quarantine corrupt segments, record the losses).
+    Check {
+        /// The spool directory (the agent's `spool.dir`).
+        dir: PathBuf,
+        /// Repair what the check finds.
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -231,6 +254,28 @@ async fn main() -> Result<()> {
             }
             let stats = Arc::new(edgeloop_processor::ProcessorStats::default());
             edgeloop_processor::run(config, shutdown, stats).await?;
+            Ok(())
+        }
+        Command::Spool(SpoolCommand::Inspect { dir }) => {
+            let found = edgeloop_agent::spool::inspect::inspect(&dir)?;
+            println!("{found}");
+            Ok(())
+        }
+        Command::Spool(SpoolCommand::Check { dir, repair }) => {
+            let found = edgeloop_agent::spool::inspect::inspect(&dir)?;
+            println!("{found}");
+            if repair && found.problems() > 0 {
+                for event in edgeloop_agent::spool::inspect::repair(&dir)? {
+                    println!("repaired: {event}");
+                }
+                let after = edgeloop_agent::spool::inspect::inspect(&dir)?;
+                println!("after repair: {} problem(s)", after.problems());
+                if after.problems() > 0 {
+                    std::process::exit(1);
+                }
+            } else if found.problems() > 0 {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Agent(args) => {

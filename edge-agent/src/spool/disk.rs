@@ -826,14 +826,17 @@ fn cut_tail(path: &Path, keep: u64, quarantine: &Path, name: &str) -> Result<Pat
     Ok(target)
 }
 
-fn read_acked(path: &Path) -> Option<u64> {
+pub(crate) fn read_acked(path: &Path) -> Option<u64> {
     let bytes = fs::read(path).ok()?;
     let value: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
     let crc: [u8; 4] = bytes.get(8..12)?.try_into().ok()?;
     (crc32c::crc32c(&value) == u32::from_le_bytes(crc)).then(|| u64::from_le_bytes(value))
 }
 
-fn load_losses(path: &Path, recovery: &mut Vec<RecoveryEvent>) -> Result<Vec<Loss>, SpoolError> {
+pub(crate) fn load_losses(
+    path: &Path,
+    recovery: &mut Vec<RecoveryEvent>,
+) -> Result<Vec<Loss>, SpoolError> {
     let bytes = match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),

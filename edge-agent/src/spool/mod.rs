@@ -8,11 +8,15 @@
 //! survives restarts and power cuts (the format and recovery rules are in its
 //! module docs).
 //!
+//! [`inspect`] reads a spool directory without changing it (for `edgeloop
+//! spool inspect` and `check`).
+//!
 //! [`SharedSpool`] puts a spool behind a mutex with wake-ups: "new durable
 //! data" for the uplink, "space freed" for the sources, "sync wanted" for the
 //! group-commit task.
 
 pub mod disk;
+pub mod inspect;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
