@@ -146,6 +146,34 @@ struct AgentArgs {
     /// Directory of the device's spool (readings wait there until acknowledged).
     #[arg(long, env = "EDGELOOP_SPOOL_DIR")]
     spool_dir: Option<PathBuf>,
+    /// Source: replay this CSV or JSON Lines file (`.jsonl`/`.ndjson`) instead
+    /// of simulating; stops when the file ends and all is acknowledged.
+    #[arg(long, env = "EDGELOOP_REPLAY", conflicts_with_all = ["stdin", "sysfs"])]
+    replay: Option<PathBuf>,
+    /// With --replay: keep the pace of the timestamps instead of going as fast as possible.
+    #[arg(long, requires = "replay")]
+    realtime: bool,
+    /// Source: read lines (CSV, or JSON Lines with --format json-lines) on stdin.
+    #[arg(long, conflicts_with = "sysfs")]
+    stdin: bool,
+    /// Source: sample this machine's thermal zones and hwmon sensors (at --rate per second).
+    #[arg(long)]
+    sysfs: bool,
+    /// Line format for --stdin (and --replay when the extension does not say).
+    #[arg(long, value_enum)]
+    format: Option<InputFormat>,
+    /// The timestamp column/key of --replay and --stdin lines.
+    #[arg(long, default_value = "ts")]
+    ts_column: String,
+    /// Channels to keep, comma-separated (needed for JSON Lines and CSV on stdin).
+    #[arg(long, value_delimiter = ',')]
+    channels: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum InputFormat {
+    Csv,
+    JsonLines,
 }
 
 fn read_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
@@ -295,18 +323,58 @@ async fn main() -> Result<()> {
             if let Some(dir) = args.spool_dir {
                 config.spool.dir = dir;
             }
-            let edgeloop_agent::config::SourceConfig::Simulator(sim) = &mut config.source;
-            if let Some(rate) = args.rate {
-                sim.rate_hz = rate;
+            use edgeloop_agent::config::SourceConfig;
+            use edgeloop_agent::source::lines::{LineFormat, LinesConfig};
+            let lines = |path: Option<PathBuf>| {
+                let json = args.format == Some(InputFormat::JsonLines)
+                    || path
+                        .as_ref()
+                        .and_then(|p| p.extension())
+                        .is_some_and(|e| e == "jsonl" || e == "ndjson" || e == "json");
+                LinesConfig {
+                    path,
+                    format: if json {
+                        LineFormat::JsonLines
+                    } else {
+                        LineFormat::Csv
+                    },
+                    ts_column: args.ts_column.clone(),
+                    channels: args.channels.clone(),
+                    realtime: args.realtime,
+                }
+            };
+            if let Some(file) = args.replay.clone() {
+                config.source = SourceConfig::Replay(lines(Some(file)));
+            } else if args.stdin {
+                config.source = SourceConfig::Stdin(lines(None));
+            } else if args.sysfs {
+                config.source = SourceConfig::Sysfs(Default::default());
             }
-            if let Some(limit) = args.limit {
-                sim.limit = Some(limit);
-            }
-            if let Some(seed) = args.seed {
-                sim.seed = seed;
+            match &mut config.source {
+                SourceConfig::Simulator(sim) => {
+                    if let Some(rate) = args.rate {
+                        sim.rate_hz = rate;
+                    }
+                    if let Some(limit) = args.limit {
+                        sim.limit = Some(limit);
+                    }
+                    if let Some(seed) = args.seed {
+                        sim.seed = seed;
+                    }
+                }
+                SourceConfig::Sysfs(sys) => {
+                    if let Some(rate) = args.rate {
+                        sys.rate_hz = rate;
+                    }
+                }
+                SourceConfig::Replay(_) | SourceConfig::Stdin(_) => {}
             }
             let stats = Arc::new(edgeloop_agent::AgentStats::default());
-            let report = edgeloop_agent::run(config, shutdown, stats).await?;
+            let report = edgeloop_agent::run(config, shutdown, stats.clone()).await?;
+            let bad = edgeloop_agent::AgentStats::get(&stats.bad_lines);
+            if bad > 0 {
+                println!("{bad} bad lines skipped");
+            }
             if report.committed_seq < report.next_seq {
                 println!(
                     "stopped with readings {}..{} unacknowledged; they stay in the spool and are sent on the next start",

@@ -148,8 +148,9 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         .uplink
         .max_unacked_readings
         .max(args.batch_size as u64 * 4);
-    let edgeloop_agent::config::SourceConfig::Simulator(sim) = &mut agent.source;
-    sim.rate_hz = args.rate;
+    if let edgeloop_agent::config::SourceConfig::Simulator(sim) = &mut agent.source {
+        sim.rate_hz = args.rate;
+    }
     broker_config.validate().map_err(anyhow::Error::msg)?;
     processor_config.validate().map_err(anyhow::Error::msg)?;
     agent.validate().map_err(anyhow::Error::msg)?;

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::source::lines::LinesConfig;
 use crate::source::simulator::SimulatorConfig;
+use crate::source::sysfs::SysfsConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -80,6 +82,12 @@ impl Default for MqttConfig {
 pub enum SourceConfig {
     /// A seeded simulated sensor with anomalies.
     Simulator(SimulatorConfig),
+    /// A CSV or JSON Lines file, replayed as fast as possible or in real time.
+    Replay(LinesConfig),
+    /// Lines (CSV or JSON Lines) on standard input.
+    Stdin(LinesConfig),
+    /// The thermal zones and hwmon sensors of this Linux machine.
+    Sysfs(SysfsConfig),
 }
 
 pub use crate::spool::disk::{DiskSpoolConfig as SpoolConfig, FullPolicy};
@@ -177,8 +185,16 @@ impl AgentConfig {
             return Err("uplink.reconnect_min: must not exceed uplink.reconnect_max".into());
         }
         match &self.source {
-            SourceConfig::Simulator(sim) => sim.validate().map_err(|e| format!("source.{e}"))?,
+            SourceConfig::Simulator(sim) => sim.validate(),
+            SourceConfig::Replay(lines) => lines.validate(true),
+            SourceConfig::Stdin(lines) => lines.validate(false),
+            SourceConfig::Sysfs(sys) if sys.rate_hz.is_nan() || sys.rate_hz <= 0.0 => Err(format!(
+                "rate_hz: must be a positive number, not {}",
+                sys.rate_hz
+            )),
+            SourceConfig::Sysfs(_) => Ok(()),
         }
+        .map_err(|e| format!("source.{e}"))?;
         Ok(())
     }
 }

@@ -61,7 +61,8 @@ pub async fn run(
     config.validate().map_err(Error::Config)?;
     let opened = {
         let spool_config = config.spool.clone();
-        let channels = source::channels(&config);
+        let channels =
+            source::channels(&config).map_err(|e| Error::Config(format!("source.{e}")))?;
         tokio::task::spawn_blocking(move || spool::disk::DiskSpool::open(spool_config, channels))
             .await
             .map_err(|e| Error::Task(e.to_string()))?
@@ -140,8 +141,9 @@ pub async fn run_fleet(
         let mut config = template.clone();
         config.device_id = format!("{prefix}-{i:04}");
         config.spool.dir = template.spool.dir.join(&config.device_id);
-        let config::SourceConfig::Simulator(sim) = &mut config.source;
-        sim.seed = sim.seed.wrapping_add(i as u64);
+        if let config::SourceConfig::Simulator(sim) = &mut config.source {
+            sim.seed = sim.seed.wrapping_add(i as u64);
+        }
         let shutdown = shutdown.clone();
         let stats = stats.clone();
         tasks.spawn(async move { run(config, shutdown, stats).await });

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use edgeloop_agent::config::SourceConfig;
-use edgeloop_agent::source::simulator::Simulator;
+use edgeloop_agent::source::simulator::{Simulator, SimulatorConfig};
 use edgeloop_agent::{AgentConfig, AgentStats};
 use edgeloop_kafka::local::LocalKafka;
 use edgeloop_proto::v1::{Ack, DeviceStatus, Reading, ReadingBatch};
@@ -118,11 +118,13 @@ impl Stack {
         config.uplink.batch_size = batch;
         config.uplink.linger = Duration::from_millis(50);
         config.uplink.resend_after = Duration::from_secs(5);
-        let SourceConfig::Simulator(sim) = &mut config.source;
-        sim.seed = seed;
-        sim.limit = Some(limit);
-        sim.rate_hz = rate;
-        sim.anomaly_rate = 0.01;
+        config.source = SourceConfig::Simulator(SimulatorConfig {
+            seed,
+            limit: Some(limit),
+            rate_hz: rate,
+            anomaly_rate: 0.01,
+            ..SimulatorConfig::default()
+        });
         config
     }
 }
@@ -188,7 +190,9 @@ async fn readings_of_every_device_reach_parquet_exactly_once_with_their_values()
         .iter()
         .map(|r| ((r.device_id.clone(), r.seq), r))
         .collect();
-    let SourceConfig::Simulator(sim) = &template.source;
+    let SourceConfig::Simulator(sim) = &template.source else {
+        bail!("the template simulates");
+    };
     let mut anomalies = 0;
     for i in 0..devices {
         let device = format!("dev-{i:04}");
@@ -767,5 +771,83 @@ async fn live_first_sends_new_readings_ahead_of_the_backlog_after_an_outage() ->
         first_live < last_backlog,
         "live batch at {first_live} came after the whole backlog (last at {last_backlog})"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_csv_file_lands_row_for_row_and_its_bad_lines_are_skipped() -> Result<()> {
+    let stack = Stack::start().await?;
+    let _processor = stack.processor("processor")?;
+    let csv = stack.dir.path().join("readings.csv");
+    let mut text = String::from("ts,temperature,humidity\n");
+    for i in 0..500 {
+        text.push_str(&format!(
+            "{}.{:03},{},{}\n",
+            1_800_000_000 + i / 10,
+            (i % 10) * 100,
+            20.0 + i as f64 / 100.0,
+            50 - i % 7
+        ));
+        if i % 100 == 50 {
+            text.push_str("not-a-time,1,2\n");
+            text.push_str("1800000000,warm,2\n");
+            text.push_str("1800000000,1\n");
+        }
+    }
+    std::fs::write(&csv, text)?;
+    let spool = stack
+        .dir
+        .path()
+        .join("spool-replay")
+        .to_string_lossy()
+        .into_owned();
+    let mut agent = Component::start(
+        std::path::Path::new(BIN),
+        "agent-replay",
+        &[
+            "agent",
+            "--device-id",
+            "replayed",
+            "--mqtt",
+            &stack.mqtt.to_string(),
+            "--replay",
+            &csv.to_string_lossy(),
+            "--spool-dir",
+            &spool,
+        ],
+        stack.dir.path(),
+    )?;
+    wait_for(Duration::from_secs(60), "the replay to finish", || {
+        let status = agent.check_running();
+        async move { Ok(status.is_err().then_some(())) }
+    })
+    .await?;
+    let log = agent.tail_log();
+    ensure!(
+        log.contains("500 readings taken, all acknowledged"),
+        "agent log: {log}"
+    );
+    ensure!(
+        log.contains("15 bad lines skipped") && log.matches("skipping a line").count() == 10,
+        "15 bad lines, the first 10 logged: {log}"
+    );
+    let rows = wait_for_rows(&stack, 500, Duration::from_secs(60)).await?;
+    check_exactly_once(&rows, &HashMap::from([("replayed".to_string(), 500)]))?;
+    let by_seq: HashMap<i64, &edgeloop_tests::Row> = rows.iter().map(|r| (r.seq, r)).collect();
+    for i in 0..500i64 {
+        let row = by_seq[&i];
+        ensure!(
+            row.ts_micros == (1_800_000_000 + i / 10) * 1_000_000 + (i % 10) * 100_000,
+            "ts of row {i}"
+        );
+        ensure!(
+            row.channels["temperature"] == Some(20.0 + i as f64 / 100.0),
+            "temperature of row {i}"
+        );
+        ensure!(
+            row.channels["humidity"] == Some((50 - i % 7) as f64),
+            "humidity of row {i}"
+        );
+    }
     Ok(())
 }

@@ -1,7 +1,14 @@
 //! Where readings come from. Each source appends to the spool, which gives
-//! every reading the next `seq`; when the spool is full the source waits.
+//! every reading the next `seq`; when the spool is full the source waits
+//! (policy `block`) or the spool evicts.
+//!
+//! - [`simulator`]: seeded signals with labelled anomalies.
+//! - [`lines`]: a CSV or JSON Lines file replayed, or lines on stdin.
+//! - [`sysfs`]: the thermal zones and hwmon sensors of a Linux device.
 
+pub mod lines;
 pub mod simulator;
+pub mod sysfs;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,6 +24,10 @@ use crate::stats::AgentStats;
 pub enum SourceError {
     #[error("the spool refused readings: {0}")]
     Spool(#[from] crate::spool::SpoolError),
+    #[error("reading the source's input: {0}")]
+    Input(std::io::Error),
+    #[error("source.{0}")]
+    Config(String),
 }
 
 fn now_micros() -> i64 {
@@ -26,10 +37,22 @@ fn now_micros() -> i64 {
         .unwrap_or(0)
 }
 
-/// The channel names the configured source produces, in value order.
-pub fn channels(config: &AgentConfig) -> Vec<String> {
+/// The channel names the configured source produces, in value order. The
+/// error names the config field at fault.
+pub fn channels(config: &AgentConfig) -> Result<Vec<String>, String> {
     match &config.source {
-        SourceConfig::Simulator(sim) => sim.channels.iter().map(|c| c.name.clone()).collect(),
+        SourceConfig::Simulator(sim) => Ok(sim.channels.iter().map(|c| c.name.clone()).collect()),
+        SourceConfig::Replay(lines) | SourceConfig::Stdin(lines) => lines.resolve_channels(),
+        SourceConfig::Sysfs(sys) => {
+            let sensors = sysfs::discover(&sys.root);
+            if sensors.is_empty() {
+                return Err(format!(
+                    "root: no thermal zone or hwmon sensor under {}",
+                    sys.root.display()
+                ));
+            }
+            Ok(sensors.into_iter().map(|s| s.channel).collect())
+        }
     }
 }
 
@@ -42,6 +65,28 @@ pub async fn run(
 ) -> Result<(), SourceError> {
     match &config.source {
         SourceConfig::Simulator(sim) => run_simulator(sim, spool, shutdown, stats).await,
+        SourceConfig::Replay(lines_config) => {
+            let channels = lines_config
+                .resolve_channels()
+                .map_err(SourceError::Config)?;
+            let path = lines_config.path.clone().unwrap_or_default();
+            let file = tokio::fs::File::open(&path)
+                .await
+                .map_err(SourceError::Input)?;
+            let input = tokio::io::BufReader::new(file);
+            lines::run(lines_config, channels, input, spool, shutdown, stats).await
+        }
+        SourceConfig::Stdin(lines_config) => {
+            let channels = lines_config
+                .resolve_channels()
+                .map_err(SourceError::Config)?;
+            let input = tokio::io::BufReader::new(tokio::io::stdin());
+            lines::run(lines_config, channels, input, spool, shutdown, stats).await
+        }
+        SourceConfig::Sysfs(sys) => {
+            let sensors = sysfs::discover(&sys.root);
+            sysfs::run(sys, sensors, spool, shutdown, stats).await
+        }
     }
 }
 

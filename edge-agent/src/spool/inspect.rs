@@ -169,8 +169,8 @@ impl std::fmt::Display for Inspection {
         let _ = writeln!(t, "spool {}", self.dir.display());
         let _ = writeln!(
             t,
-            "{:<26} {:>12} {:>12} {:>10} {:>10}  {:<20} {:<20} {}",
-            "segment", "first seq", "end seq", "readings", "bytes", "oldest", "newest", "state"
+            "{:<26} {:>12} {:>12} {:>10} {:>10}  {:<20} {:<20} state",
+            "segment", "first seq", "end seq", "readings", "bytes", "oldest", "newest"
         );
         for s in &self.segments {
             let end = s.first_seq + s.records;
