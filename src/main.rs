@@ -168,6 +168,10 @@ struct AgentArgs {
     /// Channels to keep, comma-separated (needed for JSON Lines and CSV on stdin).
     #[arg(long, value_delimiter = ',')]
     channels: Vec<String>,
+    /// Gateway mode: accept child devices on this MQTT address and relay
+    /// their readings, acks and model topics (e.g. `0.0.0.0:1884`).
+    #[arg(long, env = "EDGELOOP_GATEWAY_LISTEN")]
+    gateway_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -322,6 +326,9 @@ async fn main() -> Result<()> {
             }
             if let Some(dir) = args.spool_dir {
                 config.spool.dir = dir;
+            }
+            if let Some(listen) = args.gateway_listen {
+                config.gateway.get_or_insert_with(Default::default).listen = listen;
             }
             use edgeloop_agent::config::SourceConfig;
             use edgeloop_agent::source::lines::{LineFormat, LinesConfig};

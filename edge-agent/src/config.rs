@@ -28,6 +28,29 @@ pub struct AgentConfig {
     /// acknowledged before exiting.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Gateway mode: accept child devices over MQTT and relay them (off when absent).
+    pub gateway: Option<GatewayConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Where child devices connect (MQTT 3.1.1).
+    pub listen: std::net::SocketAddr,
+    /// Child devices at most.
+    pub max_children: usize,
+    /// Largest payload a child may publish, in bytes.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: std::net::SocketAddr::from(([0, 0, 0, 0], 1883)),
+            max_children: 256,
+            max_payload_bytes: 1 << 20,
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -40,6 +63,7 @@ impl Default for AgentConfig {
             spool: SpoolConfig::default(),
             uplink: UplinkConfig::default(),
             shutdown_grace: Duration::from_secs(10),
+            gateway: None,
         }
     }
 }

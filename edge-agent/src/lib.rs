@@ -11,12 +11,16 @@
 //! - [`uplink`]: batches readings into `ReadingBatch` messages, publishes them
 //!   with QoS 1 on `telemetry/{device}`, follows the retained `ack/{device}`
 //!   watermark and resends from it after a reconnect or a stall.
+//! - [`gateway`]: gateway mode, for child devices with no link of their own:
+//!   an embedded MQTT listener, a spool and an uplink per child, acks and
+//!   model topics relayed back down.
 //! - [`config`]: the agent's configuration; [`stats`]: its counters.
 //!
 //! [`run`] wires them together for one device; [`run_fleet`] runs many
 //! simulated devices in one process (what `edgeloop up` does).
 
 pub mod config;
+pub mod gateway;
 pub mod source;
 pub mod spool;
 pub mod stats;
@@ -70,26 +74,22 @@ pub async fn run(
     };
     let spool = Arc::new(SharedSpool::new(Box::new(opened)));
     let sync_stop = CancellationToken::new();
-    let sync_task = {
-        let spool = spool.clone();
-        let stop = sync_stop.clone();
-        let every = config.spool.sync_interval;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tick.tick() => {}
-                    _ = spool.sync_wanted.notified() => {}
-                }
-                if let Err(e) = spool.sync().await {
-                    tracing::error!(error = %e, "spool sync failed");
-                }
-            }
-            // A last sync so that nothing appended is left unsynced.
-            spool.sync().await
-        })
+    let sync_task = spool.spawn_sync_task(config.spool.sync_interval, sync_stop.clone());
+    // Gateway mode: children's readings are relayed, the model topics they
+    // need come down through this agent's own connection.
+    let (models_tx, gateway_task) = match &config.gateway {
+        Some(gw) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let task = tokio::spawn(gateway::run(
+                config.clone(),
+                gw.clone(),
+                rx,
+                shutdown.clone(),
+                stats.clone(),
+            ));
+            (Some(tx), Some(task))
+        }
+        None => (None, None),
     };
     let source_done = CancellationToken::new();
     let source = {
@@ -110,8 +110,17 @@ pub async fn run(
         shutdown.clone(),
         source_done,
         stats.clone(),
+        models_tx,
     )
     .await;
+    if let Some(task) = gateway_task {
+        // The gateway stops with `shutdown`; its children's uplinks drain
+        // within the grace period.
+        shutdown.cancelled().await;
+        task.await
+            .map_err(|e| Error::Task(e.to_string()))?
+            .map_err(|e| Error::Task(e.to_string()))?;
+    }
     // The uplink only returns once the source has finished (or failed).
     let source_result = source.await.map_err(|e| Error::Task(e.to_string()))?;
     sync_stop.cancel();

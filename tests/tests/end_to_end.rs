@@ -851,3 +851,82 @@ async fn a_replayed_csv_file_lands_row_for_row_and_its_bad_lines_are_skipped() -
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_behind_a_gateway_arrives_exactly_once_under_its_own_id_across_an_uplink_cut(
+) -> Result<()> {
+    let mut stack = Stack::start().await?;
+    let _processor = stack.processor("processor")?;
+    let gateway_listen = edgeloop_tests::free_addr()?;
+    let mut gateway = stack.agent("gw", 1, 200, 50.0, 50);
+    gateway.gateway = Some(edgeloop_agent::config::GatewayConfig {
+        listen: gateway_listen,
+        ..Default::default()
+    });
+    gateway.uplink.reconnect_max = Duration::from_secs(1);
+    let gateway_stop = CancellationToken::new();
+    let gateway_task = tokio::spawn(edgeloop_agent::run(
+        gateway,
+        gateway_stop.clone(),
+        Arc::new(AgentStats::default()),
+    ));
+    wait_for(
+        Duration::from_secs(30),
+        "the gateway's listener",
+        || async move {
+            Ok(tokio::net::TcpStream::connect(gateway_listen)
+                .await
+                .ok()
+                .map(|_| ()))
+        },
+    )
+    .await?;
+
+    let per_child = 3_000u64;
+    let mut child = stack.agent("child-1", 77, per_child, 300.0, 30);
+    child.mqtt.host = gateway_listen.ip().to_string();
+    child.mqtt.port = gateway_listen.port();
+    let child_task = tokio::spawn(edgeloop_agent::run(
+        child,
+        CancellationToken::new(),
+        Arc::new(AgentStats::default()),
+    ));
+    wait_for(
+        Duration::from_secs(60),
+        "the child's readings in Parquet",
+        || {
+            let rows = read_rows(&stack.parquet);
+            async move {
+                Ok(
+                    (rows?.iter().filter(|r| r.device_id == "child-1").count() >= 300)
+                        .then_some(()),
+                )
+            }
+        },
+    )
+    .await?;
+    // Cut the gateway's uplink: the cloud broker goes away for a while; the
+    // child keeps publishing to the gateway, which keeps spooling.
+    let mut broker = stack.broker.take().context("broker")?;
+    broker.kill9().await?;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    ensure!(
+        !child_task.is_finished(),
+        "the child cannot be acknowledged while the uplink is cut"
+    );
+    stack.start_broker().await?;
+
+    let report = tokio::time::timeout(Duration::from_secs(120), child_task).await???;
+    ensure!(
+        report.committed_seq == per_child,
+        "the child got the cloud's ack through the gateway: {report:?}"
+    );
+    let rows = wait_for_rows(&stack, per_child as usize + 200, Duration::from_secs(60)).await?;
+    check_exactly_once(
+        &rows,
+        &HashMap::from([("child-1".to_string(), per_child), ("gw".to_string(), 200)]),
+    )?;
+    gateway_stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), gateway_task).await???;
+    Ok(())
+}

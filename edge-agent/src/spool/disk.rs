@@ -66,11 +66,11 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use edgeloop_proto::v1::{LossReport, Reading};
+use edgeloop_proto::v1::{LossReport, Reading, ReadingBatch};
 use edgeloop_proto::Message;
 use serde::{Deserialize, Serialize};
 
-use super::{Backlog, Chunk, Spool, SpoolError};
+use super::{Backlog, Chunk, Relayed, Spool, SpoolError};
 
 const MAGIC: &[u8; 8] = b"ELSPSEG1";
 /// len + crc + seq
@@ -1039,6 +1039,52 @@ impl Spool for DiskSpool {
         self.acked
     }
 
+    fn append_relayed(&mut self, batch: &ReadingBatch) -> Result<Relayed, SpoolError> {
+        let (first, end) = (batch.first_seq, batch.end_seq());
+        if end <= self.next_seq {
+            return Ok(Relayed::Duplicate);
+        }
+        if first > self.next_seq {
+            let fresh = self.acked == self.next_seq
+                && self.losses.is_empty()
+                && self.segments.iter().all(|s| s.end_seq == s.first_seq);
+            if !fresh {
+                return Ok(Relayed::Gap {
+                    expected: self.next_seq,
+                });
+            }
+            // A new child (to this gateway): its seqs start where it stands.
+            self.sync()?;
+            for empty in self.segments.drain(..) {
+                fs::remove_file(&empty.path).map_err(|e| io("removing", &empty.path, e))?;
+            }
+            self.active = None;
+            self.total_bytes = 0;
+            self.cursor = None;
+            self.next_seq = first;
+            self.acked = first;
+            self.synced_end = first;
+            self.start_segment()?;
+        }
+        if let Some(loss) = &batch.loss {
+            self.sync()?;
+            let from = self.next_seq;
+            self.next_seq = end;
+            self.synced_end = end;
+            self.add_loss(from, end, &loss.reason)?;
+            self.start_segment()?;
+            return Ok(Relayed::Taken(end - from));
+        }
+        if batch.channels != self.channels {
+            self.channels = batch.channels.clone();
+            self.start_segment()?;
+        }
+        let skip = (self.next_seq - first) as usize;
+        let mut readings = batch.readings.get(skip..).unwrap_or_default().to_vec();
+        let taken = self.append(&mut readings)?;
+        Ok(Relayed::Taken(taken as u64))
+    }
+
     fn backlog(&self) -> Backlog {
         Backlog {
             records: self.next_seq.saturating_sub(self.acked),
@@ -1378,6 +1424,65 @@ mod tests {
         spool.acknowledge(taken as u64).expect("ack");
         assert!(spool.append(&mut batch).expect("room again") > 0);
         assert!(spool.losses().is_empty());
+    }
+
+    #[test]
+    fn relayed_batches_keep_the_childs_seqs_skip_resends_and_refuse_gaps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut spool = DiskSpool::open(config(dir.path()), vec![]).expect("open");
+        let batch = |first: u64, n: u64| ReadingBatch {
+            device_id: "child".into(),
+            profile: "f32".into(),
+            first_seq: first,
+            channels: channels(),
+            readings: (first..first + n).map(reading).collect(),
+            loss: None,
+        };
+        // A child that already stands at seq 1000 when it first shows up.
+        assert_eq!(
+            spool.append_relayed(&batch(1000, 10)).expect("relay"),
+            Relayed::Taken(10)
+        );
+        assert_eq!(
+            spool.append_relayed(&batch(1000, 10)).expect("relay"),
+            Relayed::Duplicate
+        );
+        assert_eq!(
+            spool.append_relayed(&batch(1005, 10)).expect("relay"),
+            Relayed::Taken(5)
+        );
+        assert_eq!(
+            spool.append_relayed(&batch(1030, 10)).expect("relay"),
+            Relayed::Gap { expected: 1015 }
+        );
+        let loss = ReadingBatch {
+            readings: vec![],
+            channels: vec![],
+            loss: Some(LossReport {
+                device_id: "child".into(),
+                first_seq: 1015,
+                end_seq: 1030,
+                reason: "evicted_full".into(),
+                detected_at_micros: 0,
+            }),
+            ..batch(1015, 0)
+        };
+        assert_eq!(
+            spool.append_relayed(&loss).expect("relay"),
+            Relayed::Taken(15)
+        );
+        assert_eq!(
+            spool.append_relayed(&batch(1030, 10)).expect("relay"),
+            Relayed::Taken(10)
+        );
+        spool.sync().expect("sync");
+        assert_eq!(spool.first_unacked(), 1000);
+        let (seqs, losses) = drain(&mut spool, 0);
+        assert_eq!(seqs, (1000..1015).chain(1030..1040).collect::<Vec<_>>());
+        assert_eq!(losses, vec![(1015, 1030, "evicted_full".to_string())]);
+        drop(spool);
+        let spool = DiskSpool::open(config(dir.path()), vec![]).expect("reopen");
+        assert_eq!((spool.next_seq(), spool.first_unacked()), (1040, 1000));
     }
 
     use proptest::prelude::*;

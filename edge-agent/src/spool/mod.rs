@@ -21,7 +21,7 @@ pub mod inspect;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use edgeloop_proto::v1::Reading;
+use edgeloop_proto::v1::{Reading, ReadingBatch};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -89,6 +89,22 @@ pub trait Spool: Send {
     /// The lowest seq not yet acknowledged.
     fn first_unacked(&self) -> u64;
     fn backlog(&self) -> Backlog;
+    /// Takes a batch relayed from a child device (gateway mode), keeping the
+    /// child's own seqs: what the spool already holds is skipped, a batch
+    /// beyond a gap is refused (the child resends from its watermark), and a
+    /// fresh spool starts wherever the child stands.
+    fn append_relayed(&mut self, batch: &ReadingBatch) -> Result<Relayed, SpoolError>;
+}
+
+/// What became of a relayed batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relayed {
+    /// This many seqs (readings or a loss range) were taken.
+    Taken(u64),
+    /// Everything in it is already held (a resend).
+    Duplicate,
+    /// It starts beyond the next expected seq.
+    Gap { expected: u64 },
 }
 
 /// A spool shared by the sources, the uplink and the sync task of one agent.
@@ -162,6 +178,31 @@ impl SharedSpool {
             self.data.notify_waiters();
         }
         Ok(())
+    }
+
+    /// The group-commit task: syncs every `interval`, or sooner when asked,
+    /// until `stop`; then a last sync so nothing appended stays unsynced.
+    pub fn spawn_sync_task(
+        self: &std::sync::Arc<Self>,
+        interval: std::time::Duration,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<Result<(), SpoolError>> {
+        let spool = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                    _ = spool.sync_wanted.notified() => {}
+                }
+                if let Err(e) = spool.sync().await {
+                    tracing::error!(error = %e, "spool sync failed");
+                }
+            }
+            spool.sync().await
+        })
     }
 
     pub fn acknowledge(&self, committed_seq: u64) -> Result<(), SpoolError> {

@@ -132,6 +132,7 @@ pub async fn run(
     shutdown: CancellationToken,
     source_done: CancellationToken,
     stats: Arc<AgentStats>,
+    models: Option<mpsc::Sender<(String, Vec<u8>)>>,
 ) -> Result<(), UplinkError> {
     let device = config.device_id.clone();
     let telemetry_topic = topics::telemetry(&device);
@@ -163,6 +164,7 @@ pub async fn run(
         let ack_topic = ack_topic.clone();
         let (min, max) = (up.reconnect_min, up.reconnect_max);
         let device = device.clone();
+        let models = models.clone();
         tokio::spawn(async move {
             let mut backoff = min;
             loop {
@@ -183,6 +185,17 @@ pub async fn run(
                                 None
                             }
                         }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic.starts_with("models/") => {
+                        if let Some(relay) = &models {
+                            if relay
+                                .try_send((p.topic.clone(), p.payload.to_vec()))
+                                .is_err()
+                            {
+                                tracing::warn!(%device, topic = %p.topic, "model relay busy; the retained model comes again on reconnect");
+                            }
+                        }
+                        None
                     }
                     Ok(_) => None,
                     Err(e) => {
@@ -244,6 +257,11 @@ pub async fn run(
                     // session); the retained ack arrives right after it.
                     if let Err(e) = client.try_subscribe(&ack_topic, QoS::AtLeastOnce) {
                         tracing::warn!(%device, error = %e, "could not subscribe to the ack topic");
+                    }
+                    if models.is_some() {
+                        if let Err(e) = client.try_subscribe(topics::MODELS_FILTER, QoS::AtLeastOnce) {
+                            tracing::warn!(%device, error = %e, "could not subscribe to the model topics");
+                        }
                     }
                     cursor = watermark;
                     let (_, _, durable) = spool.positions();
