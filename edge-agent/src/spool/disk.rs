@@ -1509,6 +1509,18 @@ mod tests {
     }
 
     proptest! {
+        /// The decoders the fuzz targets (fuzz/) hammer, also on every test
+        /// run: any bytes give a record, an error, or `None`; never a panic.
+        #[test]
+        fn decoders_never_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_header(&bytes);
+            if let Ok((_, payload, taken)) = decode_record(&bytes) {
+                prop_assert_eq!(payload.len() + RECORD_HEADER, taken);
+            }
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
         /// Against a model: nothing acknowledged (and synced) comes back,
