@@ -81,10 +81,12 @@ impl Counters {
     fn line(&self, elapsed: Duration, rate: f64) -> String {
         let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         format!(
-            "{:>6.1}s  published {:>9}  acknowledged {:>9}  in Kafka {:>9}  in Parquet {:>9} ({} files)  dead letters {}  | {:.0} readings/s to Parquet",
+            "{:>6.1}s  published {:>9}  acknowledged {:>9}  spooled {:>7}  lost {}  in Kafka {:>9}  in Parquet {:>9} ({} files)  dead letters {}  | {:.0} readings/s to Parquet",
             elapsed.as_secs_f64(),
             g(&self.fleet.readings_published),
             g(&self.fleet.readings_acknowledged),
+            g(&self.fleet.backlog_readings),
+            g(&self.fleet.readings_lost),
             g(&self.broker.readings_in_kafka),
             g(&self.processor.rows_written),
             g(&self.processor.files_written),

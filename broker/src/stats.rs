@@ -12,7 +12,8 @@ pub struct BrokerStats {
     pub batches_skipped: AtomicU64,
     /// Payloads that did not decode (forwarded for dead-lettering).
     pub malformed_forwarded: AtomicU64,
-    /// Batches and readings Kafka acknowledged.
+    /// Readings records (batches and loss reports) and readings Kafka
+    /// acknowledged (status messages not counted).
     pub batches_in_kafka: AtomicU64,
     pub readings_in_kafka: AtomicU64,
     /// Batches Kafka did not take (the device resends them).

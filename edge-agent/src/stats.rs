@@ -22,6 +22,9 @@ pub struct AgentStats {
     pub backlog_readings: AtomicU64,
     /// Bytes of the spools' segments (a gauge).
     pub backlog_bytes: AtomicU64,
+    /// Readings the spools lost (evicted when full or too old, or corrupt
+    /// on disk), since they were opened.
+    pub readings_lost: AtomicU64,
     /// Lines (or samples) a source could not turn into readings.
     pub bad_lines: AtomicU64,
 }

@@ -51,9 +51,18 @@ pub enum BridgeError {
     Link(String),
 }
 
-/// A batch on its way to Kafka: (device, first_seq, readings in it, tracked).
-/// A loss report has no readings but covers its range of seqs.
-type InFlight = (String, u64, u64, bool);
+/// A record on its way to Kafka.
+struct InFlight {
+    device: String,
+    /// Its first seq, and readings in it (a loss report has none but covers
+    /// a range of seqs).
+    first: u64,
+    readings: u64,
+    /// Whether it counts for the device's ack watermark.
+    tracked: bool,
+    /// A status message (not a readings record).
+    status: bool,
+}
 
 type Delivered = Result<OwnedDeliveryResult, Canceled>;
 
@@ -97,18 +106,18 @@ pub async fn run(
         tokio::select! {
             biased;
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                let (delivered, (device, first, readings, tracked)): (Delivered, InFlight) = done;
+                let (delivered, record): (Delivered, InFlight) = done;
                 let ok = matches!(delivered, Ok(Ok(_)));
                 if let Ok(Err((e, _))) = &delivered {
-                    tracing::warn!(%device, first_seq = first, error = %e, "Kafka did not take a batch; the device will resend it");
+                    tracing::warn!(device = %record.device, first_seq = record.first, error = %e, "Kafka did not take a record; the device will resend it");
                     BrokerStats::add(&stats.delivery_errors, 1);
                 }
-                if ok {
+                if ok && !record.status {
                     BrokerStats::add(&stats.batches_in_kafka, 1);
-                    BrokerStats::add(&stats.readings_in_kafka, readings);
+                    BrokerStats::add(&stats.readings_in_kafka, record.readings);
                 }
-                if tracked {
-                    tracker.on_delivered(&device, first, ok);
+                if record.tracked {
+                    tracker.on_delivered(&record.device, record.first, ok);
                 }
             }
             _ = ack_tick.tick() => {
@@ -207,7 +216,16 @@ async fn take(
         .headers(headers);
     loop {
         match producer.send_result(record) {
-            Ok(delivery) => return Some(delivered(delivery, (device, first, readings, tracked))),
+            Ok(delivery) => {
+                let record = InFlight {
+                    device,
+                    first,
+                    readings,
+                    tracked,
+                    status: kafka_topic == topics::KAFKA_STATUS,
+                };
+                return Some(delivered(delivery, record));
+            }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                 record = back;
                 tokio::time::sleep(Duration::from_millis(5)).await;

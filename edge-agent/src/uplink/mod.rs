@@ -239,7 +239,7 @@ pub async fn run(
     let tick_every = (up.linger / 2).max(Duration::from_millis(5));
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut backlog_gauge = (0u64, 0u64);
+    let mut backlog_gauge = (0u64, 0u64, 0u64);
 
     let result = loop {
         let data = spool.data.notified();
@@ -302,6 +302,11 @@ pub async fn run(
             backlog.records,
         );
         AgentStats::move_gauge(&stats.backlog_bytes, &mut backlog_gauge.1, backlog.bytes);
+        AgentStats::move_gauge(
+            &stats.readings_lost,
+            &mut backlog_gauge.2,
+            backlog.lost_readings,
+        );
         let (next_seq, _, durable) = spool.positions();
         let done = source_done.is_cancelled();
         if done && watermark >= next_seq {
