@@ -112,6 +112,9 @@ struct ProcessorArgs {
     /// Root directory of the Parquet data set.
     #[arg(long, env = "EDGELOOP_PARQUET_ROOT")]
     parquet_root: Option<PathBuf>,
+    /// Labelling rules file (TOML, docs/labelling.md); watched and hot-reloaded.
+    #[arg(long, env = "EDGELOOP_RULES_FILE")]
+    rules: Option<PathBuf>,
     /// Close a Parquet file (and commit its offsets) once it is this old, e.g. `10s`.
     #[arg(long, env = "EDGELOOP_SINK_MAX_AGE", value_parser = humantime::parse_duration)]
     max_age: Option<Duration>,
@@ -280,6 +283,9 @@ async fn main() -> Result<()> {
             }
             if let Some(root) = args.parquet_root {
                 config.parquet_root = root;
+            }
+            if let Some(rules) = args.rules {
+                config.rules_file = Some(rules);
             }
             if let Some(age) = args.max_age {
                 config.sink.max_age = age;

@@ -138,6 +138,19 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     processor_config.group_id = "edgeloop-up".into();
     processor_config.instance_id = Some("edgeloop-up-0".into());
     processor_config.sink.max_age = args.file_max_age;
+    // Labelling rules: DIR/rules.toml, written from the shipped example on
+    // the first run; edit it while `up` runs and the processor reloads it.
+    let rules = data_dir.join("rules.toml");
+    if !rules.exists() {
+        std::fs::write(&rules, include_str!("../config/rules.example.toml"))
+            .with_context(|| format!("writing {}", rules.display()))?;
+    }
+    processor_config.rules_file = Some(rules);
+    processor_config.channels = edgeloop_agent::source::simulator::SimulatorConfig::default()
+        .channels
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
     let mut agent = AgentConfig::default();
     agent.mqtt.host = args.mqtt_listen.ip().to_string();
     if args.mqtt_listen.ip().is_unspecified() {

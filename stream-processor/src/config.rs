@@ -26,6 +26,16 @@ pub struct ProcessorConfig {
     pub parquet_root: PathBuf,
     /// When files roll, and how they are laid out.
     pub sink: SinkConfig,
+    /// The labelling rules (TOML, see docs/labelling.md); none: no labels.
+    /// The file is watched: a change is taken into force without a restart,
+    /// a file with an error is refused and the rules in force stay.
+    pub rules_file: Option<PathBuf>,
+    /// How often the rules file is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub rules_check_interval: Duration,
+    /// The channels of the data set: rules naming another channel are
+    /// refused (empty: any channel is accepted).
+    pub channels: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -54,6 +64,9 @@ impl Default for ProcessorConfig {
             session_timeout: Duration::from_secs(10),
             parquet_root: PathBuf::from("data/parquet"),
             sink: SinkConfig::default(),
+            rules_file: None,
+            rules_check_interval: Duration::from_secs(2),
+            channels: Vec::new(),
         }
     }
 }
@@ -108,6 +121,15 @@ mod tests {
         let text = include_str!("../../config/processor.example.toml");
         let config: ProcessorConfig = toml::from_str(text).expect("example parses");
         config.validate().expect("example validates");
+    }
+
+    #[test]
+    fn example_rules_parse_against_the_simulator_channels() {
+        let text = include_str!("../../config/rules.example.toml");
+        let known = |c: &str| ["temperature", "humidity", "vibration"].contains(&c);
+        let rules = crate::labeller::RulesFile::parse(text, Some(&known)).expect("example rules");
+        assert_eq!(rules.version(), "sim-v1");
+        assert!(rules.rules.len() >= 5);
     }
 
     #[test]

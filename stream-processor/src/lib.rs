@@ -14,6 +14,7 @@ pub mod deadletter;
 pub mod decode;
 pub mod dedup;
 pub mod kafka_source;
+pub mod labeller;
 pub mod parquet_sink;
 pub mod stats;
 

@@ -20,6 +20,9 @@ pub struct ProcessorStats {
     pub readings_reported_lost: AtomicU64,
     /// Readings (and lost seqs) dropped because the data set already has them.
     pub duplicates_dropped: AtomicU64,
+    /// Rules files taken into force, and refused (the previous rules stay).
+    pub rules_reloads: AtomicU64,
+    pub rules_refused: AtomicU64,
     /// Open files dropped because their partition was revoked.
     pub files_aborted: AtomicU64,
 }

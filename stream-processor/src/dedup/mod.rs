@@ -6,7 +6,8 @@
 //! ranges ([`SeenSet`]): one range per device in the normal case, a few more
 //! while a gap waits to be filled. Only readings outside the set are written.
 //!
-//! The set survives restarts and rebalances: at every offset commit it is
+//! The set (with the labeller's per-device state, [`PartitionSnapshot`])
+//! survives restarts and rebalances: at every offset commit it is
 //! saved as `{root}/_state/partition-{p}/{offset:020}.json` (written to a
 //! temporary name, fsynced, renamed) *before* the commit, so the snapshot for
 //! the committed offset always exists. Whoever next owns the partition resumes
@@ -20,6 +21,16 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+/// Everything the processor remembers about a partition, saved at every
+/// commit: the seqs in the data set and the labeller's state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartitionSnapshot {
+    #[serde(default)]
+    pub seen: SeenSet,
+    #[serde(default)]
+    pub labels: crate::labeller::PartitionLabels,
+}
 
 /// Snapshots kept per partition.
 const KEEP: usize = 3;
@@ -109,7 +120,12 @@ fn partition_dir(root: &Path, partition: i32) -> PathBuf {
 }
 
 /// Saves `set` as the state of `partition` at `offset` (the next offset to read).
-pub fn save(root: &Path, partition: i32, offset: i64, set: &SeenSet) -> Result<(), DedupError> {
+pub fn save(
+    root: &Path,
+    partition: i32,
+    offset: i64,
+    set: &PartitionSnapshot,
+) -> Result<(), DedupError> {
     let dir = partition_dir(root, partition);
     fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
     let path = dir.join(format!("{offset:020}.json"));
@@ -159,14 +175,14 @@ fn snapshots(dir: &Path) -> Result<Vec<(i64, PathBuf)>, DedupError> {
 
 /// The state of `partition` for resuming at `offset`: the newest snapshot at
 /// or below it (an unreadable one is skipped with a warning), else empty.
-pub fn load(root: &Path, partition: i32, offset: i64) -> Result<SeenSet, DedupError> {
+pub fn load(root: &Path, partition: i32, offset: i64) -> Result<PartitionSnapshot, DedupError> {
     let dir = partition_dir(root, partition);
     for (at, path) in snapshots(&dir)?
         .into_iter()
         .rev()
         .filter(|(o, _)| *o <= offset)
     {
-        match fs::read(&path).map(|b| serde_json::from_slice::<SeenSet>(&b)) {
+        match fs::read(&path).map(|b| serde_json::from_slice::<PartitionSnapshot>(&b)) {
             Ok(Ok(set)) => {
                 if at < offset {
                     tracing::warn!(partition, offset, snapshot = at, "no dedup snapshot at the committed offset; using an older one (duplicates from between are possible, losses are not)");
@@ -181,7 +197,7 @@ pub fn load(root: &Path, partition: i32, offset: i64) -> Result<SeenSet, DedupEr
             }
         }
     }
-    Ok(SeenSet::default())
+    Ok(PartitionSnapshot::default())
 }
 
 #[cfg(test)]
@@ -217,16 +233,19 @@ mod tests {
     fn load_never_takes_a_snapshot_above_the_resume_offset(
     ) -> Result<(), Box<dyn std::error::Error>> {
         let root = tempfile::tempdir()?;
-        let mut set = SeenSet::default();
-        set.insert("d", 0, 10);
+        let mut set = PartitionSnapshot::default();
+        set.seen.insert("d", 0, 10);
         save(root.path(), 2, 5, &set)?;
-        set.insert("d", 10, 20);
+        set.seen.insert("d", 10, 20);
         save(root.path(), 2, 9, &set)?;
-        assert_eq!(load(root.path(), 2, 9)?.unseen("d", 0, 20), vec![]);
+        assert_eq!(load(root.path(), 2, 9)?.seen.unseen("d", 0, 20), vec![]);
         // Resuming at 7 (a commit after 5 was lost): the 5 snapshot.
-        assert_eq!(load(root.path(), 2, 7)?.unseen("d", 0, 20), vec![(10, 20)]);
-        assert_eq!(load(root.path(), 2, 4)?, SeenSet::default());
-        assert_eq!(load(root.path(), 3, 9)?, SeenSet::default());
+        assert_eq!(
+            load(root.path(), 2, 7)?.seen.unseen("d", 0, 20),
+            vec![(10, 20)]
+        );
+        assert_eq!(load(root.path(), 2, 4)?, PartitionSnapshot::default());
+        assert_eq!(load(root.path(), 3, 9)?, PartitionSnapshot::default());
         for o in 10..20 {
             save(root.path(), 2, o, &set)?;
         }

@@ -31,7 +31,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ProcessorConfig;
 use crate::deadletter::{DeadLetterError, DeadLetters};
 use crate::decode;
-use crate::dedup::{self, DedupError, SeenSet};
+use crate::dedup::{self, DedupError, PartitionSnapshot};
+use crate::labeller::{Engine, Labelled, RulesFile};
 use crate::parquet_sink::{losses, Bucket, OpenFile, SinkError};
 use crate::stats::ProcessorStats;
 use edgeloop_proto::v1::ReadingBatch;
@@ -81,9 +82,80 @@ struct Sink<'a> {
     consumer: &'a BaseConsumer<RebalanceContext>,
     stats: &'a ProcessorStats,
     open: HashMap<i32, OpenFile>,
-    /// Seqs in the data set (and the open file) per partition; loaded from
-    /// the snapshot of the offset a partition resumes at.
-    seen: HashMap<i32, SeenSet>,
+    /// Seqs in the data set (and the open file) and labeller state per
+    /// partition; loaded from the snapshot of the offset it resumes at.
+    seen: HashMap<i32, PartitionSnapshot>,
+    /// The labelling rules in force, if any, and where they come from.
+    rules: Option<Engine>,
+    rules_file: RulesWatch,
+}
+
+/// Watches the rules file for changes (hot reload).
+struct RulesWatch {
+    path: Option<std::path::PathBuf>,
+    modified: Option<std::time::SystemTime>,
+    checked: std::time::Instant,
+}
+
+impl Sink<'_> {
+    /// Reloads the rules file if it changed. A file with an error is refused
+    /// with a message naming the rule and the field; the rules in force stay.
+    fn reload_rules(&mut self) {
+        let Some(path) = self.rules_file.path.clone() else {
+            return;
+        };
+        if self.rules_file.checked.elapsed() < self.config.rules_check_interval
+            && self.rules_file.modified.is_some()
+        {
+            return;
+        }
+        self.rules_file.checked = std::time::Instant::now();
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if modified.is_none() || modified == self.rules_file.modified {
+            return;
+        }
+        self.rules_file.modified = modified;
+        let known = |c: &str| {
+            self.config.channels.is_empty() || self.config.channels.iter().any(|k| k == c)
+        };
+        let parsed = std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| RulesFile::parse(&text, Some(&known)).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(rules) => {
+                tracing::info!(path = %path.display(), version = rules.version(), rules = rules.rules.len(), "labelling rules in force");
+                self.rules = Some(Engine::new(rules));
+                ProcessorStats::add(&self.stats.rules_reloads, 1);
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, kept = self.rules.as_ref().map(|r| r.rules.version().to_string()).unwrap_or_else(|| "none".into()), "labelling rules refused; the rules in force stay");
+                ProcessorStats::add(&self.stats.rules_refused, 1);
+            }
+        }
+    }
+
+    /// The label of every reading of `batch`, in order (empty: no rules).
+    fn labels(&mut self, partition: i32, batch: &ReadingBatch) -> Vec<Labelled> {
+        let Some(engine) = &self.rules else {
+            return Vec::new();
+        };
+        let state = &mut self.seen.entry(partition).or_default().labels;
+        batch
+            .readings
+            .iter()
+            .map(|r| {
+                let value = |c: &str| {
+                    batch
+                        .channels
+                        .iter()
+                        .position(|name| name == c)
+                        .and_then(|i| r.values.get(i).copied())
+                        .filter(|v| !v.is_nan())
+                };
+                state.label(engine, &batch.device_id, &value, r.ts_micros)
+            })
+            .collect()
+    }
 }
 
 impl Sink<'_> {
@@ -169,7 +241,7 @@ impl Sink<'_> {
             let loaded = dedup::load(&self.config.parquet_root, partition, offset)?;
             self.seen.insert(partition, loaded);
         }
-        let seen = self.seen.entry(partition).or_default();
+        let seen = &mut self.seen.entry(partition).or_default().seen;
         let unseen = seen.unseen(&batch.device_id, batch.first_seq, batch.end_seq());
         let covered: u64 = unseen.iter().map(|(a, b)| b - a).sum();
         ProcessorStats::add(
@@ -210,31 +282,45 @@ impl Sink<'_> {
         {
             self.close(partition)?;
         }
-        let file = match self.open.entry(partition) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(OpenFile::open(
-                &self.config.parquet_root,
-                partition,
-                offset,
-                bucket,
-                batch.channels.clone(),
-                &self.config.sink,
-            )?),
-        };
-        if unseen == [(batch.first_seq, batch.end_seq())] {
-            file.append(&batch, offset)?;
-        } else {
-            // Part of the batch is already in the data set: write the rest.
-            for (a, b) in unseen {
-                let skip = (a - batch.first_seq) as usize;
-                let part = ReadingBatch {
-                    first_seq: a,
-                    readings: batch.readings[skip..skip + (b - a) as usize].to_vec(),
-                    ..batch.clone()
-                };
-                file.append(&part, offset)?;
+        match self.open.entry(partition) {
+            std::collections::hash_map::Entry::Occupied(_) => {}
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(OpenFile::open(
+                    &self.config.parquet_root,
+                    partition,
+                    offset,
+                    bucket,
+                    batch.channels.clone(),
+                    &self.config.sink,
+                )?);
             }
         }
+        // Part of the batch may already be in the data set: write the rest.
+        let parts: Vec<ReadingBatch> = if unseen == [(batch.first_seq, batch.end_seq())] {
+            vec![batch]
+        } else {
+            unseen
+                .iter()
+                .map(|&(a, b)| {
+                    let skip = (a - batch.first_seq) as usize;
+                    ReadingBatch {
+                        first_seq: a,
+                        readings: batch.readings[skip..skip + (b - a) as usize].to_vec(),
+                        ..batch.clone()
+                    }
+                })
+                .collect()
+        };
+        for part in &parts {
+            let labels = self.labels(partition, part);
+            let version = self.rules.as_ref().map(|e| e.rules.version().to_string());
+            if let Some(file) = self.open.get_mut(&partition) {
+                file.append(part, offset, &labels, version.as_deref())?;
+            }
+        }
+        let Some(file) = self.open.get(&partition) else {
+            return Ok(());
+        };
         if file.rows >= self.config.sink.max_rows || file.est_bytes >= self.config.sink.max_bytes {
             self.close(partition)?;
         }
@@ -292,7 +378,14 @@ pub fn run(
         stats,
         open: HashMap::new(),
         seen: HashMap::new(),
+        rules: None,
+        rules_file: RulesWatch {
+            path: config.rules_file.clone(),
+            modified: None,
+            checked: std::time::Instant::now(),
+        },
     };
+    sink.reload_rules();
     while !shutdown.is_cancelled() {
         let polled = consumer.poll(Duration::from_millis(100));
         let revoked: Vec<i32> = std::mem::take(
@@ -311,6 +404,7 @@ pub fn run(
             Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error"),
         }
         sink.close_aged()?;
+        sink.reload_rules();
     }
     let partitions: Vec<i32> = sink.open.keys().copied().collect();
     for p in partitions {

@@ -34,6 +34,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
 use crate::config::SinkConfig;
+use crate::labeller::Labelled;
 
 pub mod losses;
 
@@ -139,6 +140,9 @@ pub fn schema(channels: &[String]) -> SchemaRef {
     );
     fields.extend([
         Field::new("true_label", DataType::Utf8, true),
+        Field::new("label", DataType::Utf8, true),
+        Field::new("label_confidence", DataType::Float64, true),
+        Field::new("rules_version", DataType::Utf8, true),
         Field::new("kafka_partition", DataType::Int32, false),
         Field::new("kafka_offset", DataType::Int64, false),
     ]);
@@ -152,6 +156,9 @@ struct Columns {
     ts: TimestampMicrosecondBuilder,
     channels: Vec<Float64Builder>,
     true_label: StringBuilder,
+    label: StringBuilder,
+    label_confidence: Float64Builder,
+    rules_version: StringBuilder,
     kafka_partition: Int32Builder,
     kafka_offset: Int64Builder,
     rows: usize,
@@ -166,6 +173,9 @@ impl Columns {
             ts: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
             channels: (0..channels).map(|_| Float64Builder::new()).collect(),
             true_label: StringBuilder::new(),
+            label: StringBuilder::new(),
+            label_confidence: Float64Builder::new(),
+            rules_version: StringBuilder::new(),
             kafka_partition: Int32Builder::new(),
             kafka_offset: Int64Builder::new(),
             rows: 0,
@@ -183,6 +193,9 @@ impl Columns {
             arrays.push(Arc::new(c.finish()));
         }
         arrays.push(Arc::new(self.true_label.finish()));
+        arrays.push(Arc::new(self.label.finish()));
+        arrays.push(Arc::new(self.label_confidence.finish()));
+        arrays.push(Arc::new(self.rules_version.finish()));
         arrays.push(Arc::new(self.kafka_partition.finish()));
         arrays.push(Arc::new(self.kafka_offset.finish()));
         self.rows = 0;
@@ -286,8 +299,15 @@ impl OpenFile {
                 .all(|c| self.channels.binary_search(c).is_ok())
     }
 
-    /// Appends one row per reading of `batch` (record `offset`).
-    pub fn append(&mut self, batch: &ReadingBatch, offset: i64) -> Result<(), SinkError> {
+    /// Appends one row per reading of `batch` (record `offset`), with the
+    /// label of each reading (`labels` is empty when no rules are in force).
+    pub fn append(
+        &mut self,
+        batch: &ReadingBatch,
+        offset: i64,
+        labels: &[Labelled],
+        rules_version: Option<&str>,
+    ) -> Result<(), SinkError> {
         // Column index in this file of each channel of the batch.
         let index: Vec<usize> = batch
             .channels
@@ -314,6 +334,18 @@ impl OpenFile {
                 b.true_label.append_null();
             } else {
                 b.true_label.append_value(&r.true_label);
+            }
+            match labels.get(i) {
+                Some(l) => {
+                    b.label.append_option(l.label.as_deref());
+                    b.label_confidence.append_option(l.confidence);
+                    b.rules_version.append_option(rules_version);
+                }
+                None => {
+                    b.label.append_null();
+                    b.label_confidence.append_null();
+                    b.rules_version.append_null();
+                }
             }
             b.kafka_partition.append_value(self.partition);
             b.kafka_offset.append_value(offset);
@@ -440,8 +472,8 @@ mod tests {
         let channels = vec!["temp".to_string(), "hum".to_string()];
         let mut f = OpenFile::open(root.path(), 3, 42, bucket, channels, &SinkConfig::default())?;
         // Channels in another order than the file's (sorted) columns.
-        f.append(&batch(0, &["temp", "hum"], 5), 42)?;
-        f.append(&batch(5, &["hum"], 2), 43)?;
+        f.append(&batch(0, &["temp", "hum"], 5), 42, &[], None)?;
+        f.append(&batch(5, &["hum"], 2), 43, &[], None)?;
         let closed = f.close()?;
         assert_eq!(
             closed.path,
@@ -476,6 +508,9 @@ mod tests {
                 "hum",
                 "temp",
                 "true_label",
+                "label",
+                "label_confidence",
+                "rules_version",
                 "kafka_partition",
                 "kafka_offset"
             ]
@@ -531,7 +566,7 @@ mod tests {
             vec!["a".into()],
             &SinkConfig::default(),
         )?;
-        f.append(&batch(0, &["a"], 3), 7)?;
+        f.append(&batch(0, &["a"], 3), 7, &[], None)?;
         let first = f.close()?;
         let mut f = OpenFile::open(
             root.path(),
@@ -541,8 +576,8 @@ mod tests {
             vec!["a".into()],
             &SinkConfig::default(),
         )?;
-        f.append(&batch(0, &["a"], 3), 7)?;
-        f.append(&batch(3, &["a"], 3), 8)?;
+        f.append(&batch(0, &["a"], 3), 7, &[], None)?;
+        f.append(&batch(3, &["a"], 3), 8, &[], None)?;
         let second = f.close()?;
         assert_eq!(first.path, second.path);
         let meta = ParquetRecordBatchReaderBuilder::try_new(File::open(&second.path)?)?;

@@ -1,0 +1,533 @@
+//! Streaming auto-labelling with heuristic rules.
+//!
+//! - [`rules`]: the rules file an expert writes (TOML), parsed and checked.
+//! - [`Engine`]: applies the rules to each reading of a device, keeping the
+//!   per-device state that rate-of-change, z-score, flat and duration rules
+//!   need; each rule votes its label or abstains.
+//! - [`LabelModel`]: combines the votes, by majority or by weighting each
+//!   rule with its accuracy estimated without ground truth, from the
+//!   agreements and disagreements between rules (an incremental, symmetric
+//!   Dawid–Skene model in the manner of Snorkel's label model). Readings on
+//!   which every rule abstained stay unlabelled.
+//!
+//! The per-device state and the model are part of the processor's snapshot at
+//! every commit, so a restart resumes them where the data set stands and does
+//! not change labels.
+
+pub mod rules;
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+pub use rules::{Combiner, Condition, Rule, RulesError, RulesFile};
+
+/// State of one stateful condition node for one device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum NodeState {
+    Rate { prev: Option<(i64, f64)> },
+    Window { values: VecDeque<f64> },
+    Duration { since: Option<i64> },
+}
+
+fn initial_states(cond: &Condition, out: &mut Vec<NodeState>) {
+    match cond {
+        Condition::RateOfChange { .. } => out.push(NodeState::Rate { prev: None }),
+        Condition::Zscore { .. } | Condition::Flat { .. } => out.push(NodeState::Window {
+            values: VecDeque::new(),
+        }),
+        Condition::Duration { .. } => out.push(NodeState::Duration { since: None }),
+        Condition::All { of } | Condition::Any { of } => {
+            of.iter().for_each(|c| initial_states(c, out))
+        }
+        Condition::Not { of } => initial_states(of, out),
+        Condition::Threshold { .. } | Condition::Range { .. } => {}
+    }
+}
+
+fn beyond(v: f64, above: Option<f64>, below: Option<f64>) -> bool {
+    above.is_some_and(|a| v > a) || below.is_some_and(|b| v < b)
+}
+
+/// Evaluates `cond` on one reading, updating its state nodes (every node is
+/// visited, so `all`/`any` do not short-circuit state updates).
+fn eval(
+    cond: &Condition,
+    value: &dyn Fn(&str) -> Option<f64>,
+    ts: i64,
+    states: &mut [NodeState],
+    next: &mut usize,
+) -> bool {
+    match cond {
+        Condition::Threshold {
+            channel,
+            above,
+            below,
+        } => value(channel).is_some_and(|v| beyond(v, *above, *below)),
+        Condition::Range {
+            channel,
+            min,
+            max,
+            inside,
+        } => value(channel).is_some_and(|v| ((*min..=*max).contains(&v)) == *inside),
+        Condition::RateOfChange {
+            channel,
+            max_per_second,
+        } => {
+            let i = *next;
+            *next += 1;
+            let Some(NodeState::Rate { prev }) = states.get_mut(i) else {
+                return false;
+            };
+            let Some(v) = value(channel) else {
+                return false;
+            };
+            let fired = prev.is_some_and(|(pts, pv)| {
+                let dt = (ts - pts) as f64 / 1e6;
+                dt > 0.0 && ((v - pv) / dt).abs() > *max_per_second
+            });
+            *prev = Some((ts, v));
+            fired
+        }
+        Condition::Zscore {
+            channel,
+            window,
+            above,
+        } => {
+            let i = *next;
+            *next += 1;
+            let Some(NodeState::Window { values }) = states.get_mut(i) else {
+                return false;
+            };
+            let Some(v) = value(channel) else {
+                return false;
+            };
+            let n = values.len();
+            let fired = n >= (*window / 2).max(2) && {
+                let mean = values.iter().sum::<f64>() / n as f64;
+                let var = values.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+                let sd = var.sqrt();
+                if sd > 0.0 {
+                    ((v - mean) / sd).abs() > *above
+                } else {
+                    v != mean
+                }
+            };
+            values.push_back(v);
+            while values.len() > *window {
+                values.pop_front();
+            }
+            fired
+        }
+        Condition::Flat {
+            channel,
+            window,
+            tolerance,
+        } => {
+            let i = *next;
+            *next += 1;
+            let Some(NodeState::Window { values }) = states.get_mut(i) else {
+                return false;
+            };
+            let Some(v) = value(channel) else {
+                return false;
+            };
+            values.push_back(v);
+            while values.len() > *window {
+                values.pop_front();
+            }
+            values.len() == *window && {
+                let (lo, hi) = values
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+                hi - lo <= *tolerance
+            }
+        }
+        Condition::Duration {
+            channel,
+            above,
+            below,
+            for_seconds,
+        } => {
+            let i = *next;
+            *next += 1;
+            let Some(NodeState::Duration { since }) = states.get_mut(i) else {
+                return false;
+            };
+            match value(channel) {
+                Some(v) if beyond(v, *above, *below) => {
+                    let start = *since.get_or_insert(ts);
+                    (ts - start) as f64 / 1e6 >= *for_seconds
+                }
+                _ => {
+                    *since = None;
+                    false
+                }
+            }
+        }
+        Condition::All { of } => of
+            .iter()
+            .fold(true, |acc, c| eval(c, value, ts, states, next) && acc),
+        Condition::Any { of } => of
+            .iter()
+            .fold(false, |acc, c| eval(c, value, ts, states, next) || acc),
+        Condition::Not { of } => !eval(of, value, ts, states, next),
+    }
+}
+
+/// Per-device state of every rule.
+pub type DeviceState = Vec<Vec<NodeStateBox>>;
+
+/// Opaque, serializable state of a rule's stateful conditions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStateBox(NodeState);
+
+/// The rules in force and what they need to remember per device.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub rules: RulesFile,
+    /// The distinct labels the rules vote, sorted.
+    pub labels: Vec<String>,
+    /// Index in `labels` of each rule's label.
+    rule_label: Vec<usize>,
+}
+
+impl Engine {
+    pub fn new(rules: RulesFile) -> Engine {
+        let mut labels: Vec<String> = rules.rules.iter().map(|r| r.label.clone()).collect();
+        labels.sort();
+        labels.dedup();
+        let rule_label = rules
+            .rules
+            .iter()
+            .map(|r| labels.binary_search(&r.label).unwrap_or(0))
+            .collect();
+        Engine {
+            rules,
+            labels,
+            rule_label,
+        }
+    }
+
+    /// Fresh per-device state for these rules.
+    pub fn new_state(&self) -> DeviceState {
+        self.rules
+            .rules
+            .iter()
+            .map(|r| {
+                let mut s = Vec::new();
+                initial_states(&r.when, &mut s);
+                s.into_iter().map(NodeStateBox).collect()
+            })
+            .collect()
+    }
+
+    /// The vote of each rule (an index into `labels`) on one reading.
+    pub fn votes(
+        &self,
+        state: &mut DeviceState,
+        value: &dyn Fn(&str) -> Option<f64>,
+        ts: i64,
+    ) -> Vec<Option<usize>> {
+        if state.len() != self.rules.rules.len() {
+            *state = self.new_state();
+        }
+        self.rules
+            .rules
+            .iter()
+            .zip(state.iter_mut())
+            .enumerate()
+            .map(|(i, (rule, boxes))| {
+                // Unbox for evaluation, box again after.
+                let mut nodes: Vec<NodeState> = boxes.drain(..).map(|b| b.0).collect();
+                let fired = eval(&rule.when, value, ts, &mut nodes, &mut 0);
+                boxes.extend(nodes.into_iter().map(NodeStateBox));
+                fired.then_some(self.rule_label[i])
+            })
+            .collect()
+    }
+}
+
+/// The label of one reading.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Labelled {
+    pub label: Option<String>,
+    pub confidence: Option<f64>,
+}
+
+/// Combines votes into a label and a confidence, learning each rule's
+/// accuracy from the stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelModel {
+    /// Expected-correct votes and votes, per rule, counted where at least two
+    /// rules voted (agreement carries no information otherwise).
+    correct: Vec<f64>,
+    voted: Vec<f64>,
+    /// Number of labels. The prior over labels is uniform: rules abstain far
+    /// more on rare labels, so a class balance learned from votes would drown
+    /// every rare label in the common one.
+    labels: usize,
+}
+
+/// Beta prior of a rule's accuracy: as if it had been right 7 times in 10.
+const PRIOR_RIGHT: f64 = 7.0;
+const PRIOR_VOTES: f64 = 10.0;
+
+impl LabelModel {
+    pub fn new(rules: usize, labels: usize) -> LabelModel {
+        LabelModel {
+            correct: vec![0.0; rules],
+            voted: vec![0.0; rules],
+            labels,
+        }
+    }
+
+    /// Estimated accuracy of each rule. As in Snorkel, a rule is taken to be
+    /// better than a random vote (accuracy above 1/labels): without that the
+    /// estimate can collapse, and a rule voting alone would be overruled by
+    /// labels nobody voted for.
+    pub fn accuracies(&self) -> Vec<f64> {
+        let floor = 1.0 / self.labels.max(1) as f64 + 0.05;
+        self.correct
+            .iter()
+            .zip(&self.voted)
+            .map(|(c, n)| ((c + PRIOR_RIGHT) / (n + PRIOR_VOTES)).clamp(floor.min(0.9), 0.99))
+            .collect()
+    }
+
+    fn posterior(&self, votes: &[Option<usize>]) -> Vec<f64> {
+        let k = self.labels;
+        let acc = self.accuracies();
+        let mut log: Vec<f64> = vec![0.0; k];
+        for (j, v) in votes.iter().enumerate() {
+            let Some(v) = v else { continue };
+            let wrong = if k > 1 {
+                ((1.0 - acc[j]) / (k - 1) as f64).ln()
+            } else {
+                0.0
+            };
+            for (y, l) in log.iter_mut().enumerate() {
+                *l += if y == *v { acc[j].ln() } else { wrong };
+            }
+        }
+        let max = log.iter().cloned().fold(f64::MIN, f64::max);
+        let exp: Vec<f64> = log.iter().map(|l| (l - max).exp()).collect();
+        let sum: f64 = exp.iter().sum();
+        exp.into_iter().map(|e| e / sum).collect()
+    }
+
+    /// Labels one reading from its votes and learns from them.
+    pub fn label(
+        &mut self,
+        combiner: Combiner,
+        votes: &[Option<usize>],
+        labels: &[String],
+    ) -> Labelled {
+        let voting = votes.iter().filter(|v| v.is_some()).count();
+        if voting == 0 || labels.is_empty() {
+            return Labelled {
+                label: None,
+                confidence: None,
+            };
+        }
+        if self.voted.len() != votes.len() || self.labels != labels.len() {
+            *self = LabelModel::new(votes.len(), labels.len());
+        }
+        let posterior = self.posterior(votes);
+        if voting >= 2 {
+            for (j, v) in votes.iter().enumerate() {
+                if let Some(v) = v {
+                    self.correct[j] += posterior[*v];
+                    self.voted[j] += 1.0;
+                }
+            }
+        }
+        let (best, confidence) = match combiner {
+            Combiner::LabelModel => {
+                posterior
+                    .iter()
+                    .enumerate()
+                    .fold(
+                        (0, f64::MIN),
+                        |(bi, bp), (i, p)| if *p > bp { (i, *p) } else { (bi, bp) },
+                    )
+            }
+            Combiner::Majority => {
+                let mut counts = vec![0usize; labels.len()];
+                votes.iter().flatten().for_each(|v| counts[*v] += 1);
+                // Ties go to the first label in sorted order: deterministic.
+                let (best, n) = counts.iter().enumerate().fold((0, 0), |(bi, bn), (i, n)| {
+                    if *n > bn {
+                        (i, *n)
+                    } else {
+                        (bi, bn)
+                    }
+                });
+                (best, n as f64 / voting as f64)
+            }
+        };
+        Labelled {
+            label: Some(labels[best].clone()),
+            confidence: Some(confidence),
+        }
+    }
+}
+
+/// The labeller of one partition: rules, per-device state, the model.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartitionLabels {
+    /// Rules version the state belongs to; state of other versions is dropped.
+    pub rules_version: String,
+    pub devices: HashMap<String, DeviceState>,
+    pub model: Option<LabelModel>,
+}
+
+impl PartitionLabels {
+    /// Labels one reading of `device`.
+    pub fn label(
+        &mut self,
+        engine: &Engine,
+        device: &str,
+        value: &dyn Fn(&str) -> Option<f64>,
+        ts: i64,
+    ) -> Labelled {
+        if self.rules_version != engine.rules.version() {
+            *self = PartitionLabels {
+                rules_version: engine.rules.version().to_string(),
+                ..Default::default()
+            };
+        }
+        let state = self
+            .devices
+            .entry(device.to_string())
+            .or_insert_with(|| engine.new_state());
+        let votes = engine.votes(state, value, ts);
+        let model = self
+            .model
+            .get_or_insert_with(|| LabelModel::new(engine.rules.rules.len(), engine.labels.len()));
+        model.label(engine.rules.combiner, &votes, &engine.labels)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(text: &str) -> Engine {
+        Engine::new(RulesFile::parse(text, None).expect("rules parse"))
+    }
+
+    #[test]
+    fn each_rule_kind_fires_where_it_should() {
+        let e = engine(
+            r#"
+            [[rule]]
+            name = "hot"
+            label = "hot"
+            when = { kind = "threshold", channel = "t", above = 30.0 }
+            [[rule]]
+            name = "jump"
+            label = "jump"
+            when = { kind = "rate_of_change", channel = "t", max_per_second = 5.0 }
+            [[rule]]
+            name = "odd"
+            label = "odd"
+            when = { kind = "zscore", channel = "t", window = 10, above = 3.0 }
+            [[rule]]
+            name = "long_hot"
+            label = "long_hot"
+            when = { kind = "duration", channel = "t", above = 30.0, for_seconds = 2.0 }
+            [[rule]]
+            name = "stuck"
+            label = "stuck"
+            when = { kind = "flat", channel = "t", window = 3 }
+            [[rule]]
+            name = "cold_or_hot"
+            label = "extreme"
+            when = { kind = "any", of = [ { kind = "range", channel = "t", min = 0.0, max = 30.0 } ] }
+            "#,
+        );
+        let mut state = e.new_state();
+        let series = [
+            20.0, 20.5, 20.2, 19.8, 20.1, 20.3, 19.9, 20.0, 20.2, 40.0, 40.0, 40.0, 40.0,
+        ];
+        let mut fired: Vec<Vec<&str>> = Vec::new();
+        for (i, v) in series.iter().enumerate() {
+            let value = |c: &str| (c == "t").then_some(*v);
+            let votes = e.votes(&mut state, &value, i as i64 * 1_000_000);
+            let mut labels: Vec<&str> = votes
+                .iter()
+                .flatten()
+                .map(|l| e.labels[*l].as_str())
+                .collect();
+            labels.sort();
+            fired.push(labels);
+        }
+        assert!(fired[8].is_empty(), "{:?}", fired[8]);
+        assert_eq!(fired[9], vec!["extreme", "hot", "jump", "odd"]);
+        assert_eq!(fired[10], vec!["extreme", "hot"]);
+        assert_eq!(fired[11], vec!["extreme", "hot", "long_hot", "stuck"]);
+    }
+
+    #[test]
+    fn every_rule_abstaining_leaves_the_reading_unlabelled() {
+        let mut m = LabelModel::new(2, 2);
+        let labels = vec!["a".to_string(), "b".to_string()];
+        assert_eq!(
+            m.label(Combiner::LabelModel, &[None, None], &labels),
+            Labelled {
+                label: None,
+                confidence: None
+            }
+        );
+        let l = m.label(Combiner::Majority, &[Some(1), None], &labels);
+        assert_eq!((l.label.as_deref(), l.confidence), (Some("b"), Some(1.0)));
+    }
+
+    #[test]
+    fn the_label_model_learns_which_rule_disagrees_with_the_others() {
+        // Rules 0 and 1 agree with the truth; rule 2 votes at random.
+        let labels = vec!["a".to_string(), "b".to_string()];
+        let mut m = LabelModel::new(3, 2);
+        let mut rng = 12345u64;
+        for i in 0..5_000 {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let truth = i % 2;
+            let noisy = (rng >> 33) as usize % 2;
+            m.label(
+                Combiner::LabelModel,
+                &[Some(truth), Some(truth), Some(noisy)],
+                &labels,
+            );
+        }
+        let acc = m.accuracies();
+        assert!(acc[2] < acc[0] && acc[2] < acc[1], "{acc:?}");
+        assert!(acc[0] > 0.9 && (0.35..0.65).contains(&acc[2]), "{acc:?}");
+    }
+
+    #[test]
+    fn bad_rules_are_refused_naming_the_rule_and_the_field() {
+        let known = |c: &str| c == "t";
+        let err = |text: &str| {
+            RulesFile::parse(text, Some(&known))
+                .expect_err("refused")
+                .to_string()
+        };
+        assert!(err("[[rule]\nname=").contains("not valid TOML"));
+        let e = err(r#"[[rule]]
+name = "r1"
+label = "x"
+when = { kind = "threshold", channel = "pressure", above = 1.0 }"#);
+        assert!(
+            e.contains("rule \"r1\": when.channel") && e.contains("pressure"),
+            "{e}"
+        );
+        let e = err(r#"[[rule]]
+name = "r2"
+label = "x"
+when = { kind = "all", of = [ { kind = "zscore", channel = "t", window = 0, above = 3.0 } ] }"#);
+        assert!(e.contains("rule \"r2\": when.of[0].window"), "{e}");
+    }
+}
