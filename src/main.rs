@@ -115,6 +115,9 @@ struct ProcessorArgs {
     /// Labelling rules file (TOML, docs/labelling.md); watched and hot-reloaded.
     #[arg(long, env = "EDGELOOP_RULES_FILE")]
     rules: Option<PathBuf>,
+    /// The data set's channels, comma-separated: rules naming another channel are refused.
+    #[arg(long, env = "EDGELOOP_CHANNELS", value_delimiter = ',')]
+    channels: Vec<String>,
     /// Close a Parquet file (and commit its offsets) once it is this old, e.g. `10s`.
     #[arg(long, env = "EDGELOOP_SINK_MAX_AGE", value_parser = humantime::parse_duration)]
     max_age: Option<Duration>,
@@ -286,6 +289,9 @@ async fn main() -> Result<()> {
             }
             if let Some(rules) = args.rules {
                 config.rules_file = Some(rules);
+            }
+            if !args.channels.is_empty() {
+                config.channels = args.channels;
             }
             if let Some(age) = args.max_age {
                 config.sink.max_age = age;

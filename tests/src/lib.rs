@@ -147,6 +147,9 @@ pub struct Row {
     pub ts_micros: i64,
     pub channels: HashMap<String, Option<f64>>,
     pub true_label: Option<String>,
+    pub label: Option<String>,
+    pub label_confidence: Option<f64>,
+    pub rules_version: Option<String>,
     pub kafka_offset: i64,
 }
 
@@ -197,6 +200,9 @@ pub fn read_rows(root: &Path) -> Result<Vec<Row>> {
         "seq",
         "ts",
         "true_label",
+        "label",
+        "label_confidence",
+        "rules_version",
         "kafka_partition",
         "kafka_offset",
     ];
@@ -212,6 +218,9 @@ pub fn read_rows(root: &Path) -> Result<Vec<Row>> {
             let seq = column::<Int64Array>(&batch, "seq")?;
             let ts = column::<arrow_array::TimestampMicrosecondArray>(&batch, "ts")?;
             let label = column::<StringArray>(&batch, "true_label")?;
+            let voted = column::<StringArray>(&batch, "label")?;
+            let confidence = column::<Float64Array>(&batch, "label_confidence")?;
+            let version = column::<StringArray>(&batch, "rules_version")?;
             let offset = column::<Int64Array>(&batch, "kafka_offset")?;
             let schema = batch.schema();
             let channel_names: Vec<String> = schema
@@ -235,6 +244,9 @@ pub fn read_rows(root: &Path) -> Result<Vec<Row>> {
                         .map(|(n, c)| (n.clone(), (!c.is_null(i)).then(|| c.value(i))))
                         .collect(),
                     true_label: (!label.is_null(i)).then(|| label.value(i).to_string()),
+                    label: (!voted.is_null(i)).then(|| voted.value(i).to_string()),
+                    label_confidence: (!confidence.is_null(i)).then(|| confidence.value(i)),
+                    rules_version: (!version.is_null(i)).then(|| version.value(i).to_string()),
                     kafka_offset: offset.value(i),
                 });
             }

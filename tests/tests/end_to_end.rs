@@ -86,24 +86,27 @@ impl Stack {
     }
 
     fn processor(&self, name: &str) -> Result<Component> {
-        Component::start(
-            std::path::Path::new(BIN),
-            name,
-            &[
-                "processor",
-                "--kafka",
-                &self.kafka.bootstrap(),
-                "--group-id",
-                &self.group,
-                "--parquet-root",
-                &self.parquet.to_string_lossy(),
-                "--max-age",
-                "1s",
-                "--instance-id",
-                "processor-0",
-            ],
-            self.dir.path(),
-        )
+        self.processor_with(name, &[])
+    }
+
+    fn processor_with(&self, name: &str, extra: &[&str]) -> Result<Component> {
+        let bootstrap = self.kafka.bootstrap();
+        let parquet = self.parquet.to_string_lossy().into_owned();
+        let mut args = vec![
+            "processor",
+            "--kafka",
+            &bootstrap,
+            "--group-id",
+            &self.group,
+            "--parquet-root",
+            &parquet,
+            "--max-age",
+            "1s",
+            "--instance-id",
+            "processor-0",
+        ];
+        args.extend_from_slice(extra);
+        Component::start(std::path::Path::new(BIN), name, &args, self.dir.path())
     }
 
     fn agent(&self, device: &str, seed: u64, limit: u64, rate: f64, batch: usize) -> AgentConfig {
@@ -928,5 +931,106 @@ async fn a_child_behind_a_gateway_arrives_exactly_once_under_its_own_id_across_a
     )?;
     gateway_stop.cancel();
     tokio::time::timeout(Duration::from_secs(30), gateway_task).await???;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_label_readings_a_changed_file_is_taken_and_a_broken_one_refused() -> Result<()> {
+    let stack = Stack::start().await?;
+    let rules = stack.dir.path().join("rules.toml");
+    std::fs::write(&rules, include_str!("../../config/rules.example.toml"))?;
+    let rules_arg = rules.to_string_lossy().into_owned();
+    let mut processor = stack.processor_with(
+        "processor",
+        &[
+            "--rules",
+            &rules_arg,
+            "--channels",
+            "temperature,humidity,vibration",
+        ],
+    )?;
+    // Phase 1: the shipped rules (version sim-v1).
+    // 10 readings/s of simulated time (what the rules are written for),
+    // fast-forwarded 200 times.
+    let mut first = stack.agent("lab-1", 5, 4_000, 10.0, 100);
+    if let SourceConfig::Simulator(sim) = &mut first.source {
+        sim.speedup = 200.0;
+    }
+    let report = edgeloop_agent::run(
+        first,
+        CancellationToken::new(),
+        Arc::new(AgentStats::default()),
+    )
+    .await?;
+    ensure!(report.committed_seq == 4_000);
+    let rows = wait_for_rows(&stack, 4_000, Duration::from_secs(60)).await?;
+    ensure!(
+        rows.iter()
+            .all(|r| r.rules_version.as_deref() == Some("sim-v1")),
+        "every row carries the rules version"
+    );
+    let stuck: Vec<_> = rows
+        .iter()
+        .filter(|r| r.true_label.as_deref() == Some("stuck"))
+        .collect();
+    let caught = stuck
+        .iter()
+        .filter(|r| r.label.as_deref() == Some("stuck"))
+        .count();
+    ensure!(
+        !stuck.is_empty() && caught * 2 > stuck.len(),
+        "stuck readings found: {caught} of {}",
+        stuck.len()
+    );
+    ensure!(rows
+        .iter()
+        .all(|r| r.label.is_none() == r.label_confidence.is_none()));
+
+    // Phase 2: a broken file is refused and the running rules stay.
+    std::fs::write(&rules, "[[rule]]\nname = \"oops\"\nlabel = \"x\"\nwhen = { kind = \"threshold\", channel = \"pressure\", above = 1.0 }\n")?;
+    let log_path = processor.log.clone();
+    wait_for(
+        Duration::from_secs(30),
+        "the refusal in the processor's log",
+        || {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            async move { Ok(log.contains("labelling rules refused").then_some(())) }
+        },
+    )
+    .await?;
+    let log = std::fs::read_to_string(&processor.log)?;
+    ensure!(
+        log.contains("oops") && log.contains("when.channel") && log.contains("pressure"),
+        "the refusal names the rule, the field and the channel: {log}"
+    );
+    processor.check_running()?;
+
+    // Phase 3: a valid new version is taken into force without a restart.
+    let v2 = include_str!("../../config/rules.example.toml")
+        .replace("version = \"sim-v1\"", "version = \"sim-v2\"");
+    std::fs::write(&rules, v2)?;
+    wait_for(Duration::from_secs(30), "sim-v2 in force", || {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        async move { Ok(log.contains("sim-v2").then_some(())) }
+    })
+    .await?;
+    let mut second = stack.agent("lab-2", 6, 1_000, 10.0, 100);
+    if let SourceConfig::Simulator(sim) = &mut second.source {
+        sim.speedup = 200.0;
+    }
+    let report = edgeloop_agent::run(
+        second,
+        CancellationToken::new(),
+        Arc::new(AgentStats::default()),
+    )
+    .await?;
+    ensure!(report.committed_seq == 1_000);
+    let rows = wait_for_rows(&stack, 5_000, Duration::from_secs(60)).await?;
+    ensure!(
+        rows.iter()
+            .filter(|r| r.device_id == "lab-2")
+            .all(|r| r.rules_version.as_deref() == Some("sim-v2")),
+        "readings after the change carry the new version"
+    );
     Ok(())
 }

@@ -102,7 +102,8 @@ async fn run_simulator(
     let step_micros = 1e6 / config.rate_hz;
     // Tick often enough for low rates to be smooth, not so often that a fleet
     // of thousands burns CPU on timers.
-    let tick = Duration::from_secs_f64((1.0 / config.rate_hz).clamp(0.01, 1.0));
+    let wall_rate = config.rate_hz * config.speedup;
+    let tick = Duration::from_secs_f64((1.0 / wall_rate).clamp(0.01, 1.0));
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut generated: u64 = 0;
@@ -112,7 +113,7 @@ async fn run_simulator(
             _ = shutdown.cancelled() => break,
             _ = interval.tick() => {}
         }
-        let due = ((start.elapsed().as_secs_f64() * config.rate_hz) as u64).min(limit);
+        let due = ((start.elapsed().as_secs_f64() * wall_rate) as u64).min(limit);
         let mut batch = Vec::with_capacity(due.saturating_sub(generated) as usize);
         while generated < due {
             let r = sim.next_reading();

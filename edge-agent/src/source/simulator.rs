@@ -19,8 +19,11 @@ pub const LABEL_STUCK: &str = "stuck";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SimulatorConfig {
-    /// Readings per second.
+    /// Readings per second (of simulated time).
     pub rate_hz: f64,
+    /// Simulated seconds per wall-clock second: above 1 fast-forwards (the
+    /// timestamps keep `rate_hz` apart), for tests and benchmarks.
+    pub speedup: f64,
     /// Seed of the generator; the same seed gives the same values.
     pub seed: u64,
     /// Stop after this many readings (none: run until shut down).
@@ -48,6 +51,7 @@ impl Default for SimulatorConfig {
     fn default() -> Self {
         SimulatorConfig {
             rate_hz: 10.0,
+            speedup: 1.0,
             seed: 1,
             limit: None,
             anomaly_rate: 0.002,
@@ -84,6 +88,12 @@ impl SimulatorConfig {
             return Err(format!(
                 "rate_hz: must be a positive number, not {}",
                 self.rate_hz
+            ));
+        }
+        if !self.speedup.is_finite() || self.speedup <= 0.0 {
+            return Err(format!(
+                "speedup: must be a positive number, not {}",
+                self.speedup
             ));
         }
         if !(0.0..=1.0).contains(&self.anomaly_rate) {

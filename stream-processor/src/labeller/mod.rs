@@ -165,12 +165,22 @@ fn eval(
                 }
             }
         }
-        Condition::All { of } => of
-            .iter()
-            .fold(true, |acc, c| eval(c, value, ts, states, next) && acc),
-        Condition::Any { of } => of
-            .iter()
-            .fold(false, |acc, c| eval(c, value, ts, states, next) || acc),
+        // Every child is evaluated (no short-circuit) so that its state
+        // sees every reading.
+        Condition::All { of } => {
+            let results: Vec<bool> = of
+                .iter()
+                .map(|c| eval(c, value, ts, states, next))
+                .collect();
+            results.iter().all(|r| *r)
+        }
+        Condition::Any { of } => {
+            let results: Vec<bool> = of
+                .iter()
+                .map(|c| eval(c, value, ts, states, next))
+                .collect();
+            results.iter().any(|r| *r)
+        }
         Condition::Not { of } => !eval(of, value, ts, states, next),
     }
 }
