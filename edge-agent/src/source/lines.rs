@@ -266,6 +266,28 @@ fn now_micros() -> i64 {
         .unwrap_or(0)
 }
 
+/// Moves `batch` into the spool (waiting for room); `false` if `shutdown`
+/// came first.
+async fn flush(
+    spool: &SharedSpool,
+    batch: &mut Vec<Reading>,
+    shutdown: &CancellationToken,
+    stats: &AgentStats,
+) -> Result<bool, SourceError> {
+    if batch.is_empty() {
+        return Ok(true);
+    }
+    let n = batch.len() as u64;
+    if !spool
+        .append_waiting(std::mem::take(batch), shutdown)
+        .await?
+    {
+        return Ok(false);
+    }
+    AgentStats::add(&stats.readings_generated, n);
+    Ok(true)
+}
+
 /// Reads `input` line by line into the spool until it ends or `shutdown`.
 pub async fn run<R: AsyncBufRead + Unpin>(
     config: &LinesConfig,
@@ -318,15 +340,10 @@ pub async fn run<R: AsyncBufRead + Unpin>(
                     let first = *first_ts.get_or_insert(reading.ts_micros);
                     let due =
                         start + Duration::from_micros((reading.ts_micros - first).max(0) as u64);
-                    if due > tokio::time::Instant::now() && !batch.is_empty() {
-                        let n = batch.len() as u64;
-                        if !spool
-                            .append_waiting(std::mem::take(&mut batch), &shutdown)
-                            .await?
-                        {
-                            return Ok(());
-                        }
-                        AgentStats::add(&stats.readings_generated, n);
+                    if due > tokio::time::Instant::now()
+                        && !flush(&spool, &mut batch, &shutdown, &stats).await?
+                    {
+                        return Ok(());
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -347,22 +364,11 @@ pub async fn run<R: AsyncBufRead + Unpin>(
                 }
             }
         }
-        if batch.len() >= 256 {
-            let n = batch.len() as u64;
-            if !spool
-                .append_waiting(std::mem::take(&mut batch), &shutdown)
-                .await?
-            {
-                return Ok(());
-            }
-            AgentStats::add(&stats.readings_generated, n);
+        if batch.len() >= 256 && !flush(&spool, &mut batch, &shutdown, &stats).await? {
+            return Ok(());
         }
     }
-    if !batch.is_empty() {
-        let n = batch.len() as u64;
-        spool.append_waiting(batch, &shutdown).await?;
-        AgentStats::add(&stats.readings_generated, n);
-    }
+    flush(&spool, &mut batch, &shutdown, &stats).await?;
     Ok(())
 }
 

@@ -49,6 +49,21 @@ fn beyond(v: f64, above: Option<f64>, below: Option<f64>) -> bool {
     above.is_some_and(|a| v > a) || below.is_some_and(|b| v < b)
 }
 
+/// Takes the next state node, a window, together with the reading's value
+/// (`None` when either is missing; the node is taken all the same).
+fn window_node<'a>(
+    states: &'a mut [NodeState],
+    next: &mut usize,
+    value: Option<f64>,
+) -> Option<(&'a mut VecDeque<f64>, f64)> {
+    let i = *next;
+    *next += 1;
+    match (states.get_mut(i), value) {
+        (Some(NodeState::Window { values }), Some(v)) => Some((values, v)),
+        _ => None,
+    }
+}
+
 /// Evaluates `cond` on one reading, updating its state nodes (every node is
 /// visited, so `all`/`any` do not short-circuit state updates).
 fn eval(
@@ -94,12 +109,7 @@ fn eval(
             window,
             above,
         } => {
-            let i = *next;
-            *next += 1;
-            let Some(NodeState::Window { values }) = states.get_mut(i) else {
-                return false;
-            };
-            let Some(v) = value(channel) else {
+            let Some((values, v)) = window_node(states, next, value(channel)) else {
                 return false;
             };
             let n = values.len();
@@ -124,12 +134,7 @@ fn eval(
             window,
             tolerance,
         } => {
-            let i = *next;
-            *next += 1;
-            let Some(NodeState::Window { values }) = states.get_mut(i) else {
-                return false;
-            };
-            let Some(v) = value(channel) else {
+            let Some((values, v)) = window_node(states, next, value(channel)) else {
                 return false;
             };
             values.push_back(v);
