@@ -14,6 +14,8 @@
 //! every commit, so a restart resumes them where the data set stands and does
 //! not change labels.
 
+#[cfg(test)]
+mod quality;
 pub mod rules;
 
 use std::collections::{HashMap, VecDeque};
@@ -297,22 +299,31 @@ impl LabelModel {
         }
     }
 
-    /// Estimated accuracy of each rule. As in Snorkel, a rule is taken to be
-    /// better than a random vote (accuracy above 1/labels): without that the
-    /// estimate can collapse, and a rule voting alone would be overruled by
-    /// labels nobody voted for.
+    /// Estimated accuracy of each rule: how often its vote agreed with the
+    /// model's label where at least two rules voted (with a Beta(7, 3) prior).
     pub fn accuracies(&self) -> Vec<f64> {
-        let floor = 1.0 / self.labels.max(1) as f64 + 0.05;
         self.correct
             .iter()
             .zip(&self.voted)
-            .map(|(c, n)| ((c + PRIOR_RIGHT) / (n + PRIOR_VOTES)).clamp(floor.min(0.9), 0.99))
+            .map(|(c, n)| ((c + PRIOR_RIGHT) / (n + PRIOR_VOTES)).clamp(0.01, 0.99))
+            .collect()
+    }
+
+    /// The accuracies the posterior uses: as in Snorkel, a rule is taken to
+    /// be better than a random vote (above 1/labels); without that the
+    /// estimate can collapse, and a rule voting alone would be overruled by
+    /// labels nobody voted for.
+    fn weights(&self) -> Vec<f64> {
+        let floor = (1.0 / self.labels.max(1) as f64 + 0.05).min(0.9);
+        self.accuracies()
+            .into_iter()
+            .map(|a| a.max(floor))
             .collect()
     }
 
     fn posterior(&self, votes: &[Option<usize>]) -> Vec<f64> {
         let k = self.labels;
-        let acc = self.accuracies();
+        let acc = self.weights();
         let mut log: Vec<f64> = vec![0.0; k];
         for (j, v) in votes.iter().enumerate() {
             let Some(v) = v else { continue };
