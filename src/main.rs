@@ -56,6 +56,29 @@ enum Command {
     /// Look into a device's spool directory (for debugging a device in the field).
     #[command(subcommand)]
     Spool(SpoolCommand),
+    /// The labelling rules: check a file, or see how each rule behaves.
+    #[command(subcommand)]
+    Labels(LabelsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum LabelsCommand {
+    /// Per rule and rules version: coverage, overlap, conflict, agreement with
+    /// the final label and estimated accuracy, from the data set's
+    /// `rule_stats` table.
+    Stats {
+        /// Root of the Parquet data set (`DIR/parquet` for `edgeloop up`).
+        #[arg(long, env = "EDGELOOP_PARQUET_ROOT", default_value = "data/parquet")]
+        parquet_root: PathBuf,
+    },
+    /// Check a rules file as the processor would; exit status 1 if refused.
+    Check {
+        /// The rules file.
+        file: PathBuf,
+        /// The data set's channels, comma-separated (empty: any).
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -299,6 +322,32 @@ async fn main() -> Result<()> {
             let stats = Arc::new(edgeloop_processor::ProcessorStats::default());
             edgeloop_processor::run(config, shutdown, stats).await?;
             Ok(())
+        }
+        Command::Labels(LabelsCommand::Stats { parquet_root }) => {
+            let summary = edgeloop_processor::labeller::stats::summarize(&parquet_root)?;
+            print!("{}", edgeloop_processor::labeller::stats::table(&summary));
+            Ok(())
+        }
+        Command::Labels(LabelsCommand::Check { file, channels }) => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let known = |c: &str| channels.is_empty() || channels.iter().any(|k| k == c);
+            match edgeloop_processor::labeller::RulesFile::parse(&text, Some(&known)) {
+                Ok(rules) => {
+                    println!(
+                        "{}: {} rules, version {}, combiner {:?}",
+                        file.display(),
+                        rules.rules.len(),
+                        rules.version(),
+                        rules.combiner
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("{}: refused: {e}", file.display());
+                    std::process::exit(1);
+                }
+            }
         }
         Command::Spool(SpoolCommand::Inspect { dir }) => {
             let found = edgeloop_agent::spool::inspect::inspect(&dir)?;

@@ -33,7 +33,7 @@ use crate::deadletter::{DeadLetterError, DeadLetters};
 use crate::decode;
 use crate::dedup::{self, DedupError, PartitionSnapshot};
 use crate::labeller::{Engine, Labelled, RulesFile};
-use crate::parquet_sink::{losses, Bucket, OpenFile, SinkError};
+use crate::parquet_sink::{losses, rule_stats, Bucket, OpenFile, SinkError};
 use crate::stats::ProcessorStats;
 use edgeloop_proto::v1::ReadingBatch;
 
@@ -100,19 +100,19 @@ struct RulesWatch {
 impl Sink<'_> {
     /// Reloads the rules file if it changed. A file with an error is refused
     /// with a message naming the rule and the field; the rules in force stay.
-    fn reload_rules(&mut self) {
+    fn reload_rules(&mut self) -> Result<(), SourceError> {
         let Some(path) = self.rules_file.path.clone() else {
-            return;
+            return Ok(());
         };
         if self.rules_file.checked.elapsed() < self.config.rules_check_interval
             && self.rules_file.modified.is_some()
         {
-            return;
+            return Ok(());
         }
         self.rules_file.checked = std::time::Instant::now();
         let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
         if modified.is_none() || modified == self.rules_file.modified {
-            return;
+            return Ok(());
         }
         self.rules_file.modified = modified;
         let known = |c: &str| {
@@ -123,6 +123,12 @@ impl Sink<'_> {
             .and_then(|text| RulesFile::parse(&text, Some(&known)).map_err(|e| e.to_string()));
         match parsed {
             Ok(rules) => {
+                // Close the open files first: a file's labels (and its rule
+                // statistics) come from one rules version.
+                let open: Vec<i32> = self.open.keys().copied().collect();
+                for p in open {
+                    self.close(p)?;
+                }
                 tracing::info!(path = %path.display(), version = rules.version(), rules = rules.rules.len(), "labelling rules in force");
                 self.rules = Some(Engine::new(rules));
                 ProcessorStats::add(&self.stats.rules_reloads, 1);
@@ -132,6 +138,7 @@ impl Sink<'_> {
                 ProcessorStats::add(&self.stats.rules_refused, 1);
             }
         }
+        Ok(())
     }
 
     /// The label of every reading of `batch`, in order (empty: no rules).
@@ -194,12 +201,65 @@ impl Sink<'_> {
 
     fn close(&mut self, partition: i32) -> Result<(), SourceError> {
         if let Some(file) = self.open.remove(&partition) {
+            let bucket = file.bucket.clone();
+            let first_offset = file.first_offset;
             let closed = file.close()?;
+            self.write_rule_stats(partition, &bucket, first_offset)?;
             tracing::debug!(path = %closed.path.display(), rows = closed.rows, "file written");
             ProcessorStats::add(&self.stats.rows_written, closed.rows as u64);
             ProcessorStats::add(&self.stats.files_written, 1);
             self.commit(partition, closed.last_offset + 1)?;
         }
+        Ok(())
+    }
+
+    /// Writes (and resets) the rule statistics of the file just closed.
+    fn write_rule_stats(
+        &mut self,
+        partition: i32,
+        bucket: &Bucket,
+        first_offset: i64,
+    ) -> Result<(), SourceError> {
+        let Some(engine) = &self.rules else {
+            return Ok(());
+        };
+        let Some(state) = self.seen.get_mut(&partition) else {
+            return Ok(());
+        };
+        let counts = std::mem::take(&mut state.labels.counts);
+        if counts.is_empty() || state.labels.rules_version != engine.rules.version() {
+            return Ok(());
+        }
+        let accuracies = state
+            .labels
+            .model
+            .as_ref()
+            .map(|m| m.accuracies())
+            .unwrap_or_default();
+        let rows: Vec<rule_stats::StatsRow<'_>> =
+            counts
+                .iter()
+                .flat_map(|(device, per_rule)| {
+                    let accuracies = &accuracies;
+                    engine.rules.rules.iter().zip(per_rule).enumerate().map(
+                        move |(j, (rule, c))| rule_stats::StatsRow {
+                            device_id: device,
+                            rule: &rule.name,
+                            rule_label: &rule.label,
+                            counts: *c,
+                            estimated_accuracy: accuracies.get(j).copied(),
+                        },
+                    )
+                })
+                .collect();
+        rule_stats::write(
+            &self.config.parquet_root,
+            bucket,
+            partition,
+            first_offset,
+            engine.rules.version(),
+            &rows,
+        )?;
         Ok(())
     }
 
@@ -385,7 +445,7 @@ pub fn run(
             checked: std::time::Instant::now(),
         },
     };
-    sink.reload_rules();
+    sink.reload_rules()?;
     while !shutdown.is_cancelled() {
         let polled = consumer.poll(Duration::from_millis(100));
         let revoked: Vec<i32> = std::mem::take(
@@ -404,7 +464,7 @@ pub fn run(
             Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error"),
         }
         sink.close_aged()?;
-        sink.reload_rules();
+        sink.reload_rules()?;
     }
     let partitions: Vec<i32> = sink.open.keys().copied().collect();
     for p in partitions {

@@ -10,6 +10,9 @@
 //!   Dawid–Skene model in the manner of Snorkel's label model). Readings on
 //!   which every rule abstained stay unlabelled.
 //!
+//! - [`stats`]: per-rule statistics from the `rule_stats` table (`edgeloop
+//!   labels stats`).
+//!
 //! The per-device state and the model are part of the processor's snapshot at
 //! every commit, so a restart resumes them where the data set stands and does
 //! not change labels.
@@ -17,6 +20,7 @@
 #[cfg(test)]
 mod quality;
 pub mod rules;
+pub mod stats;
 
 use std::collections::{HashMap, VecDeque};
 
@@ -399,13 +403,60 @@ impl LabelModel {
     }
 }
 
-/// The labeller of one partition: rules, per-device state, the model.
+/// How one rule behaved on one device's readings (since the counts were
+/// last taken).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleCounts {
+    /// Readings the rule saw.
+    pub readings: u64,
+    /// Readings it voted on (coverage = votes / readings).
+    pub votes: u64,
+    /// Votes cast while at least one other rule voted too.
+    pub overlaps: u64,
+    /// Votes cast while another rule voted a different label.
+    pub conflicts: u64,
+    /// Votes equal to the label the reading got.
+    pub agreements: u64,
+}
+
+impl RuleCounts {
+    /// Counts one reading's votes into `counts[rule]` (brute force is the
+    /// definition: every field above, per rule).
+    pub fn count(counts: &mut [RuleCounts], votes: &[Option<usize>], label: Option<usize>) {
+        for (j, vote) in votes.iter().enumerate() {
+            let Some(c) = counts.get_mut(j) else { continue };
+            c.readings += 1;
+            let Some(v) = vote else { continue };
+            c.votes += 1;
+            let others = votes
+                .iter()
+                .enumerate()
+                .filter(|(k, o)| *k != j && o.is_some());
+            let (mut overlap, mut conflict) = (false, false);
+            for (_, o) in others {
+                overlap = true;
+                conflict |= *o != Some(*v);
+            }
+            c.overlaps += u64::from(overlap);
+            c.conflicts += u64::from(conflict);
+            c.agreements += u64::from(label == Some(*v));
+        }
+    }
+}
+
+/// The labeller of one partition: rules, per-device state, the model, and
+/// the rule statistics of the open file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PartitionLabels {
     /// Rules version the state belongs to; state of other versions is dropped.
     pub rules_version: String,
     pub devices: HashMap<String, DeviceState>,
     pub model: Option<LabelModel>,
+    /// Per device, per rule: counts since they were last taken (at a file
+    /// close, into the `rule_stats` table). Not part of the snapshot: a
+    /// snapshot is taken right after they are.
+    #[serde(skip)]
+    pub counts: std::collections::BTreeMap<String, Vec<RuleCounts>>,
 }
 
 impl PartitionLabels {
@@ -431,7 +482,17 @@ impl PartitionLabels {
         let model = self
             .model
             .get_or_insert_with(|| LabelModel::new(engine.rules.rules.len(), engine.labels.len()));
-        model.label(engine.rules.combiner, &votes, &engine.labels)
+        let labelled = model.label(engine.rules.combiner, &votes, &engine.labels);
+        let label = labelled
+            .label
+            .as_ref()
+            .and_then(|l| engine.labels.binary_search(l).ok());
+        let counts = self
+            .counts
+            .entry(device.to_string())
+            .or_insert_with(|| vec![RuleCounts::default(); engine.rules.rules.len()]);
+        RuleCounts::count(counts, &votes, label);
+        labelled
     }
 }
 
@@ -493,6 +554,78 @@ mod tests {
         assert_eq!(fired[9], vec!["extreme", "hot", "jump", "odd"]);
         assert_eq!(fired[10], vec!["extreme", "hot"]);
         assert_eq!(fired[11], vec!["extreme", "hot", "long_hot", "stuck"]);
+    }
+
+    #[test]
+    fn rule_statistics_match_a_brute_force_count() {
+        let e = engine(
+            r#"
+            [[rule]]
+            name = "hot"
+            label = "hot"
+            when = { kind = "threshold", channel = "t", above = 25.0 }
+            [[rule]]
+            name = "warm"
+            label = "hot"
+            when = { kind = "threshold", channel = "t", above = 22.0 }
+            [[rule]]
+            name = "fine"
+            label = "normal"
+            when = { kind = "range", channel = "t", min = 10.0, max = 24.0, inside = true }
+            "#,
+        );
+        let mut labels = PartitionLabels::default();
+        let mut brute_state = e.new_state();
+        let series: Vec<f64> = (0..500).map(|i| 15.0 + (i % 13) as f64).collect();
+        let mut all_votes = Vec::new();
+        let mut all_labels = Vec::new();
+        for (i, v) in series.iter().enumerate() {
+            let value = |c: &str| (c == "t").then_some(*v);
+            let l = labels.label(&e, "d", &value, i as i64);
+            all_votes.push(e.votes(&mut brute_state, &value, i as i64));
+            all_labels.push(l.label);
+        }
+        let counts = &labels.counts["d"];
+        for (j, name) in ["hot", "warm", "fine"].iter().enumerate() {
+            let votes = all_votes.iter().filter(|v| v[j].is_some()).count() as u64;
+            let overlaps = all_votes
+                .iter()
+                .filter(|v| {
+                    v[j].is_some() && v.iter().enumerate().any(|(k, o)| k != j && o.is_some())
+                })
+                .count() as u64;
+            let conflicts = all_votes
+                .iter()
+                .filter(|v| {
+                    v[j].is_some()
+                        && v.iter()
+                            .enumerate()
+                            .any(|(k, o)| k != j && o.is_some() && *o != v[j])
+                })
+                .count() as u64;
+            let agreements = all_votes
+                .iter()
+                .zip(&all_labels)
+                .filter(|(v, l)| {
+                    v[j].is_some() && l.as_deref() == v[j].map(|x| e.labels[x].as_str())
+                })
+                .count() as u64;
+            assert_eq!(
+                counts[j],
+                RuleCounts {
+                    readings: 500,
+                    votes,
+                    overlaps,
+                    conflicts,
+                    agreements
+                },
+                "rule {name}"
+            );
+        }
+        assert!(
+            counts[1].conflicts > 0 && counts[0].overlaps > 0,
+            "the series exercises overlaps and conflicts"
+        );
     }
 
     #[test]

@@ -37,6 +37,7 @@ use crate::config::SinkConfig;
 use crate::labeller::Labelled;
 
 pub mod losses;
+pub mod rule_stats;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
