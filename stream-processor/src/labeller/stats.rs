@@ -49,12 +49,13 @@ fn files(root: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// A summary being summed: (summary, accuracy × votes, votes with an
+/// accuracy, devices seen).
+type Accumulator = (RuleSummary, f64, f64, std::collections::BTreeSet<String>);
+
 /// (rules version, rule) → summary.
 pub fn summarize(root: &Path) -> Result<BTreeMap<(String, String), RuleSummary>, StatsError> {
-    let mut out: BTreeMap<
-        (String, String),
-        (RuleSummary, f64, f64, std::collections::BTreeSet<String>),
-    > = BTreeMap::new();
+    let mut out: BTreeMap<(String, String), Accumulator> = BTreeMap::new();
     for path in files(root) {
         let err = |reason: String| StatsError::Read {
             path: path.clone(),
