@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what edgeloop needs beyond cargo's own dependencies, once:
-# the Tansu Kafka-API broker that `edgeloop up` and the tests start.
+# the Tansu Kafka-API broker that `edgeloop up` and the tests start, and the
+# Python readers (DuckDB, pyarrow) the tests check the data set with.
 # Skipped when tansu is already installed. Building it from scratch takes
 # about 20 minutes on a 2-core machine.
 set -euo pipefail
@@ -12,4 +13,15 @@ if command -v tansu >/dev/null 2>&1 || [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/tan
 else
     echo "setup: installing tansu ${TANSU_VERSION} with cargo (about 20 minutes from scratch)"
     cargo install tansu --version "${TANSU_VERSION}" --locked --features dynostore,libsql
+fi
+
+# DuckDB and pyarrow, which the tests use as independent readers of the data set.
+# Pinned: the tests use their APIs.
+DUCKDB_VERSION="2.0.1"
+PYARROW_VERSION="26.0.1"
+if python3 -c "import duckdb, pyarrow, sys; sys.exit(duckdb.__version__ != '${DUCKDB_VERSION}' or pyarrow.__version__ != '${PYARROW_VERSION}')" >/dev/null 2>&1; then
+    echo "setup: duckdb and pyarrow already installed"
+else
+    echo "setup: installing duckdb ${DUCKDB_VERSION} and pyarrow ${PYARROW_VERSION} (pip)"
+    python3 -m pip install --quiet --disable-pip-version-check "duckdb==${DUCKDB_VERSION}" "pyarrow==${PYARROW_VERSION}"
 fi

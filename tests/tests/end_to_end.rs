@@ -1034,3 +1034,141 @@ async fn rules_label_readings_a_changed_file_is_taken_and_a_broken_one_refused()
     );
     Ok(())
 }
+
+/// Runs a Python snippet (DuckDB / pyarrow, installed by scripts/setup.sh)
+/// with the data set root as argv[1]; returns what it printed.
+fn python(script: &str, root: &std::path::Path) -> Result<String> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(root)
+        .output()
+        .context("running python3 (scripts/setup.sh installs duckdb and pyarrow)")?;
+    ensure!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duckdb_and_pyarrow_read_the_labelled_data_set_and_prune_by_date() -> Result<()> {
+    let stack = Stack::start().await?;
+    let rules = stack.dir.path().join("rules.toml");
+    std::fs::write(&rules, include_str!("../../config/rules.example.toml"))?;
+    let _processor = stack.processor_with("processor", &["--rules", &rules.to_string_lossy()])?;
+    let mut template = stack.agent("unused", 40, 1_500, 10.0, 100);
+    template.spool.dir = stack.dir.path().join("spool");
+    if let SourceConfig::Simulator(sim) = &mut template.source {
+        sim.speedup = 300.0;
+    }
+    let reports = edgeloop_agent::run_fleet(
+        template,
+        "duck",
+        3,
+        CancellationToken::new(),
+        Arc::new(AgentStats::default()),
+    )
+    .await?;
+    ensure!(reports.iter().all(|r| r.committed_seq == 1_500));
+    wait_for_rows(&stack, 4_500, Duration::from_secs(60)).await?;
+    // Let the last file's rule statistics land too.
+    let root = stack.parquet.clone();
+    wait_for(Duration::from_secs(30), "rule statistics for every reading", || {
+        let root = root.clone();
+        async move {
+            let n = python(
+                "import duckdb,sys; print(duckdb.execute(f\"SELECT coalesce(sum(readings),0) FROM read_parquet('{sys.argv[1]}/rule_stats/**/*.parquet') WHERE rule = 'all_in_band'\").fetchone()[0])",
+                &root,
+            )
+            .unwrap_or_default();
+            Ok((n == "4500").then_some(()))
+        }
+    })
+    .await?;
+
+    let duck = python(
+        r#"
+import duckdb, sys
+root = sys.argv[1]
+r = f"read_parquet('{root}/readings/**/*.parquet', hive_partitioning = true, union_by_name = true)"
+total, distinct, labelled, versions = duckdb.execute(f"SELECT count(*), count(DISTINCT (device_id, seq)), count(label), count(DISTINCT rules_version) FROM {r}").fetchone()
+day = duckdb.execute(f"SELECT min(date) FROM {r}").fetchone()[0]
+same_day = duckdb.execute(f"SELECT count(*) FROM {r} WHERE date = DATE '{day}'").fetchone()[0]
+other_day = duckdb.execute(f"SELECT count(*) FROM {r} WHERE date = DATE '{day}' + 1").fetchone()[0]
+print(total, distinct, labelled, versions, same_day, other_day)
+"#,
+        &stack.parquet,
+    )?;
+    let numbers: Vec<i64> = duck
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    ensure!(
+        numbers == vec![4_500, 4_500, numbers[2], 1, 4_500, 0],
+        "duckdb: {duck}"
+    );
+    ensure!(numbers[2] > 4_000, "most readings are labelled: {duck}");
+
+    let arrow = python(
+        r#"
+import pyarrow.dataset as ds, sys
+d = ds.dataset(sys.argv[1] + "/readings", format="parquet", partitioning="hive")
+t = d.to_table(columns=["device_id", "seq", "label", "label_confidence", "rules_version"])
+print(t.num_rows, len(set(zip(t["device_id"].to_pylist(), t["seq"].to_pylist()))), str(t.schema.field("label_confidence").type))
+"#,
+        &stack.parquet,
+    )?;
+    ensure!(arrow == "4500 4500 double", "pyarrow: {arrow}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processor_killed_twice_while_devices_resend_loses_and_duplicates_nothing() -> Result<()> {
+    let mut stack = Stack::start().await?;
+    let mut processor = stack.processor("processor-1")?;
+    let (devices, per_device) = (3usize, 4_000u64);
+    let mut template = stack.agent("unused", 600, per_device, 200.0, 40);
+    template.spool.dir = stack.dir.path().join("spool");
+    template.uplink.reconnect_max = Duration::from_secs(1);
+    let fleet = tokio::spawn(edgeloop_agent::run_fleet(
+        template,
+        "twice",
+        devices,
+        CancellationToken::new(),
+        Arc::new(AgentStats::default()),
+    ));
+    let parquet = stack.parquet.clone();
+    let files = |n: usize| {
+        let root = parquet.clone();
+        move || {
+            let found = parquet_files(&root);
+            async move { Ok((found?.len() >= n).then_some(())) }
+        }
+    };
+    wait_for(Duration::from_secs(60), "first files", files(2)).await?;
+    processor.kill9().await?;
+    // The broker restarts too: the devices reconnect and resend from their
+    // watermarks, so Kafka holds readings more than once.
+    let mut broker = stack.broker.take().context("broker")?;
+    broker.kill9().await?;
+    stack.start_broker().await?;
+    let mut processor = stack.processor("processor-2")?;
+    wait_for(Duration::from_secs(60), "more files", files(4)).await?;
+    processor.kill9().await?;
+    let mut processor = stack.processor("processor-3")?;
+    let reports = tokio::time::timeout(Duration::from_secs(120), fleet).await???;
+    ensure!(
+        reports.iter().all(|r| r.committed_seq == per_device),
+        "{reports:?}"
+    );
+    let total = devices * per_device as usize;
+    wait_for_rows(&stack, total, Duration::from_secs(120)).await?;
+    processor.terminate(Duration::from_secs(30)).await?;
+    let rows = read_rows(&stack.parquet)?;
+    let expected: HashMap<String, u64> = (0..devices)
+        .map(|i| (format!("twice-{i:04}"), per_device))
+        .collect();
+    check_exactly_once(&rows, &expected)?;
+    Ok(())
+}
