@@ -138,6 +138,9 @@ struct ProcessorArgs {
     /// Labelling rules file (TOML, docs/labelling.md); watched and hot-reloaded.
     #[arg(long, env = "EDGELOOP_RULES_FILE")]
     rules: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9464).
+    #[arg(long, env = "EDGELOOP_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// The data set's channels, comma-separated: rules naming another channel are refused.
     #[arg(long, env = "EDGELOOP_CHANNELS", value_delimiter = ',')]
     channels: Vec<String>,
@@ -315,6 +318,9 @@ async fn main() -> Result<()> {
             }
             if !args.channels.is_empty() {
                 config.channels = args.channels;
+            }
+            if let Some(listen) = args.metrics_listen {
+                config.metrics_listen = Some(listen);
             }
             if let Some(age) = args.max_age {
                 config.sink.max_age = age;

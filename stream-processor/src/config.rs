@@ -36,6 +36,8 @@ pub struct ProcessorConfig {
     /// The channels of the data set: rules naming another channel are
     /// refused (empty: any channel is accepted).
     pub channels: Vec<String>,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` (none: not served).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -67,6 +69,7 @@ impl Default for ProcessorConfig {
             rules_file: None,
             rules_check_interval: Duration::from_secs(2),
             channels: Vec::new(),
+            metrics_listen: None,
         }
     }
 }

@@ -7,6 +7,8 @@
 //! - [`deadletter`]: refused records go to `edgeloop.deadletter`.
 //! - [`parquet_sink`]: open files per partition, rolled by rows, bytes, age,
 //!   hour and schema; written to a temporary name, fsynced, renamed.
+//! - [`labeller`]: labelling rules, the label model, rule statistics.
+//! - [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`config`], [`stats`].
 
 pub mod config;
@@ -15,6 +17,7 @@ pub mod decode;
 pub mod dedup;
 pub mod kafka_source;
 pub mod labeller;
+pub mod metrics;
 pub mod parquet_sink;
 pub mod stats;
 
@@ -50,11 +53,20 @@ pub async fn run(
         &[topics::KAFKA_READINGS, topics::KAFKA_DEADLETTER],
     )
     .await?;
+    let rule_metrics = metrics::SharedRuleMetrics::default();
+    if let Some(listen) = config.metrics_listen {
+        let (stats, rules, shutdown) = (stats.clone(), rule_metrics.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(listen, stats, rules, shutdown).await {
+                tracing::error!(%listen, error = %e, "the metrics endpoint stopped");
+            }
+        });
+    }
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("processor".into())
         .spawn(move || {
-            let result = kafka_source::run(&config, &shutdown, &stats);
+            let result = kafka_source::run(&config, &shutdown, &stats, &rule_metrics);
             let _ = done_tx.send(result);
         })
         .map_err(|e| Error::Thread(e.to_string()))?;

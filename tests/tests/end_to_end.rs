@@ -940,6 +940,8 @@ async fn rules_label_readings_a_changed_file_is_taken_and_a_broken_one_refused()
     let rules = stack.dir.path().join("rules.toml");
     std::fs::write(&rules, include_str!("../../config/rules.example.toml"))?;
     let rules_arg = rules.to_string_lossy().into_owned();
+    let metrics = edgeloop_tests::free_addr()?;
+    let metrics_arg = metrics.to_string();
     let mut processor = stack.processor_with(
         "processor",
         &[
@@ -947,6 +949,8 @@ async fn rules_label_readings_a_changed_file_is_taken_and_a_broken_one_refused()
             &rules_arg,
             "--channels",
             "temperature,humidity,vibration",
+            "--metrics-listen",
+            &metrics_arg,
         ],
     )?;
     // Phase 1: the shipped rules (version sim-v1).
@@ -985,6 +989,20 @@ async fn rules_label_readings_a_changed_file_is_taken_and_a_broken_one_refused()
     ensure!(rows
         .iter()
         .all(|r| r.label.is_none() == r.label_confidence.is_none()));
+
+    // The rule statistics are exported as Prometheus metrics.
+    let exported = wait_for(Duration::from_secs(30), "rule metrics", || async move {
+        let body = http_get(metrics, "/metrics").await.unwrap_or_default();
+        Ok(body
+            .contains("edgeloop_rule_votes_total{rules_version=\"sim-v1\",rule=\"stuck_sensor\"}")
+            .then_some(body))
+    })
+    .await?;
+    ensure!(
+        exported.contains("edgeloop_rule_estimated_accuracy{"),
+        "{exported}"
+    );
+    ensure!(http_get(metrics, "/healthz").await?.ends_with("ok\n"));
 
     // Phase 2: a broken file is refused and the running rules stay.
     std::fs::write(&rules, "[[rule]]\nname = \"oops\"\nlabel = \"x\"\nwhen = { kind = \"threshold\", channel = \"pressure\", above = 1.0 }\n")?;
@@ -1171,4 +1189,16 @@ async fn processor_killed_twice_while_devices_resend_loses_and_duplicates_nothin
         .collect();
     check_exactly_once(&rows, &expected)?;
     Ok(())
+}
+
+/// A plain HTTP GET on loopback; the whole response.
+async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await?;
+    socket
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await?;
+    Ok(response)
 }

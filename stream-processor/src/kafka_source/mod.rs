@@ -33,6 +33,7 @@ use crate::deadletter::{DeadLetterError, DeadLetters};
 use crate::decode;
 use crate::dedup::{self, DedupError, PartitionSnapshot};
 use crate::labeller::{Engine, Labelled, RulesFile};
+use crate::metrics::SharedRuleMetrics;
 use crate::parquet_sink::{losses, rule_stats, Bucket, OpenFile, SinkError};
 use crate::stats::ProcessorStats;
 use edgeloop_proto::v1::ReadingBatch;
@@ -87,6 +88,7 @@ struct Sink<'a> {
     seen: HashMap<i32, PartitionSnapshot>,
     /// The labelling rules in force, if any, and where they come from.
     rules: Option<Engine>,
+    rule_metrics: &'a SharedRuleMetrics,
     rules_file: RulesWatch,
 }
 
@@ -260,6 +262,20 @@ impl Sink<'_> {
             engine.rules.version(),
             &rows,
         )?;
+        let mut metrics = self.rule_metrics.lock().unwrap_or_else(|p| p.into_inner());
+        for row in &rows {
+            let entry = metrics
+                .rules
+                .entry((engine.rules.version().to_string(), row.rule.to_string()))
+                .or_default();
+            let c = &mut entry.0;
+            c.readings += row.counts.readings;
+            c.votes += row.counts.votes;
+            c.overlaps += row.counts.overlaps;
+            c.conflicts += row.counts.conflicts;
+            c.agreements += row.counts.agreements;
+            entry.1 = row.estimated_accuracy;
+        }
         Ok(())
     }
 
@@ -406,6 +422,7 @@ pub fn run(
     config: &ProcessorConfig,
     shutdown: &CancellationToken,
     stats: &ProcessorStats,
+    rule_metrics: &SharedRuleMetrics,
 ) -> Result<(), SourceError> {
     let session = config.session_timeout.as_millis().to_string();
     let mut settings = vec![
@@ -439,6 +456,7 @@ pub fn run(
         open: HashMap::new(),
         seen: HashMap::new(),
         rules: None,
+        rule_metrics,
         rules_file: RulesWatch {
             path: config.rules_file.clone(),
             modified: None,

@@ -1,0 +1,186 @@
+//! The processor's HTTP endpoint: `/metrics` (Prometheus text format),
+//! `/healthz` and `/readyz`. A deliberately small server: one request per
+//! connection, GET only.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::labeller::RuleCounts;
+use crate::stats::ProcessorStats;
+
+/// Per (rules version, rule): counts summed over every closed file, and the
+/// latest estimated accuracy.
+#[derive(Debug, Default)]
+pub struct RuleMetrics {
+    pub rules: BTreeMap<(String, String), (RuleCounts, Option<f64>)>,
+}
+
+pub type SharedRuleMetrics = Arc<Mutex<RuleMetrics>>;
+
+fn render(stats: &ProcessorStats, rules: &RuleMetrics) -> String {
+    let mut out = String::new();
+    let counters = [
+        (
+            "edgeloop_processor_records_total",
+            "Kafka records consumed",
+            &stats.records_consumed,
+        ),
+        (
+            "edgeloop_processor_rows_written_total",
+            "Readings in files renamed into the data set",
+            &stats.rows_written,
+        ),
+        (
+            "edgeloop_processor_files_written_total",
+            "Parquet files renamed into the data set",
+            &stats.files_written,
+        ),
+        (
+            "edgeloop_processor_dead_letters_total",
+            "Records sent to the dead-letter topic",
+            &stats.dead_letters,
+        ),
+        (
+            "edgeloop_processor_commit_errors_total",
+            "Offset commits that failed",
+            &stats.commit_errors,
+        ),
+        (
+            "edgeloop_processor_files_aborted_total",
+            "Open files dropped on a rebalance",
+            &stats.files_aborted,
+        ),
+        (
+            "edgeloop_processor_loss_reports_total",
+            "Loss reports from devices",
+            &stats.loss_reports,
+        ),
+        (
+            "edgeloop_processor_readings_reported_lost_total",
+            "Readings devices reported lost",
+            &stats.readings_reported_lost,
+        ),
+        (
+            "edgeloop_processor_duplicates_dropped_total",
+            "Readings dropped as already in the data set",
+            &stats.duplicates_dropped,
+        ),
+        (
+            "edgeloop_processor_rules_reloads_total",
+            "Rules files taken into force",
+            &stats.rules_reloads,
+        ),
+        (
+            "edgeloop_processor_rules_refused_total",
+            "Rules files refused",
+            &stats.rules_refused,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}.\n# TYPE {name} counter\n{name} {}",
+            value.load(Ordering::Relaxed)
+        );
+    }
+    let families: [(&str, &str, fn(&RuleCounts) -> u64); 5] = [
+        (
+            "edgeloop_rule_readings_total",
+            "Readings a labelling rule saw",
+            |c| c.readings,
+        ),
+        (
+            "edgeloop_rule_votes_total",
+            "Readings a labelling rule voted on (coverage = votes / readings)",
+            |c| c.votes,
+        ),
+        (
+            "edgeloop_rule_overlaps_total",
+            "Votes cast alongside another rule's",
+            |c| c.overlaps,
+        ),
+        (
+            "edgeloop_rule_conflicts_total",
+            "Votes cast against another rule's label",
+            |c| c.conflicts,
+        ),
+        (
+            "edgeloop_rule_agreements_total",
+            "Votes equal to the final label",
+            |c| c.agreements,
+        ),
+    ];
+    for (name, help, get) in families {
+        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
+        for ((version, rule), (counts, _)) in &rules.rules {
+            let _ = writeln!(
+                out,
+                "{name}{{rules_version=\"{version}\",rule=\"{rule}\"}} {}",
+                get(counts)
+            );
+        }
+    }
+    let name = "edgeloop_rule_estimated_accuracy";
+    let _ = writeln!(out, "# HELP {name} The label model's estimated accuracy of a labelling rule.\n# TYPE {name} gauge");
+    for ((version, rule), (_, accuracy)) in &rules.rules {
+        if let Some(a) = accuracy {
+            let _ = writeln!(
+                out,
+                "{name}{{rules_version=\"{version}\",rule=\"{rule}\"}} {a}"
+            );
+        }
+    }
+    out
+}
+
+/// Serves until `shutdown`.
+pub async fn serve(
+    listen: SocketAddr,
+    stats: Arc<ProcessorStats>,
+    rules: SharedRuleMetrics,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tracing::info!(%listen, "serving /metrics, /healthz, /readyz");
+    loop {
+        let (mut socket, _) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            accepted = listener.accept() => accepted?,
+        };
+        let stats = stats.clone();
+        let rules = rules.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                socket.read(&mut buf),
+            )
+            .await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/metrics" => {
+                    let rules = rules.lock().unwrap_or_else(|p| p.into_inner());
+                    ("200 OK", render(&stats, &rules))
+                }
+                "/healthz" | "/readyz" => ("200 OK", "ok\n".to_string()),
+                _ => ("404 Not Found", "not found\n".to_string()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+        });
+    }
+}
