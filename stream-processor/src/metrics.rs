@@ -23,6 +23,9 @@ pub struct RuleMetrics {
 
 pub type SharedRuleMetrics = Arc<Mutex<RuleMetrics>>;
 
+/// A metric family of rule counts: name, help, which count.
+type Family = (&'static str, &'static str, fn(&RuleCounts) -> u64);
+
 fn render(stats: &ProcessorStats, rules: &RuleMetrics) -> String {
     let mut out = String::new();
     let counters = [
@@ -89,7 +92,7 @@ fn render(stats: &ProcessorStats, rules: &RuleMetrics) -> String {
             value.load(Ordering::Relaxed)
         );
     }
-    let families: [(&str, &str, fn(&RuleCounts) -> u64); 5] = [
+    let families: [Family; 5] = [
         (
             "edgeloop_rule_readings_total",
             "Readings a labelling rule saw",
