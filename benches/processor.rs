@@ -114,11 +114,13 @@ async fn main() {
     let root = dir.path().join("parquet");
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, include_str!("../config/rules.example.toml")).expect("rules");
-    let mut processor = ProcessorConfig::default();
-    processor.kafka = config.clone();
-    processor.group_id = format!("bench-{}", std::process::id());
-    processor.parquet_root = root.clone();
-    processor.rules_file = Some(rules);
+    let processor = ProcessorConfig {
+        kafka: config.clone(),
+        group_id: format!("bench-{}", std::process::id()),
+        parquet_root: root.clone(),
+        rules_file: Some(rules),
+        ..ProcessorConfig::default()
+    };
     let stats = Arc::new(ProcessorStats::default());
     let stop = CancellationToken::new();
     let task = tokio::spawn(edgeloop_processor::run(
