@@ -115,3 +115,45 @@ fn the_label_model_beats_majority_when_a_rule_is_noisy() {
         .count();
     assert!(below <= 1, "accuracies {accuracies:?}");
 }
+
+#[test]
+fn a_restart_from_the_snapshot_does_not_change_labels() {
+    // Label a device's readings straight through, and again with the state
+    // saved and restored (as the processor's snapshot does) every 997
+    // readings: the labels are the same.
+    let engine = Engine::new(RulesFile::parse(RULES, None).expect("rules parse"));
+    let config = SimulatorConfig {
+        seed: 9,
+        anomaly_rate: 0.01,
+        ..SimulatorConfig::default()
+    };
+    let names: Vec<String> = config.channels.iter().map(|c| c.name.clone()).collect();
+    let step = 1e6 / config.rate_hz;
+    let mut sim = Simulator::new(config);
+    let readings: Vec<Vec<f64>> = (0..10_000).map(|_| sim.next_reading().values).collect();
+    let label_all = |restart_every: Option<usize>| {
+        let mut state = PartitionLabels::default();
+        let mut out = Vec::new();
+        for (i, values) in readings.iter().enumerate() {
+            if restart_every.is_some_and(|n| i % n == 0) {
+                let saved = serde_json::to_vec(&state).expect("save");
+                state = serde_json::from_slice(&saved).expect("load");
+            }
+            let value = |c: &str| names.iter().position(|n| n == c).map(|k| values[k]);
+            let l = state.label(&engine, "d", &value, (i as f64 * step) as i64);
+            out.push((l.label, l.confidence.map(f64::to_bits)));
+        }
+        out
+    };
+    let straight = label_all(None);
+    assert!(
+        straight.iter().any(|(l, _)| l.as_deref() == Some("stuck")),
+        "the run has anomalies"
+    );
+    let restarted = label_all(Some(997));
+    let first_diff = straight.iter().zip(&restarted).position(|(a, b)| a != b);
+    assert_eq!(
+        first_diff, None,
+        "first difference at reading {first_diff:?}"
+    );
+}
