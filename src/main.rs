@@ -135,6 +135,10 @@ struct ProcessorArgs {
     /// Root directory of the Parquet data set.
     #[arg(long, env = "EDGELOOP_PARQUET_ROOT")]
     parquet_root: Option<PathBuf>,
+    /// Kafka consumer session timeout, e.g. `45s`: how long a silent member
+    /// keeps its partitions (with --instance-id, a restart within it resumes them).
+    #[arg(long, env = "EDGELOOP_SESSION_TIMEOUT", value_parser = humantime::parse_duration)]
+    session_timeout: Option<Duration>,
     /// Labelling rules file (TOML, docs/labelling.md); watched and hot-reloaded.
     #[arg(long, env = "EDGELOOP_RULES_FILE")]
     rules: Option<PathBuf>,
@@ -315,6 +319,9 @@ async fn main() -> Result<()> {
             }
             if let Some(rules) = args.rules {
                 config.rules_file = Some(rules);
+            }
+            if let Some(timeout) = args.session_timeout {
+                config.session_timeout = timeout;
             }
             if !args.channels.is_empty() {
                 config.channels = args.channels;

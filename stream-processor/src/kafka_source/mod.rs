@@ -215,6 +215,13 @@ impl Sink<'_> {
         Ok(())
     }
 
+    fn mark_seen(&mut self, partition: i32, device: &str, ranges: &[(u64, u64)]) {
+        let seen = &mut self.seen.entry(partition).or_default().seen;
+        for &(a, b) in ranges {
+            seen.insert(device, a, b);
+        }
+    }
+
     /// Writes (and resets) the rule statistics of the file just closed.
     fn write_rule_stats(
         &mut self,
@@ -324,9 +331,9 @@ impl Sink<'_> {
             &self.stats.duplicates_dropped,
             batch.end_seq() - batch.first_seq - covered,
         );
-        for &(a, b) in &unseen {
-            seen.insert(&batch.device_id, a, b);
-        }
+        // The seqs become "seen" only once they are in the data set or in
+        // the open file: a commit (which snapshots the set) may happen below,
+        // before this batch is written, when the open file has to close first.
         if unseen.is_empty() {
             return self.commit_if_idle(partition, offset);
         }
@@ -341,6 +348,7 @@ impl Sink<'_> {
                 loss,
             )?;
             tracing::info!(device = %batch.device_id, first_seq = loss.first_seq, end_seq = loss.end_seq, reason = %loss.reason, path = %path.display(), "device reported lost readings");
+            self.mark_seen(partition, &batch.device_id, &unseen);
             ProcessorStats::add(&self.stats.loss_reports, 1);
             ProcessorStats::add(
                 &self.stats.readings_reported_lost,
@@ -349,6 +357,7 @@ impl Sink<'_> {
             return self.commit_if_idle(partition, offset);
         }
         if batch.readings.is_empty() {
+            self.mark_seen(partition, &batch.device_id, &unseen);
             return self.commit_if_idle(partition, offset);
         }
         if self
@@ -394,6 +403,7 @@ impl Sink<'_> {
                 file.append(part, offset, &labels, version.as_deref())?;
             }
         }
+        self.mark_seen(partition, &parts[0].device_id, &unseen);
         let Some(file) = self.open.get(&partition) else {
             return Ok(());
         };
