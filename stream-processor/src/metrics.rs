@@ -55,6 +55,11 @@ fn render(stats: &ProcessorStats, rules: &RuleMetrics) -> String {
             &stats.commit_errors,
         ),
         (
+            "edgeloop_processor_seeks_back_total",
+            "Partitions whose first record after assignment came past the committed offset (the consumer sought back)",
+            &stats.seeks_back,
+        ),
+        (
             "edgeloop_processor_files_aborted_total",
             "Open files dropped on a rebalance",
             &stats.files_aborted,

@@ -174,8 +174,13 @@ fn snapshots(dir: &Path) -> Result<Vec<(i64, PathBuf)>, DedupError> {
 }
 
 /// The state of `partition` for resuming at `offset`: the newest snapshot at
-/// or below it (an unreadable one is skipped with a warning), else empty.
-pub fn load(root: &Path, partition: i32, offset: i64) -> Result<PartitionSnapshot, DedupError> {
+/// or below it (an unreadable one is skipped with a warning) and the offset
+/// it was saved for, else empty.
+pub fn load(
+    root: &Path,
+    partition: i32,
+    offset: i64,
+) -> Result<(PartitionSnapshot, Option<i64>), DedupError> {
     let dir = partition_dir(root, partition);
     for (at, path) in snapshots(&dir)?
         .into_iter()
@@ -183,12 +188,7 @@ pub fn load(root: &Path, partition: i32, offset: i64) -> Result<PartitionSnapsho
         .filter(|(o, _)| *o <= offset)
     {
         match fs::read(&path).map(|b| serde_json::from_slice::<PartitionSnapshot>(&b)) {
-            Ok(Ok(set)) => {
-                if at < offset {
-                    tracing::warn!(partition, offset, snapshot = at, "no dedup snapshot at the committed offset; using an older one (duplicates from between are possible, losses are not)");
-                }
-                return Ok(set);
-            }
+            Ok(Ok(set)) => return Ok((set, Some(at))),
             Ok(Err(e)) => {
                 tracing::warn!(path = %path.display(), error = %e, "unreadable dedup snapshot skipped")
             }
@@ -197,7 +197,7 @@ pub fn load(root: &Path, partition: i32, offset: i64) -> Result<PartitionSnapsho
             }
         }
     }
-    Ok(PartitionSnapshot::default())
+    Ok((PartitionSnapshot::default(), None))
 }
 
 #[cfg(test)]
@@ -238,14 +238,14 @@ mod tests {
         save(root.path(), 2, 5, &set)?;
         set.seen.insert("d", 10, 20);
         save(root.path(), 2, 9, &set)?;
-        assert_eq!(load(root.path(), 2, 9)?.seen.unseen("d", 0, 20), vec![]);
+        assert_eq!(load(root.path(), 2, 9)?.0.seen.unseen("d", 0, 20), vec![]);
         // Resuming at 7 (a commit after 5 was lost): the 5 snapshot.
         assert_eq!(
-            load(root.path(), 2, 7)?.seen.unseen("d", 0, 20),
+            load(root.path(), 2, 7)?.0.seen.unseen("d", 0, 20),
             vec![(10, 20)]
         );
-        assert_eq!(load(root.path(), 2, 4)?, PartitionSnapshot::default());
-        assert_eq!(load(root.path(), 3, 9)?, PartitionSnapshot::default());
+        assert_eq!(load(root.path(), 2, 4)?.0, PartitionSnapshot::default());
+        assert_eq!(load(root.path(), 3, 9)?.0, PartitionSnapshot::default());
         for o in 10..20 {
             save(root.path(), 2, o, &set)?;
         }
