@@ -25,3 +25,13 @@ else
     echo "setup: installing duckdb ${DUCKDB_VERSION} and pyarrow ${PYARROW_VERSION} (pip)"
     python3 -m pip install --quiet --disable-pip-version-check "duckdb==${DUCKDB_VERSION}" "pyarrow==${PYARROW_VERSION}"
 fi
+
+# paho-mqtt: an MQTT client this project did not write, for the broker's
+# identity, ACL and TLS tests (MQTT 3.1.1 and 5).
+PAHO_VERSION="2.2.0"
+if python3 -c "import paho.mqtt, sys; sys.exit(paho.mqtt.__version__ != '${PAHO_VERSION}')" >/dev/null 2>&1; then
+    echo "setup: paho-mqtt already installed"
+else
+    echo "setup: installing paho-mqtt ${PAHO_VERSION} (pip)"
+    python3 -m pip install --quiet --disable-pip-version-check "paho-mqtt==${PAHO_VERSION}"
+fi

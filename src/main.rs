@@ -101,8 +101,37 @@ enum SpoolCommand {
     },
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum BrokerCommand {
+    /// Create a credential for a device and print its password (once: the
+    /// credentials file keeps only a salted argon2 hash). A running broker
+    /// picks it up without a restart.
+    AddDevice {
+        /// The device id (its MQTT client id and user name).
+        id: String,
+        /// The credentials file (the broker's auth.credentials_file).
+        #[arg(
+            long,
+            env = "EDGELOOP_CREDENTIALS_FILE",
+            default_value = "credentials.toml"
+        )]
+        credentials: PathBuf,
+        /// `device` (topic ACLs of its own id) or `service` (operators'
+        /// tools: any topic).
+        #[arg(long, default_value = "device")]
+        role: String,
+        /// Other client ids this identity may connect as (exact, or a prefix
+        /// ending in `*`), e.g. the children of a gateway.
+        #[arg(long, value_delimiter = ',')]
+        acts_for: Vec<String>,
+    },
+}
+
 #[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 struct BrokerArgs {
+    #[command(subcommand)]
+    command: Option<BrokerCommand>,
     /// TOML config file (see config/broker.example.toml); flags override it.
     #[arg(long, env = "EDGELOOP_BROKER_CONFIG")]
     config: Option<PathBuf>,
@@ -115,6 +144,26 @@ struct BrokerArgs {
     /// Kafka compression of the readings: none, gzip, snappy, lz4, zstd.
     #[arg(long, env = "EDGELOOP_BRIDGE_COMPRESSION")]
     compression: Option<String>,
+    /// Credentials file of the devices (`edgeloop broker add-device` writes it).
+    #[arg(long, env = "EDGELOOP_CREDENTIALS_FILE")]
+    credentials: Option<PathBuf>,
+    /// Let clients without a user name connect (they get the topic ACLs of
+    /// their client id).
+    #[arg(long, env = "EDGELOOP_ALLOW_ANONYMOUS")]
+    allow_anonymous: bool,
+    /// TLS listen address (MQTT over TLS); needs --tls-cert and --tls-key.
+    #[arg(long, env = "EDGELOOP_MQTT_TLS_LISTEN")]
+    tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for the TLS listener.
+    #[arg(long, env = "EDGELOOP_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for the TLS listener.
+    #[arg(long, env = "EDGELOOP_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA that signs device certificates: a verified certificate's common
+    /// name is the device id.
+    #[arg(long, env = "EDGELOOP_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -167,6 +216,10 @@ struct AgentArgs {
     /// MQTT broker, HOST:PORT.
     #[arg(long, env = "EDGELOOP_MQTT")]
     mqtt: Option<String>,
+    /// MQTT password (from `edgeloop broker add-device`); the user name is
+    /// the device id.
+    #[arg(long, env = "EDGELOOP_MQTT_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
     /// Simulated readings per second.
     #[arg(long, env = "EDGELOOP_RATE")]
     rate: Option<f64>,
@@ -287,7 +340,52 @@ async fn main() -> Result<()> {
     match cli.command {
         Command::Up(args) => up::run(args, shutdown).await,
         Command::Broker(args) => {
+            if let Some(BrokerCommand::AddDevice {
+                id,
+                credentials,
+                role,
+                acts_for,
+            }) = args.command
+            {
+                use edgeloop_broker::gate::acl::Role;
+                let role = match role.as_str() {
+                    "device" => Role::Device,
+                    "service" => Role::Service,
+                    other => anyhow::bail!("--role: {other:?} is not device or service"),
+                };
+                let added = edgeloop_broker::gate::credentials::CredentialsFile::add(
+                    &credentials,
+                    std::slice::from_ref(&id),
+                    role,
+                    &acts_for,
+                )?;
+                for (id, password) in added {
+                    eprintln!(
+                        "added {id} to {}; its password (shown only now):",
+                        credentials.display()
+                    );
+                    println!("{password}");
+                }
+                return Ok(());
+            }
             let mut config: edgeloop_broker::BrokerConfig = read_toml(args.config.as_deref())?;
+            if let Some(path) = args.credentials {
+                config.auth.credentials_file = Some(path);
+            }
+            if args.allow_anonymous {
+                config.auth.allow_anonymous = true;
+            }
+            if let Some(addr) = args.tls_listen {
+                config.mqtt.tls_listen = Some(addr);
+            }
+            if let (Some(cert_file), Some(key_file)) = (args.tls_cert, args.tls_key) {
+                config.tls = Some(edgeloop_broker::config::TlsConfig {
+                    cert_file,
+                    key_file,
+                    client_ca_file: args.tls_client_ca,
+                    require_client_cert: false,
+                });
+            }
             if let Some(listen) = args.listen {
                 config.mqtt.listen = listen;
             }
@@ -394,6 +492,10 @@ async fn main() -> Result<()> {
             }
             if let Some(mqtt) = args.mqtt {
                 (config.mqtt.host, config.mqtt.port) = split_host_port(&mqtt)?;
+            }
+            if let Some(password) = args.password {
+                config.mqtt.username = Some(config.device_id.clone());
+                config.mqtt.password = Some(password);
             }
             if let Some(b) = args.batch_size {
                 config.uplink.batch_size = b;

@@ -131,6 +131,10 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
 
     let mut broker_config = BrokerConfig::default();
     broker_config.mqtt.listen = args.mqtt_listen;
+    // Device identity: each simulated device gets a credential of its own
+    // (the broker keeps the hash, the device its password), kept across runs.
+    let (credentials_file, passwords) = provision_fleet(&data_dir, "device", args.devices)?;
+    broker_config.auth.credentials_file = Some(credentials_file);
     broker_config.kafka.bootstrap_servers = bootstrap.clone();
     let mut processor_config = ProcessorConfig::default();
     processor_config.kafka.bootstrap_servers = bootstrap.clone();
@@ -208,13 +212,20 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     );
 
     let fleet_stop = CancellationToken::new();
-    let mut fleet = tokio::spawn(edgeloop_agent::run_fleet(
-        agent,
-        "device",
-        args.devices,
-        fleet_stop.clone(),
-        counters.fleet.clone(),
-    ));
+    let fleet_counters = counters.fleet.clone();
+    let fleet_shutdown = fleet_stop.clone();
+    let devices = args.devices;
+    let mut fleet = tokio::spawn(async move {
+        edgeloop_agent::run_fleet_with_passwords(
+            agent,
+            "device",
+            devices,
+            &passwords,
+            fleet_shutdown,
+            fleet_counters,
+        )
+        .await
+    });
     println!(
         "{} simulated devices at {} readings/s each, batches of {}{}",
         args.devices,
@@ -302,4 +313,53 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Credentials for the simulated devices `{prefix}-0000…`: the broker's
+/// credentials file (hashes) under DIR/broker/, and the devices' own
+/// passwords under DIR/fleet/passwords.toml, as each device would keep its
+/// own. Devices added since the last run get new credentials.
+fn provision_fleet(
+    data_dir: &std::path::Path,
+    prefix: &str,
+    count: usize,
+) -> Result<(
+    std::path::PathBuf,
+    std::collections::HashMap<String, String>,
+)> {
+    use edgeloop_broker::gate::acl::Role;
+    use edgeloop_broker::gate::credentials::CredentialsFile;
+    let credentials = data_dir.join("broker/credentials.toml");
+    let secrets = data_dir.join("fleet/passwords.toml");
+    let mut passwords: std::collections::BTreeMap<String, String> =
+        match std::fs::read_to_string(&secrets) {
+            Ok(text) => {
+                toml::from_str(&text).with_context(|| format!("reading {}", secrets.display()))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", secrets.display())),
+        };
+    let known = CredentialsFile::read(&credentials)?;
+    let missing: Vec<String> = (0..count)
+        .map(|i| format!("{prefix}-{i:04}"))
+        .filter(|id| !passwords.contains_key(id) || !known.credentials.iter().any(|c| &c.id == id))
+        .collect();
+    if !missing.is_empty() {
+        // A device whose password was lost gets a new credential.
+        let mut file = known;
+        file.credentials.retain(|c| !missing.contains(&c.id));
+        file.write(&credentials)?;
+        for (id, password) in CredentialsFile::add(&credentials, &missing, Role::Device, &[])? {
+            passwords.insert(id, password);
+        }
+        std::fs::create_dir_all(data_dir.join("fleet"))?;
+        std::fs::write(&secrets, toml::to_string(&passwords)?)
+            .with_context(|| format!("writing {}", secrets.display()))?;
+        println!(
+            "Provisioned {} device credential(s) in {}",
+            missing.len(),
+            credentials.display()
+        );
+    }
+    Ok((credentials, passwords.into_iter().collect()))
 }

@@ -1,6 +1,7 @@
 //! Configuration of the broker and its Kafka bridge.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use edgeloop_kafka::KafkaConfig;
@@ -15,6 +16,10 @@ pub struct BrokerConfig {
     pub kafka: KafkaConfig,
     /// The bridge from MQTT telemetry to Kafka and acks back.
     pub bridge: BridgeConfig,
+    /// Who may connect (device credentials, anonymous access).
+    pub auth: AuthConfig,
+    /// TLS for `mqtt.tls_listen`.
+    pub tls: Option<TlsConfig>,
     /// On shutdown: how long to wait for Kafka to acknowledge what the bridge
     /// took, so the last acks can be published.
     #[serde(with = "humantime_serde")]
@@ -27,6 +32,8 @@ impl Default for BrokerConfig {
             mqtt: MqttConfig::default(),
             kafka: KafkaConfig::default(),
             bridge: BridgeConfig::default(),
+            auth: AuthConfig::default(),
+            tls: None,
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -35,11 +42,14 @@ impl Default for BrokerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    /// Address of the MQTT 3.1.1 listener.
+    /// Address of the plain-TCP listener (MQTT 3.1.1 and 5).
     pub listen: SocketAddr,
+    /// Address of the TLS listener (MQTT 3.1.1 and 5 over TLS); needs `[tls]`.
+    pub tls_listen: Option<SocketAddr>,
     /// Connections at most (devices plus internal links).
     pub max_connections: usize,
-    /// Largest PUBLISH payload accepted, in bytes.
+    /// Largest packet a device may send, in bytes (a larger one closes its
+    /// connection).
     pub max_payload_bytes: usize,
     /// QoS 1 messages in flight per connection.
     pub max_inflight: usize,
@@ -57,6 +67,7 @@ impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            tls_listen: None,
             max_connections: 10_010,
             max_payload_bytes: 1 << 20,
             max_inflight: 100,
@@ -94,6 +105,34 @@ impl Default for BridgeConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Credentials file (argon2 hashes; `edgeloop broker add-device` writes
+    /// it). Re-read when it changes.
+    pub credentials_file: Option<PathBuf>,
+    /// Let clients without a user name connect; they get the device ACLs of
+    /// their client id. Off by default.
+    pub allow_anonymous: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the broker.
+    pub cert_file: PathBuf,
+    /// PEM private key of the broker.
+    pub key_file: PathBuf,
+    /// PEM CA certificate(s) that sign device certificates. When set, a
+    /// verified client certificate's common name is the device id (no
+    /// password needed).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse TLS clients without a certificate signed by `client_ca_file`.
+    #[serde(default)]
+    pub require_client_cert: bool,
+}
+
 impl BrokerConfig {
     /// Checks every field; the error names the one that is wrong.
     pub fn validate(&self) -> Result<(), String> {
@@ -118,6 +157,16 @@ impl BrokerConfig {
                 "mqtt.max_segment_bytes/max_segment_count: need at least one segment of 64 KiB"
                     .into(),
             );
+        }
+        if self.mqtt.tls_listen.is_some() && self.tls.is_none() {
+            return Err(
+                "mqtt.tls_listen: needs a [tls] section with cert_file and key_file".into(),
+            );
+        }
+        if let Some(tls) = &self.tls {
+            if tls.require_client_cert && tls.client_ca_file.is_none() {
+                return Err("tls.require_client_cert: needs tls.client_ca_file".into());
+            }
         }
         if self.mqtt.connect_timeout.as_millis() > u128::from(u16::MAX) {
             return Err("mqtt.connect_timeout: must be at most 65s".into());

@@ -5,7 +5,10 @@
 //! - [`bridge`]: MQTT `telemetry/+` → Kafka `edgeloop.readings`, delivery
 //!   reports → retained `ack/{device}` ([`bridge::acks`] computes the
 //!   watermark).
-//! - [`stats`]: the bridge's counters.
+//! - [`gate`]: the listeners devices reach (TCP and TLS, MQTT 3.1.1 and 5):
+//!   authentication and per-device topic ACLs in front of rumqttd, which
+//!   listens on loopback only (the module docs explain the design).
+//! - [`stats`]: the broker's counters.
 //!
 //! rumqttd's `Broker::start()` blocks and has no shutdown, so it runs on its
 //! own thread; the bridge reaches it through a local link. On shutdown the
@@ -14,6 +17,7 @@
 
 pub mod bridge;
 pub mod config;
+pub mod gate;
 pub mod stats;
 
 use std::collections::HashMap;
@@ -38,23 +42,68 @@ pub enum Error {
     Mqtt(String),
     #[error("the MQTT listener on {addr} did not come up within {waited:?}")]
     ListenerTimeout { addr: SocketAddr, waited: Duration },
+    #[error("could not listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Credentials(#[from] gate::credentials::CredentialsError),
+    #[error(transparent)]
+    Tls(#[from] gate::tls::TlsError),
 }
 
-fn rumqttd_config(config: &config::MqttConfig) -> rumqttd::Config {
-    let connections = rumqttd::ConnectionSettings {
-        connection_timeout_ms: config.connect_timeout.as_millis().min(u128::from(u16::MAX)) as u16,
-        max_payload_size: config.max_payload_bytes,
-        max_inflight_count: config.max_inflight,
-        auth: None,
-        external_auth: None,
-        dynamic_filters: true,
-    };
-    let server = rumqttd::ServerSettings {
-        name: "v4".into(),
-        listen: config.listen,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections,
+/// rumqttd behind the gate: loopback listeners for MQTT 3.1.1 and 5 that
+/// accept only the gate's per-process credential.
+struct Inner {
+    v4: SocketAddr,
+    v5: SocketAddr,
+    user: String,
+    secret: String,
+}
+
+impl Inner {
+    fn new() -> Result<Inner, Error> {
+        use argon2::password_hash::rand_core::{OsRng, RngCore};
+        let mut raw = [0u8; 16];
+        OsRng.fill_bytes(&mut raw);
+        let secret = raw.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Inner {
+            v4: free_loopback_port()?,
+            v5: free_loopback_port()?,
+            user: "edgeloop-gate".into(),
+            secret,
+        })
+    }
+}
+
+fn free_loopback_port() -> Result<SocketAddr, Error> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|source| Error::Listen { addr, source })?;
+    listener
+        .local_addr()
+        .map_err(|source| Error::Listen { addr, source })
+}
+
+fn rumqttd_config(config: &config::MqttConfig, inner: &Inner) -> rumqttd::Config {
+    let server = |name: &str, listen: SocketAddr| {
+        let connections = rumqttd::ConnectionSettings {
+            connection_timeout_ms: config.connect_timeout.as_millis().min(u128::from(u16::MAX))
+                as u16,
+            max_payload_size: config.max_payload_bytes,
+            max_inflight_count: config.max_inflight,
+            auth: Some(HashMap::from([(inner.user.clone(), inner.secret.clone())])),
+            external_auth: None,
+            dynamic_filters: true,
+        };
+        rumqttd::ServerSettings {
+            name: name.into(),
+            listen,
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections,
+        }
     };
     rumqttd::Config {
         id: 0,
@@ -67,7 +116,8 @@ fn rumqttd_config(config: &config::MqttConfig) -> rumqttd::Config {
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },
-        v4: Some(HashMap::from([("1".to_string(), server)])),
+        v4: Some(HashMap::from([("1".to_string(), server("v4", inner.v4))])),
+        v5: Some(HashMap::from([("1".to_string(), server("v5", inner.v5))])),
         ..Default::default()
     }
 }
@@ -93,7 +143,8 @@ pub async fn run(
     .await?;
     let producer = bridge::producer(&config.kafka, &config.bridge)?;
 
-    let mut broker = rumqttd::Broker::new(rumqttd_config(&config.mqtt));
+    let inner = Inner::new()?;
+    let mut broker = rumqttd::Broker::new(rumqttd_config(&config.mqtt, &inner));
     let (mut link_tx, link_rx) = broker
         .link("edgeloop-bridge")
         .map_err(|e| Error::Mqtt(e.to_string()))?;
@@ -110,8 +161,51 @@ pub async fn run(
             }
         })
         .map_err(|e| Error::Mqtt(e.to_string()))?;
-    wait_listening(config.mqtt.listen, Duration::from_secs(10)).await?;
-    tracing::info!(listen = %config.mqtt.listen, "MQTT broker listening");
+    wait_listening(inner.v4, Duration::from_secs(10)).await?;
+    wait_listening(inner.v5, Duration::from_secs(10)).await?;
+    let credentials = match &config.auth.credentials_file {
+        Some(path) => Some(Arc::new(gate::credentials::Credentials::open(path)?)),
+        None => None,
+    };
+    if credentials.is_none() && !config.auth.allow_anonymous {
+        tracing::warn!(
+            "no auth.credentials_file and anonymous access off: every device will be refused"
+        );
+    }
+    let gate = Arc::new(gate::Gate {
+        credentials,
+        allow_anonymous: config.auth.allow_anonymous,
+        inner_v4: inner.v4,
+        inner_v5: inner.v5,
+        inner_user: inner.user.clone(),
+        inner_secret: inner.secret.clone(),
+        max_packet_bytes: config.mqtt.max_payload_bytes.saturating_add(64 << 10),
+        connect_timeout: config.mqtt.connect_timeout,
+        connections: Arc::new(tokio::sync::Semaphore::new(config.mqtt.max_connections)),
+        stats: stats.clone(),
+    });
+    // Stop accepting devices as soon as shutdown begins; the bridge then
+    // flushes what it took.
+    let listeners = shutdown.clone();
+    let addr = config.mqtt.listen;
+    let plain = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen { addr, source })?;
+    tokio::spawn(gate::serve(gate.clone(), plain, None, listeners.clone()));
+    tracing::info!(listen = %addr, "MQTT listener (TCP) up");
+    if let (Some(addr), Some(tls)) = (config.mqtt.tls_listen, &config.tls) {
+        let acceptor = gate::tls::acceptor(tls)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Listen { addr, source })?;
+        tokio::spawn(gate::serve(
+            gate.clone(),
+            listener,
+            Some(acceptor),
+            listeners,
+        ));
+        tracing::info!(listen = %addr, client_certs = tls.client_ca_file.is_some(), "MQTT listener (TLS) up");
+    }
     ready.cancel();
 
     bridge::run(

@@ -20,6 +20,22 @@ pub struct BrokerStats {
     pub delivery_errors: AtomicU64,
     /// Ack watermarks published.
     pub acks_published: AtomicU64,
+    /// Device connections open now (through the gate).
+    pub connections_open: AtomicU64,
+    /// Connections turned away at the connection limit.
+    pub connections_refused: AtomicU64,
+    /// CONNECTs refused: unknown identity, wrong password, client id not
+    /// matching the credential, anonymous when that is off.
+    pub auth_failures: AtomicU64,
+    /// Publishes and subscription filters refused by the topic ACLs.
+    pub acl_refused_publishes: AtomicU64,
+    pub acl_refused_subscriptions: AtomicU64,
+    /// Connections closed for a malformed or oversized packet.
+    pub malformed_packets: AtomicU64,
+    /// Publishes from devices let through, by topic class.
+    pub publishes_telemetry: AtomicU64,
+    pub publishes_status: AtomicU64,
+    pub publishes_other: AtomicU64,
 }
 
 impl BrokerStats {

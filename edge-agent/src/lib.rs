@@ -26,6 +26,7 @@ pub mod spool;
 pub mod stats;
 pub mod uplink;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use config::AgentConfig;
@@ -145,10 +146,27 @@ pub async fn run_fleet(
     shutdown: CancellationToken,
     stats: Arc<AgentStats>,
 ) -> Result<Vec<AgentReport>, Error> {
+    run_fleet_with_passwords(template, prefix, count, &HashMap::new(), shutdown, stats).await
+}
+
+/// [`run_fleet`], each device logging in with its id as user name and its
+/// password from `passwords` (devices not in it use the template's).
+pub async fn run_fleet_with_passwords(
+    template: AgentConfig,
+    prefix: &str,
+    count: usize,
+    passwords: &HashMap<String, String>,
+    shutdown: CancellationToken,
+    stats: Arc<AgentStats>,
+) -> Result<Vec<AgentReport>, Error> {
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..count {
         let mut config = template.clone();
         config.device_id = format!("{prefix}-{i:04}");
+        if let Some(password) = passwords.get(&config.device_id) {
+            config.mqtt.username = Some(config.device_id.clone());
+            config.mqtt.password = Some(password.clone());
+        }
         config.spool.dir = template.spool.dir.join(&config.device_id);
         if let config::SourceConfig::Simulator(sim) = &mut config.source {
             sim.seed = sim.seed.wrapping_add(i as u64);

@@ -10,10 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
 use edgeloop_kafka::local::LocalKafka;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::process::{Child, Command};
 
 /// A free port on 127.0.0.1 (bound, then released for the component).
@@ -331,4 +333,53 @@ pub fn read_losses(root: &Path) -> Result<Vec<LossRow>> {
         }
     }
     Ok(rows)
+}
+
+/// A consumer of `kafka` in `group` that commits nothing.
+pub fn kafka_consumer(kafka: &LocalKafka, group: &str) -> Result<BaseConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?)
+}
+
+/// Every record currently in `topic` (all partitions, from the beginning).
+pub fn read_topic(kafka: &LocalKafka, topic: &str) -> Result<Vec<rdkafka::message::OwnedMessage>> {
+    let consumer = kafka_consumer(kafka, "test-reader")?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut assignment = TopicPartitionList::new();
+    let mut remaining = 0i64;
+    let mut ends = HashMap::new();
+    for p in &partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(10))?;
+        assignment.add_partition_offset(topic, *p, Offset::Beginning)?;
+        remaining += high - low;
+        ends.insert(*p, high);
+    }
+    consumer.assign(&assignment)?;
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while remaining > 0 {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "reading {topic}: {remaining} records not read"
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) if m.offset() < ends[&m.partition()] => {
+                remaining -= 1;
+                out.push(m.detach());
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => bail!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    Ok(out)
 }

@@ -16,11 +16,10 @@ use edgeloop_kafka::local::LocalKafka;
 use edgeloop_proto::v1::{Ack, DeviceStatus, Reading, ReadingBatch};
 use edgeloop_proto::{topics, Message as _};
 use edgeloop_tests::{
-    check_exactly_once, parquet_files, read_rows, start_kafka, wait_for, Component,
+    check_exactly_once, parquet_files, read_rows, read_topic, start_kafka, wait_for, Component,
 };
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_edgeloop");
@@ -70,6 +69,7 @@ impl Stack {
                 &mqtt.to_string(),
                 "--kafka",
                 &self.kafka.bootstrap(),
+                "--allow-anonymous",
             ],
             self.dir.path(),
         )?;
@@ -223,54 +223,6 @@ async fn readings_of_every_device_reach_parquet_exactly_once_with_their_values()
     }
     ensure!(anomalies > 0, "the simulated data should contain anomalies");
     Ok(())
-}
-
-fn kafka_consumer(kafka: &LocalKafka, group: &str) -> Result<BaseConsumer> {
-    Ok(ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()?)
-}
-
-/// Every record currently in `topic` (all partitions, from the beginning).
-fn read_topic(kafka: &LocalKafka, topic: &str) -> Result<Vec<rdkafka::message::OwnedMessage>> {
-    let consumer = kafka_consumer(kafka, "test-reader")?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let mut assignment = TopicPartitionList::new();
-    let mut remaining = 0i64;
-    let mut ends = HashMap::new();
-    for p in &partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(10))?;
-        assignment.add_partition_offset(topic, *p, Offset::Beginning)?;
-        remaining += high - low;
-        ends.insert(*p, high);
-    }
-    consumer.assign(&assignment)?;
-    let mut out = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while remaining > 0 {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "reading {topic}: {remaining} records not read"
-        );
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) if m.offset() < ends[&m.partition()] => {
-                remaining -= 1;
-                out.push(m.detach());
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => bail!("reading {topic}: {e}"),
-            None => {}
-        }
-    }
-    Ok(out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

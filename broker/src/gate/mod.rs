@@ -1,0 +1,518 @@
+//! The gate: where device identity and per-device topic ACLs are enforced.
+//!
+//! rumqttd has no topic ACLs, and its only hook is a connect-time
+//! `(client id, user name, password) -> bool`. So the listeners devices reach
+//! are ours: the gate accepts each connection (plain TCP, or TLS with an
+//! optional client certificate), reads its CONNECT, authenticates it, and only
+//! then opens a connection of its own to rumqttd, which listens on loopback
+//! only. From there it relays bytes both ways, parsing every packet the
+//! client sends ([`packet`]):
+//!
+//! - PUBLISH to a topic the identity may not publish to ([`acl`]) is refused:
+//!   MQTT 5 gets PUBACK/PUBREC with reason 0x87 (not authorized); MQTT 3.1.1
+//!   has no refusal code for a publish, so the connection is closed. Either
+//!   way the message never reaches rumqttd, so never the bridge or Kafka.
+//! - SUBSCRIBE with a filter the identity may not have is answered by the
+//!   gate with a SUBACK of failure codes (0x80 in 3.1.1, 0x87 in 5) for every
+//!   filter of that packet, and not forwarded. (Forwarding the allowed rest
+//!   and splicing the codes back was tried: rumqttd then stopped routing that
+//!   connection's later publishes to the bridge, so a packet is refused
+//!   whole. A device asking only for what it may have is unaffected.)
+//! - A will message is checked like a publish, at CONNECT.
+//! - Packets over the size limit, malformed packets and a second CONNECT
+//!   close the connection; other connections carry on.
+//!
+//! Why a relay rather than a patch inside rumqttd: rumqttd's router is not a
+//! public extension point, and a local link per device would mean writing
+//! a broker's session layer. The relay costs one extra loopback hop but
+//! keeps rumqttd unmodified, checks every packet in one place, and sees the
+//! TLS identity. rumqttd itself asks for a per-process secret the gate
+//! presents in place of the device's credential, so a local process that
+//! finds rumqttd's loopback port still cannot bypass the gate.
+//!
+//! The bridge and the model publisher are rumqttd local links in this
+//! process: they do not pass through the gate and need no credential.
+
+pub mod acl;
+pub mod credentials;
+pub mod packet;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::stats::BrokerStats;
+use acl::{valid_device_id, Identity, Role};
+use credentials::Credentials;
+use packet::{codes, Malformed};
+
+/// What the gate needs to know; built from the broker config.
+pub struct Gate {
+    pub credentials: Option<Arc<Credentials>>,
+    pub allow_anonymous: bool,
+    /// rumqttd's loopback listeners for MQTT 3.1.1 and 5.
+    pub inner_v4: SocketAddr,
+    pub inner_v5: SocketAddr,
+    /// The credential rumqttd accepts (from the gate only).
+    pub inner_user: String,
+    pub inner_secret: String,
+    pub max_packet_bytes: usize,
+    pub connect_timeout: Duration,
+    pub connections: Arc<Semaphore>,
+    pub stats: Arc<BrokerStats>,
+}
+
+/// Accepts connections on `listener` until `shutdown`.
+pub async fn serve(
+    gate: Arc<Gate>,
+    listener: TcpListener,
+    tls: Option<tls::TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = gate.connections.clone().try_acquire_owned() else {
+            BrokerStats::add(&gate.stats.connections_refused, 1);
+            tracing::warn!(%peer, "connection refused: the connection limit is reached");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let gate = gate.clone();
+        let tls = tls.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            gate.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+            let result = match tls {
+                None => gate.handle(stream, peer, None, &shutdown).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(gate.connect_timeout, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(stream)) => {
+                            let cert_id = tls::peer_identity(stream.get_ref().1);
+                            gate.handle(stream, peer, cert_id, &shutdown).await
+                        }
+                        Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
+                        Err(_) => Err("TLS handshake timed out".into()),
+                    }
+                }
+            };
+            gate.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection closed");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Why a CONNECT was refused, and the codes that say so.
+struct Refusal {
+    v4: u8,
+    v5: u8,
+    reason: String,
+}
+
+impl Refusal {
+    fn bad_credentials(reason: String) -> Refusal {
+        Refusal {
+            v4: codes::V4_BAD_CREDENTIALS,
+            v5: codes::V5_BAD_CREDENTIALS,
+            reason,
+        }
+    }
+    fn not_authorized(reason: String) -> Refusal {
+        Refusal {
+            v4: codes::V4_NOT_AUTHORIZED,
+            v5: codes::V5_NOT_AUTHORIZED,
+            reason,
+        }
+    }
+}
+
+/// Per-connection relay state.
+struct Session {
+    identity: Identity,
+    level: u8,
+    /// MQTT 5 topic aliases the client set.
+    aliases: HashMap<u16, String>,
+}
+
+impl Gate {
+    async fn handle<S>(
+        &self,
+        mut client: S,
+        peer: SocketAddr,
+        cert_id: Option<String>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), String>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut cbuf = BytesMut::with_capacity(4096);
+        let connect = tokio::time::timeout(
+            self.connect_timeout,
+            read_packet(&mut client, &mut cbuf, self.max_packet_bytes),
+        )
+        .await
+        .map_err(|_| "no CONNECT in time".to_string())?
+        .map_err(|e| {
+            BrokerStats::add(&self.stats.malformed_packets, 1);
+            format!("before CONNECT: {e}")
+        })?;
+        let Some(connect) = connect else {
+            return Ok(());
+        };
+        let parsed = packet::parse_connect(&connect).map_err(|e| {
+            BrokerStats::add(&self.stats.malformed_packets, 1);
+            format!("CONNECT: {e}")
+        })?;
+        let identity = match self.authenticate(&parsed, cert_id).await {
+            Ok(identity) => identity,
+            Err(refusal) => {
+                BrokerStats::add(&self.stats.auth_failures, 1);
+                tracing::warn!(%peer, client_id = %parsed.client_id, user = ?parsed.username, reason = %refusal.reason, "connection refused");
+                let _ = client
+                    .write_all(&packet::encode_connack_refused(
+                        parsed.level,
+                        refusal.v4,
+                        refusal.v5,
+                    ))
+                    .await;
+                let _ = client.shutdown().await;
+                return Ok(());
+            }
+        };
+        if let Some(will) = &parsed.will_topic {
+            if !identity.can_publish(will) {
+                BrokerStats::add(&self.stats.acl_refused_publishes, 1);
+                tracing::warn!(%peer, %identity, topic = %will, "connection refused: will topic not allowed");
+                let _ = client
+                    .write_all(&packet::encode_connack_refused(
+                        parsed.level,
+                        codes::V4_NOT_AUTHORIZED,
+                        codes::V5_NOT_AUTHORIZED,
+                    ))
+                    .await;
+                return Ok(());
+            }
+        }
+        let inner = if parsed.level == 5 {
+            self.inner_v5
+        } else {
+            self.inner_v4
+        };
+        let mut upstream = match TcpStream::connect(inner).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = client
+                    .write_all(&packet::encode_connack_refused(
+                        parsed.level,
+                        codes::V4_SERVER_UNAVAILABLE,
+                        codes::V5_SERVER_UNAVAILABLE,
+                    ))
+                    .await;
+                return Err(format!("rumqttd at {inner}: {e}"));
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        let rewritten = packet::rewrite_connect_credentials(
+            &connect,
+            &self.inner_user,
+            self.inner_secret.as_bytes(),
+        )
+        .map_err(|e| format!("CONNECT: {e}"))?;
+        upstream
+            .write_all(&rewritten)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::debug!(%peer, %identity, level = parsed.level, "connected");
+        let mut session = Session {
+            identity,
+            level: parsed.level,
+            aliases: HashMap::new(),
+        };
+        let (mut ur, mut uw) = upstream.into_split();
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let mut ubuf = BytesMut::with_capacity(4096);
+        loop {
+            // Relay every whole packet the client sent (some may have
+            // arrived together with its CONNECT).
+            loop {
+                let len = match packet::frame(&cbuf, self.max_packet_bytes) {
+                    Ok(Some(len)) => len,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.refuse_malformed(&mut cw, &session, peer, &e).await;
+                        return Ok(());
+                    }
+                };
+                let p = cbuf.split_to(len);
+                match self.check(&p, &mut session, peer) {
+                    Verdict::Forward => uw.write_all(&p).await.map_err(|e| e.to_string())?,
+                    Verdict::Reply(reply) => {
+                        cw.write_all(&reply).await.map_err(|e| e.to_string())?
+                    }
+                    Verdict::Drop => {}
+                    Verdict::Close(reply) => {
+                        if let Some(r) = reply {
+                            let _ = cw.write_all(&r).await;
+                        }
+                        let _ = cw.shutdown().await;
+                        return Ok(());
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                n = cr.read_buf(&mut cbuf) => {
+                    if n.map_err(|e| e.to_string())? == 0 {
+                        return Ok(());
+                    }
+                }
+                n = ur.read_buf(&mut ubuf) => {
+                    if n.map_err(|e| e.to_string())? == 0 {
+                        let _ = cw.shutdown().await;
+                        return Ok(());
+                    }
+                    // rumqttd's packets pass as they are.
+                    cw.write_all(&ubuf).await.map_err(|e| e.to_string())?;
+                    ubuf.clear();
+                }
+            }
+        }
+    }
+
+    async fn refuse_malformed<W: AsyncWrite + Unpin>(
+        &self,
+        cw: &mut W,
+        session: &Session,
+        peer: SocketAddr,
+        e: &Malformed,
+    ) {
+        BrokerStats::add(&self.stats.malformed_packets, 1);
+        tracing::warn!(%peer, identity = %session.identity, error = %e, "closing the connection");
+        if session.level == 5 {
+            let reason = if matches!(e, Malformed::TooLarge { .. }) {
+                codes::V5_PACKET_TOO_LARGE
+            } else {
+                codes::V5_PROTOCOL_ERROR
+            };
+            let _ = cw.write_all(&packet::encode_disconnect(reason)).await;
+        }
+        let _ = cw.shutdown().await;
+    }
+
+    async fn authenticate(
+        &self,
+        connect: &packet::Connect,
+        cert_id: Option<String>,
+    ) -> Result<Identity, Refusal> {
+        let client_id = connect.client_id.as_str();
+        if !valid_device_id(client_id) {
+            return Err(Refusal {
+                v4: codes::V4_IDENTIFIER_REJECTED,
+                v5: codes::V5_CLIENT_ID_NOT_VALID,
+                reason: "the client id is not a valid device id".into(),
+            });
+        }
+        if let Some(cn) = cert_id {
+            // A verified client certificate names the device.
+            if cn != client_id {
+                return Err(Refusal::not_authorized(format!(
+                    "client id differs from the certificate's device id {cn:?}"
+                )));
+            }
+            return Ok(Identity {
+                id: cn,
+                role: Role::Device,
+            });
+        }
+        let Some(user) = &connect.username else {
+            if self.allow_anonymous {
+                return Ok(Identity {
+                    id: client_id.into(),
+                    role: Role::Device,
+                });
+            }
+            return Err(Refusal::not_authorized(
+                "anonymous access is off (no user name)".into(),
+            ));
+        };
+        let Some(credentials) = &self.credentials else {
+            return Err(Refusal::bad_credentials(
+                "no credentials file configured".into(),
+            ));
+        };
+        let file = credentials.current();
+        let Some(cred) = file.credentials.iter().find(|c| &c.id == user).cloned() else {
+            return Err(Refusal::bad_credentials(format!(
+                "unknown identity {user:?}"
+            )));
+        };
+        if !cred.may_be(client_id) {
+            return Err(Refusal {
+                v4: codes::V4_IDENTIFIER_REJECTED,
+                v5: codes::V5_CLIENT_ID_NOT_VALID,
+                reason: format!("client id does not match the credential of {user:?}"),
+            });
+        }
+        let password = connect.password.clone().unwrap_or_default();
+        let hash_ok = tokio::task::spawn_blocking(move || cred.verify(&password))
+            .await
+            .unwrap_or(false);
+        if !hash_ok {
+            return Err(Refusal::bad_credentials(format!(
+                "wrong password for {user:?}"
+            )));
+        }
+        let role = file
+            .credentials
+            .iter()
+            .find(|c| &c.id == user)
+            .map_or(Role::Device, |c| c.role);
+        Ok(Identity {
+            // Acting for a child (a gateway), the ACLs are the child's.
+            id: client_id.into(),
+            role,
+        })
+    }
+
+    fn check(&self, p: &[u8], session: &mut Session, peer: SocketAddr) -> Verdict {
+        let level = session.level;
+        let malformed = |e: Malformed| {
+            BrokerStats::add(&self.stats.malformed_packets, 1);
+            tracing::warn!(%peer, identity = %session.identity, error = %e, "closing the connection");
+            Verdict::Close(
+                (level == 5).then(|| packet::encode_disconnect(codes::V5_PROTOCOL_ERROR)),
+            )
+        };
+        match packet::kind(p) {
+            packet::PUBLISH => {
+                let head = match packet::parse_publish(p, level) {
+                    Ok(h) => h,
+                    Err(e) => return malformed(e),
+                };
+                let topic = if head.topic.is_empty() {
+                    match head.topic_alias.and_then(|a| session.aliases.get(&a)) {
+                        Some(t) => t.clone(),
+                        None => return malformed(Malformed::Field("topic alias (unknown)")),
+                    }
+                } else {
+                    if let Some(a) = head.topic_alias {
+                        session.aliases.insert(a, head.topic.to_string());
+                    }
+                    head.topic.to_string()
+                };
+                if session.identity.can_publish(&topic) {
+                    let counter = if topic.starts_with("telemetry/") {
+                        &self.stats.publishes_telemetry
+                    } else if topic.starts_with("status/") {
+                        &self.stats.publishes_status
+                    } else {
+                        &self.stats.publishes_other
+                    };
+                    BrokerStats::add(counter, 1);
+                    return Verdict::Forward;
+                }
+                BrokerStats::add(&self.stats.acl_refused_publishes, 1);
+                tracing::warn!(%peer, identity = %session.identity, %topic, "publish refused by ACL");
+                if level == 5 {
+                    if head.qos == 0 {
+                        Verdict::Drop
+                    } else {
+                        Verdict::Reply(packet::encode_refused_ack(
+                            head.qos,
+                            head.pkid,
+                            codes::V5_NOT_AUTHORIZED,
+                        ))
+                    }
+                } else {
+                    // MQTT 3.1.1 has no way to refuse a publish: disconnect.
+                    Verdict::Close(None)
+                }
+            }
+            packet::SUBSCRIBE => {
+                let sub = match packet::parse_subscribe(p, level) {
+                    Ok(s) => s,
+                    Err(e) => return malformed(e),
+                };
+                let refusal = if level == 5 {
+                    codes::V5_NOT_AUTHORIZED
+                } else {
+                    codes::V4_SUBACK_FAILURE
+                };
+                let verdicts: Vec<Option<u8>> = sub
+                    .filters
+                    .iter()
+                    .map(|(f, _)| (!session.identity.can_subscribe(f)).then_some(refusal))
+                    .collect();
+                let refused = verdicts.iter().filter(|v| v.is_some()).count();
+                if refused == 0 {
+                    return Verdict::Forward;
+                }
+                BrokerStats::add(&self.stats.acl_refused_subscriptions, refused as u64);
+                for ((f, _), v) in sub.filters.iter().zip(&verdicts) {
+                    if v.is_some() {
+                        tracing::warn!(%peer, identity = %session.identity, filter = %f, "subscription refused by ACL");
+                    }
+                }
+                // A SUBSCRIBE with any refused filter is refused whole: each
+                // refused filter gets the failure code, and so do the others
+                // in the same packet (the server may refuse any filter). A
+                // device that asks only for what it may have is unaffected.
+                let codes = vec![refusal; sub.filters.len()];
+                Verdict::Reply(packet::encode_suback(sub.pkid, level, &codes))
+            }
+            packet::CONNECT => malformed(Malformed::Field("second CONNECT")),
+            _ => Verdict::Forward,
+        }
+    }
+}
+
+enum Verdict {
+    Forward,
+    Reply(Vec<u8>),
+    Drop,
+    Close(Option<Vec<u8>>),
+}
+
+/// Reads one whole packet; `Ok(None)` if the peer closed first.
+async fn read_packet<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut BytesMut,
+    limit: usize,
+) -> Result<Option<BytesMut>, String> {
+    loop {
+        if buf.first().is_some_and(|b| b >> 4 != packet::CONNECT) {
+            return Err("the first packet is not a CONNECT".into());
+        }
+        if let Some(len) = packet::frame(buf, limit).map_err(|e| e.to_string())? {
+            return Ok(Some(buf.split_to(len)));
+        }
+        if s.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+            return Ok(None);
+        }
+        if buf.remaining() > limit {
+            return Err("packet too large".into());
+        }
+    }
+}

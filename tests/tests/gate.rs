@@ -1,0 +1,525 @@
+//! The broker's gate against real clients: rumqttc (Rust) and paho-mqtt
+//! (Python, a client this project did not write), MQTT 3.1.1 and 5, plain
+//! TCP and TLS with a CA the test makes; Kafka is a real Tansu broker.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use edgeloop_kafka::local::LocalKafka;
+use edgeloop_proto::v1::{Reading, ReadingBatch};
+use edgeloop_proto::{topics, Message as _};
+use edgeloop_tests::{free_addr, read_topic, start_kafka, wait_for, Component};
+use rdkafka::message::Headers;
+use rdkafka::Message;
+use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_edgeloop");
+const PAHO: &str = include_str!("paho_client.py");
+
+/// `edgeloop broker add-device ID`: the password it prints.
+fn add_device(credentials: &Path, id: &str) -> Result<String> {
+    let out = std::process::Command::new(BIN)
+        .args(["broker", "add-device", id, "--credentials"])
+        .arg(credentials)
+        .output()?;
+    ensure!(out.status.success(), "add-device: {:?}", out);
+    let password = String::from_utf8(out.stdout)?.trim().to_string();
+    ensure!(password.len() >= 32, "password {password:?}");
+    Ok(password)
+}
+
+async fn start_broker(
+    dir: &Path,
+    kafka: &LocalKafka,
+    mqtt: SocketAddr,
+    extra: &[&str],
+) -> Result<Component> {
+    let listen = mqtt.to_string();
+    let bootstrap = kafka.bootstrap();
+    let mut args = vec!["broker", "--listen", &listen, "--kafka", &bootstrap];
+    args.extend_from_slice(extra);
+    let mut broker = Component::start(Path::new(BIN), "broker", &args, dir)?;
+    wait_for(Duration::from_secs(60), "the MQTT listener", || {
+        let running = broker.check_running();
+        async move {
+            running?;
+            Ok(tokio::net::TcpStream::connect(mqtt).await.ok().map(|_| ()))
+        }
+    })
+    .await?;
+    Ok(broker)
+}
+
+fn batch(device: &str, first_seq: u64, n: u64) -> Vec<u8> {
+    ReadingBatch {
+        device_id: device.into(),
+        profile: "f32".into(),
+        first_seq,
+        channels: vec!["v".into()],
+        readings: (first_seq..first_seq + n)
+            .map(|s| Reading {
+                ts_micros: 1_800_000_000_000_000 + s as i64,
+                values: vec![s as f64],
+                true_label: String::new(),
+            })
+            .collect(),
+        loss: None,
+    }
+    .encode_to_vec()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs the paho client with `spec`; its JSON report.
+fn paho(spec: serde_json::Value) -> Result<serde_json::Value> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", PAHO, &spec.to_string()])
+        .output()
+        .context("python3 (scripts/setup.sh installs paho-mqtt)")?;
+    ensure!(
+        out.status.success(),
+        "paho: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Connects with rumqttc (MQTT 3.1.1); the CONNACK outcome.
+async fn rumqttc_connect(
+    mqtt: SocketAddr,
+    client_id: &str,
+    credentials: Option<(&str, &str)>,
+) -> Result<(AsyncClient, rumqttc::EventLoop), ConnectionError> {
+    let mut options = MqttOptions::new(client_id, mqtt.ip().to_string(), mqtt.port());
+    options.set_keep_alive(Duration::from_secs(5));
+    if let Some((u, p)) = credentials {
+        options.set_credentials(u, p);
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    loop {
+        match eventloop.poll().await? {
+            Event::Incoming(Packet::ConnAck(_)) => return Ok((client, eventloop)),
+            _ => continue,
+        }
+    }
+}
+
+async fn refused_with(
+    mqtt: SocketAddr,
+    client_id: &str,
+    credentials: Option<(&str, &str)>,
+) -> Result<ConnectReturnCode> {
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        rumqttc_connect(mqtt, client_id, credentials),
+    )
+    .await?
+    {
+        Err(ConnectionError::ConnectionRefused(code)) => Ok(code),
+        Ok(_) => bail!("{client_id} {credentials:?} was let in"),
+        Err(e) => bail!("{client_id}: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_are_held_to_their_own_identity_and_topics() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let kafka = start_kafka(dir.path()).await?;
+    let credentials = dir.path().join("credentials.toml");
+    let pass_a = add_device(&credentials, "dev-a")?;
+    let pass_b = add_device(&credentials, "dev-b")?;
+    let mqtt = free_addr()?;
+    let cred_arg = credentials.to_string_lossy().into_owned();
+    let mut broker = start_broker(
+        dir.path(),
+        &kafka,
+        mqtt,
+        &[
+            "--credentials",
+            &cred_arg,
+            "--log",
+            "debug,rumqttd=info,librdkafka=info",
+        ],
+    )
+    .await?;
+
+    // Identity: wrong password, someone else's client id, no credential.
+    assert_eq!(
+        refused_with(mqtt, "dev-a", Some(("dev-a", &pass_b))).await?,
+        ConnectReturnCode::BadUserNamePassword
+    );
+    assert_eq!(
+        refused_with(mqtt, "dev-b", Some(("dev-a", &pass_a))).await?,
+        ConnectReturnCode::BadClientId
+    );
+    assert_eq!(
+        refused_with(mqtt, "dev-a", None).await?,
+        ConnectReturnCode::NotAuthorized
+    );
+    // A device added while the broker runs can connect at once.
+    let pass_c = add_device(&credentials, "dev-c")?;
+    let connected = tokio::time::timeout(
+        Duration::from_secs(10),
+        rumqttc_connect(mqtt, "dev-c", Some(("dev-c", &pass_c))),
+    )
+    .await?;
+    ensure!(connected.is_ok(), "dev-c: {:?}", connected.err());
+
+    // MQTT 5 (paho): refusals come back as reason codes; the allowed
+    // publish and filters go through.
+    let host = mqtt.ip().to_string();
+    let v5 = paho(serde_json::json!({
+        "host": host, "port": mqtt.port(), "protocol": 5,
+        "client_id": "dev-a", "username": "dev-a", "password": pass_a,
+        "steps": [
+            ["publish", "telemetry/dev-b", hex(&batch("dev-b", 0, 5))],
+            ["publish", "models/anomaly/int8", "00"],
+            ["subscribe", ["ack/dev-a", "ack/dev-b", "models/#"]],
+            ["publish", "telemetry/dev-a", hex(&batch("dev-a", 0, 5))],
+        ],
+    }))?;
+    assert_eq!(v5["connack"], "Success", "{v5}");
+    assert_eq!(v5["steps"][0], "Not authorized", "{v5}");
+    assert_eq!(v5["steps"][1], "Not authorized", "{v5}");
+    assert_eq!(
+        v5["steps"][2],
+        serde_json::json!([0x87, 0x87, 0x87]),
+        "{v5}"
+    );
+    assert_eq!(v5["steps"][3], "Success", "{v5}");
+    // MQTT 3.1.1 (paho): a refused filter gets 0x80; a refused publish
+    // closes the connection (3.1.1 has no code to refuse it with).
+    let v4 = paho(serde_json::json!({
+        "host": host, "port": mqtt.port(), "protocol": 4,
+        "client_id": "dev-a", "username": "dev-a", "password": pass_a,
+        "steps": [
+            ["subscribe", ["ack/dev-a", "ack/dev-b"]],
+            ["subscribe", ["ack/dev-a"]],
+            ["publish", "telemetry/dev-a", hex(&batch("dev-a", 5, 5))],
+            ["publish", "telemetry/dev-b", hex(&batch("dev-b", 5, 5))],
+        ],
+    }))?;
+    assert_eq!(v4["connack"], "Success", "{v4}");
+    assert_eq!(v4["steps"][0], serde_json::json!([0x80, 0x80]), "{v4}");
+    assert_eq!(v4["steps"][1], serde_json::json!([1]), "{v4}");
+    assert_eq!(v4["steps"][2], "Success", "{v4}");
+    assert_eq!(v4["steps"][3], "disconnected", "{v4}");
+    // rumqttc (3.1.1) as dev-b, publishing as dev-a: disconnected.
+    let (client, mut eventloop) = rumqttc_connect(mqtt, "dev-b", Some(("dev-b", &pass_b)))
+        .await
+        .context("dev-b connects")?;
+    client
+        .publish(
+            "telemetry/dev-a",
+            QoS::AtLeastOnce,
+            false,
+            batch("dev-a", 1000, 5),
+        )
+        .await?;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return false,
+                Ok(_) => continue,
+                Err(_) => return true,
+            }
+        }
+    })
+    .await?;
+    ensure!(
+        closed,
+        "dev-b's publish to telemetry/dev-a was acknowledged"
+    );
+
+    // Kafka holds dev-a's own two batches and nothing anyone sent to a topic
+    // that was not theirs.
+    wait_for(Duration::from_secs(30), "dev-a's batches in Kafka", || {
+        let records = read_topic(&kafka, topics::KAFKA_READINGS);
+        async move { Ok((records?.len() >= 2).then_some(())) }
+    })
+    .await
+    .with_context(|| {
+        let seen: Vec<String> = read_topic(&kafka, topics::KAFKA_READINGS)
+            .unwrap_or_default()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{:?}",
+                    ReadingBatch::decode(r.payload().unwrap_or_default())
+                        .map(|b| (b.device_id, b.first_seq))
+                )
+            })
+            .collect();
+        format!("{seen:?}")
+    })?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let records = read_topic(&kafka, topics::KAFKA_READINGS)?;
+    let mut seqs = BTreeSet::new();
+    for r in &records {
+        ensure!(
+            r.key() == Some(&b"dev-a"[..]),
+            "a record keyed {:?}",
+            r.key()
+        );
+        let topic = r
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "mqtt_topic"))
+            .and_then(|h| h.value);
+        ensure!(topic == Some(&b"telemetry/dev-a"[..]), "{topic:?}");
+        let b = ReadingBatch::decode(r.payload().unwrap_or_default())?;
+        ensure!(b.device_id == "dev-a", "{}", b.device_id);
+        seqs.extend(b.first_seq..b.end_seq());
+    }
+    assert_eq!(seqs, (0..10).collect::<BTreeSet<u64>>());
+    // The refusals were counted and logged with the identity.
+    broker.check_running()?;
+    let log = std::fs::read_to_string(&broker.log)?;
+    ensure!(
+        log.contains("publish refused by ACL") && log.contains("device dev-b"),
+        "{}",
+        broker.tail_log()
+    );
+    Ok(())
+}
+
+/// A CA, a server certificate for 127.0.0.1 and client certificates, as PEM
+/// files under `dir`.
+fn make_pki(dir: &Path, clients: &[&str]) -> Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "edgeloop test CA");
+    let ca_key = KeyPair::generate()?;
+    let ca = ca_params.self_signed(&ca_key)?;
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
+    let server_key = KeyPair::generate()?;
+    let mut server_params =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+    server_params
+        .distinguished_name
+        .push(DnType::CommonName, "edgeloop broker");
+    let server = server_params.signed_by(&server_key, &ca, &ca_key)?;
+    std::fs::write(dir.join("server.pem"), server.pem())?;
+    std::fs::write(dir.join("server.key"), server_key.serialize_pem())?;
+    for id in clients {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, *id);
+        let cert = params.signed_by(&key, &ca, &ca_key)?;
+        std::fs::write(dir.join(format!("{id}.pem")), cert.pem())?;
+        std::fs::write(dir.join(format!("{id}.key")), key.serialize_pem())?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_client_certificates_name_the_device_and_plain_tcp_to_the_tls_port_fails() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let pki = dir.path();
+    make_pki(pki, &["dev-t"])?;
+    let kafka = start_kafka(dir.path()).await?;
+    let credentials = dir.path().join("credentials.toml");
+    let pass_a = add_device(&credentials, "dev-a")?;
+    let (mqtt, tls) = (free_addr()?, free_addr()?);
+    let p = |f: &str| pki.join(f).to_string_lossy().into_owned();
+    let (cred, tls_s, cert, key, ca) = (
+        p("credentials.toml"),
+        tls.to_string(),
+        p("server.pem"),
+        p("server.key"),
+        p("ca.pem"),
+    );
+    let mut broker = start_broker(
+        dir.path(),
+        &kafka,
+        mqtt,
+        &[
+            "--credentials",
+            &cred,
+            "--tls-listen",
+            &tls_s,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &ca,
+        ],
+    )
+    .await?;
+    let host = "127.0.0.1";
+    let with_cert = serde_json::json!({"ca": ca, "cert": p("dev-t.pem"), "key": p("dev-t.key")});
+    // The certificate is the credential: no password.
+    let by_cert = paho(serde_json::json!({
+        "host": host, "port": tls.port(), "protocol": 4, "client_id": "dev-t",
+        "tls": with_cert,
+        "steps": [["publish", "telemetry/dev-t", hex(&batch("dev-t", 0, 3))],
+                  ["subscribe", ["ack/dev-a"]]],
+    }))?;
+    assert_eq!(by_cert["connack"], "Success", "{by_cert}");
+    assert_eq!(by_cert["steps"][0], "Success", "{by_cert}");
+    assert_eq!(by_cert["steps"][1], serde_json::json!([0x80]), "{by_cert}");
+    // The certificate names dev-t; the client id says otherwise.
+    let mismatch = paho(serde_json::json!({
+        "host": host, "port": tls.port(), "protocol": 5, "client_id": "dev-a",
+        "tls": with_cert, "steps": [],
+    }))?;
+    assert_eq!(mismatch["connack"], "Not authorized", "{mismatch}");
+    // No client certificate: a password over TLS.
+    let by_password = paho(serde_json::json!({
+        "host": host, "port": tls.port(), "protocol": 5, "client_id": "dev-a",
+        "username": "dev-a", "password": pass_a, "tls": {"ca": ca},
+        "steps": [["publish", "telemetry/dev-a", hex(&batch("dev-a", 0, 3))]],
+    }))?;
+    assert_eq!(by_password["connack"], "Success", "{by_password}");
+    assert_eq!(by_password["steps"][0], "Success", "{by_password}");
+    // Plain MQTT to the TLS port fails, and promptly.
+    let plain = tokio::time::timeout(
+        Duration::from_secs(15),
+        rumqttc_connect(tls, "dev-a", Some(("dev-a", &pass_a))),
+    )
+    .await
+    .context("plain TCP to the TLS port hung")?;
+    ensure!(plain.is_err(), "plain TCP to the TLS port connected");
+    // TLS to the plain port fails too.
+    let crossed = paho(serde_json::json!({
+        "host": host, "port": mqtt.port(), "protocol": 4, "client_id": "dev-a",
+        "username": "dev-a", "password": pass_a, "tls": {"ca": ca}, "steps": [],
+    }))?;
+    ensure!(
+        crossed.get("error").is_some() || crossed["connack"].is_null(),
+        "{crossed}"
+    );
+    broker.check_running()?;
+    let keys: BTreeSet<Vec<u8>> =
+        wait_for(Duration::from_secs(30), "both devices in Kafka", || {
+            let records = read_topic(&kafka, topics::KAFKA_READINGS);
+            async move {
+                let keys: BTreeSet<Vec<u8>> = records?
+                    .iter()
+                    .filter_map(|r| r.key().map(<[u8]>::to_vec))
+                    .collect();
+                Ok((keys.len() >= 2).then_some(keys))
+            }
+        })
+        .await?;
+    assert_eq!(keys, BTreeSet::from([b"dev-a".to_vec(), b"dev-t".to_vec()]));
+    Ok(())
+}
+
+/// Whether the broker closes `stream` within 10 s.
+async fn closed(stream: &mut tokio::net::TcpStream) -> Result<bool> {
+    let mut buf = [0u8; 256];
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    Ok(outcome.unwrap_or(false))
+}
+
+fn raw_connect(client_id: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    let mut p = vec![0x10, body.len() as u8];
+    p.extend_from_slice(&body);
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_packets_close_their_connection_and_others_carry_on() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let kafka = start_kafka(dir.path()).await?;
+    let mqtt = free_addr()?;
+    let mut broker = start_broker(dir.path(), &kafka, mqtt, &["--allow-anonymous"]).await?;
+    let (good, mut eventloop) = rumqttc_connect(mqtt, "good-1", None)
+        .await
+        .context("good-1")?;
+
+    let attacks: Vec<(&str, Vec<Vec<u8>>)> = vec![
+        (
+            "a remaining length of five bytes",
+            vec![vec![0x10, 0xff, 0xff, 0xff, 0xff, 0x7f]],
+        ),
+        (
+            "a PUBLISH before CONNECT",
+            vec![vec![0x30, 0x03, 0x00, 0x01, b'a']],
+        ),
+        (
+            "CONNECT for MQTT 3.1",
+            vec![{
+                let mut p = raw_connect("raw-1");
+                p[8] = 3;
+                p
+            }],
+        ),
+        (
+            "a 2 MiB PUBLISH (over the 1 MiB payload limit)",
+            vec![
+                raw_connect("raw-2"),
+                vec![0x30, 0x80, 0x80, 0x80, 0x01, 0x00, 0x01, b'a'],
+            ],
+        ),
+        (
+            "a SUBSCRIBE with no filter",
+            vec![raw_connect("raw-3"), vec![0x82, 0x02, 0x00, 0x01]],
+        ),
+        (
+            "a PUBLISH whose topic runs past its packet",
+            vec![raw_connect("raw-4"), vec![0x30, 0x03, 0x00, 0x09, b'a']],
+        ),
+        (
+            "random bytes",
+            vec![(0..4096u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect()],
+        ),
+    ];
+    for (what, packets) in attacks {
+        let mut stream = tokio::net::TcpStream::connect(mqtt).await?;
+        for p in packets {
+            // The broker may close before everything is written.
+            let _ = stream.write_all(&p).await;
+        }
+        ensure!(
+            closed(&mut stream).await?,
+            "{what}: the connection stayed open"
+        );
+    }
+    broker.check_running()?;
+    // The well-behaved client was never disturbed.
+    good.publish(
+        "telemetry/good-1",
+        QoS::AtLeastOnce,
+        false,
+        batch("good-1", 0, 1),
+    )
+    .await?;
+    let acked = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await?;
+    ensure!(acked.is_ok(), "good-1: {acked:?}");
+    Ok(())
+}
