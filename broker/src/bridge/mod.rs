@@ -54,9 +54,10 @@ pub enum BridgeError {
 /// A record on its way to Kafka.
 struct InFlight {
     device: String,
-    /// Its first seq, and readings in it (a loss report has none but covers
-    /// a range of seqs).
+    /// Its range of seqs `[first, end)`, and readings in it (a loss report
+    /// has none but covers a range of seqs).
     first: u64,
+    end: u64,
     readings: u64,
     /// Whether it counts for the device's ack watermark.
     tracked: bool,
@@ -117,7 +118,7 @@ pub async fn run(
                     BrokerStats::add(&stats.readings_in_kafka, record.readings);
                 }
                 if record.tracked {
-                    tracker.on_delivered(&record.device, record.first, ok);
+                    tracker.on_delivered(&record.device, record.first, record.end, ok);
                 }
             }
             _ = ack_tick.tick() => {
@@ -181,8 +182,8 @@ async fn take(
         BrokerStats::add(&stats.batches_received, 1);
         Some(ReadingBatch::decode(publish.payload.as_ref()))
     };
-    let (first, readings, tracked) = match decoded {
-        None => (0, 0, false),
+    let (first, end, readings, tracked) = match decoded {
+        None => (0, 0, 0, false),
         Some(decoded) => match decoded {
             Ok(batch) if batch.device_id == device => {
                 let first = batch.first_seq;
@@ -191,13 +192,13 @@ async fn take(
                     BrokerStats::add(&stats.batches_skipped, 1);
                     return None;
                 }
-                (first, batch.readings.len() as u64, true)
+                (first, end, batch.readings.len() as u64, true)
             }
             // Not ours to judge in detail: the processor dead-letters it with the
             // reason. It is never acknowledged.
             Ok(_) | Err(_) => {
                 BrokerStats::add(&stats.malformed_forwarded, 1);
-                (0, 0, false)
+                (0, 0, 0, false)
             }
         },
     };
@@ -220,6 +221,7 @@ async fn take(
                 let record = InFlight {
                     device,
                     first,
+                    end,
                     readings,
                     tracked,
                     status: kafka_topic == topics::KAFKA_STATUS,
@@ -234,7 +236,7 @@ async fn take(
                 tracing::warn!(%device, error = %e, "could not enqueue a batch for Kafka; the device will resend it");
                 BrokerStats::add(&stats.delivery_errors, 1);
                 if tracked {
-                    tracker.on_delivered(&device, first, false);
+                    tracker.on_delivered(&device, first, end, false);
                 }
                 return None;
             }
