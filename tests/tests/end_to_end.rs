@@ -23,7 +23,14 @@ use rdkafka::message::Headers;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-const BIN: &str = env!("CARGO_BIN_EXE_edgeloop");
+/// The `edgeloop` binary the tests start: `EDGELOOP_BIN` if set (a copy of a
+/// build, so that another build sharing the target directory cannot replace
+/// it in the middle of a run), else the one cargo built for these tests.
+fn edgeloop_bin() -> PathBuf {
+    std::env::var_os("EDGELOOP_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_edgeloop")))
+}
 
 struct Stack {
     dir: tempfile::TempDir,
@@ -72,8 +79,7 @@ impl Stack {
         let (listen, bootstrap) = (mqtt.to_string(), self.kafka.bootstrap());
         let mut args = vec!["broker", "--listen", &listen, "--kafka", &bootstrap];
         args.extend(self.broker_args.iter().map(String::as_str));
-        let mut broker =
-            Component::start(std::path::Path::new(BIN), "broker", &args, self.dir.path())?;
+        let mut broker = Component::start(&edgeloop_bin(), "broker", &args, self.dir.path())?;
         wait_for(Duration::from_secs(60), "the MQTT listener", || {
             let running = broker.check_running();
             async move {
@@ -107,7 +113,7 @@ impl Stack {
             "processor-0",
         ];
         args.extend_from_slice(extra);
-        Component::start(std::path::Path::new(BIN), name, &args, self.dir.path())
+        Component::start(&edgeloop_bin(), name, &args, self.dir.path())
     }
 
     fn agent(&self, device: &str, seed: u64, limit: u64, rate: f64, batch: usize) -> AgentConfig {
@@ -534,7 +540,7 @@ async fn agent_killed_while_publishing_loses_no_fsynced_reading_and_sends_none_t
     let spool_arg = spool.to_string_lossy().into_owned();
     let agent = |name: &str, limit: &str| {
         Component::start(
-            std::path::Path::new(BIN),
+            &edgeloop_bin(),
             name,
             &[
                 "agent",
@@ -806,7 +812,7 @@ async fn a_replayed_csv_file_lands_row_for_row_and_its_bad_lines_are_skipped() -
         .to_string_lossy()
         .into_owned();
     let mut agent = Component::start(
-        std::path::Path::new(BIN),
+        &edgeloop_bin(),
         "agent-replay",
         &[
             "agent",
