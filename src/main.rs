@@ -48,6 +48,14 @@ enum Command {
     /// simulated devices. Prints progress; Ctrl-C stops everything in order.
     Up(up::UpArgs),
     /// Run the MQTT broker and its bridge to Kafka.
+    ///
+    /// Devices publish readings on telemetry/{device}; the bridge produces
+    /// them to Kafka and publishes the ack watermark retained on
+    /// ack/{device} once Kafka holds them. Acks are also kept in the
+    /// compacted Kafka topic edgeloop.acks, and models come from the
+    /// compacted edgeloop.models: at start-up both are read back and
+    /// republished retained (ack/{device}, models/{task}/{profile}) before
+    /// the MQTT listener opens, so a restart loses neither.
     Broker(BrokerArgs),
     /// Run the stream processor: Kafka readings into the Parquet data set.
     Processor(ProcessorArgs),
@@ -164,6 +172,11 @@ struct BrokerArgs {
     /// name is the device id.
     #[arg(long, env = "EDGELOOP_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Serve /healthz, /readyz (200 only while the MQTT listener is up and
+    /// Kafka answers) and Prometheus /metrics on this address (e.g.
+    /// 0.0.0.0:9465); see docs/operations.md.
+    #[arg(long, env = "EDGELOOP_BROKER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -394,6 +407,9 @@ async fn main() -> Result<()> {
             }
             if let Some(c) = args.compression {
                 config.bridge.compression = c;
+            }
+            if let Some(listen) = args.metrics_listen {
+                config.metrics_listen = Some(listen);
             }
             let stats = Arc::new(edgeloop_broker::BrokerStats::default());
             edgeloop_broker::run(config, shutdown, CancellationToken::new(), stats).await?;

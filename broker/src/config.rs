@@ -24,6 +24,13 @@ pub struct BrokerConfig {
     /// took, so the last acks can be published.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Where to serve `/healthz`, `/readyz` and Prometheus `/metrics`
+    /// (none: not served). See docs/operations.md.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How often `/readyz` asks Kafka for metadata (each ask waits at most
+    /// this long): not ready from the first ask Kafka does not answer.
+    #[serde(with = "humantime_serde")]
+    pub kafka_check_interval: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -35,6 +42,8 @@ impl Default for BrokerConfig {
             auth: AuthConfig::default(),
             tls: None,
             shutdown_grace: Duration::from_secs(10),
+            metrics_listen: None,
+            kafka_check_interval: Duration::from_secs(5),
         }
     }
 }
@@ -92,6 +101,14 @@ pub struct BridgeConfig {
     /// librdkafka `linger.ms`: how long the producer waits to fill a request.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
+    /// At start-up, the longest the bridge may take to read `edgeloop.acks`
+    /// and `edgeloop.models` to their end (the broker does not listen before).
+    #[serde(with = "humantime_serde")]
+    pub restore_timeout: Duration,
+    /// librdkafka `statistics.interval.ms`: how often the producer's own
+    /// figures are refreshed for `/metrics` (0s: never).
+    #[serde(with = "humantime_serde")]
+    pub statistics_interval: Duration,
 }
 
 impl Default for BridgeConfig {
@@ -101,6 +118,8 @@ impl Default for BridgeConfig {
             max_in_flight_batches: 10_000,
             ack_interval: Duration::from_millis(50),
             linger: Duration::from_millis(5),
+            restore_timeout: Duration::from_secs(60),
+            statistics_interval: Duration::from_secs(5),
         }
     }
 }
@@ -167,6 +186,12 @@ impl BrokerConfig {
             if tls.require_client_cert && tls.client_ca_file.is_none() {
                 return Err("tls.require_client_cert: needs tls.client_ca_file".into());
             }
+        }
+        if self.bridge.restore_timeout.is_zero() {
+            return Err("bridge.restore_timeout: must be more than 0s".into());
+        }
+        if self.kafka_check_interval < Duration::from_millis(100) {
+            return Err("kafka_check_interval: must be at least 100ms".into());
         }
         if self.mqtt.connect_timeout.as_millis() > u128::from(u16::MAX) {
             return Err("mqtt.connect_timeout: must be at most 65s".into());

@@ -1,27 +1,43 @@
 //! The broker: an embedded rumqttd that devices connect to, and the bridge
-//! that carries their telemetry into Kafka and the ack watermark back.
+//! that carries their telemetry into Kafka and the ack watermark and the
+//! models back.
 //!
 //! - [`config`]: the broker's TOML configuration.
 //! - [`bridge`]: MQTT `telemetry/+` → Kafka `edgeloop.readings`, delivery
-//!   reports → retained `ack/{device}` ([`bridge::acks`] computes the
-//!   watermark).
+//!   reports → `edgeloop.acks` → retained `ack/{device}` ([`bridge::acks`]
+//!   computes the watermark, [`bridge::ack_log`] writes it to Kafka first);
+//!   Kafka `edgeloop.models` → retained `models/{task}/{profile}`
+//!   ([`bridge::models`]).
+//! - [`ops`]: `/healthz`, `/readyz` and Prometheus `/metrics`
+//!   (`metrics_listen`).
 //! - [`gate`]: the listeners devices reach (TCP and TLS, MQTT 3.1.1 and 5):
 //!   authentication and per-device topic ACLs in front of rumqttd, which
 //!   listens on loopback only (the module docs explain the design).
 //! - [`stats`]: the broker's counters.
 //!
+//! Start-up, in order: create the Kafka topics (`edgeloop.status`,
+//! `edgeloop.models` and `edgeloop.acks` compacted); read `edgeloop.acks`
+//! back, republish every retained `ack/{device}` and seed the watermarks;
+//! read `edgeloop.models` back and republish every model retained; subscribe
+//! to telemetry; only then open the MQTT listener. So a device that connects
+//! finds its ack and the models retained, as before the restart: rumqttd
+//! keeps retained messages only in memory, and Kafka is their source of
+//! truth.
+//!
 //! rumqttd's `Broker::start()` blocks and has no shutdown, so it runs on its
-//! own thread; the bridge reaches it through a local link. On shutdown the
+//! own thread; the bridge reaches it through local links. On shutdown the
 //! bridge stops taking telemetry, flushes to Kafka and publishes the last
 //! acks; the rumqttd thread ends with the process.
 
 pub mod bridge;
 pub mod config;
 pub mod gate;
+pub mod ops;
 pub mod stats;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +67,11 @@ pub enum Error {
     Credentials(#[from] gate::credentials::CredentialsError),
     #[error(transparent)]
     Tls(#[from] gate::tls::TlsError),
+    #[error("could not serve /metrics, /healthz, /readyz on {addr}: {source}")]
+    Ops {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// rumqttd behind the gate: loopback listeners for MQTT 3.1.1 and 5 that
@@ -131,34 +152,82 @@ pub async fn run(
     stats: Arc<BrokerStats>,
 ) -> Result<(), Error> {
     config.validate().map_err(Error::Config)?;
+    // The helper tasks below (endpoint, Kafka check, models follower) stop
+    // with `shutdown`, and also when this function returns for any reason.
+    let tasks = shutdown.child_token();
+    let _stop_tasks = tasks.clone().drop_guard();
+    if let Some(addr) = config.metrics_listen {
+        let listener = ops::bind(addr)
+            .await
+            .map_err(|source| Error::Ops { addr, source })?;
+        let (stats, tasks) = (stats.clone(), tasks.clone());
+        tokio::spawn(async move {
+            if let Err(e) = ops::serve(listener, stats, tasks).await {
+                tracing::error!(%addr, error = %e, "the operations endpoint stopped");
+            }
+        });
+    }
     edgeloop_kafka::ensure_topics(
         &config.kafka,
+        &[topics::KAFKA_READINGS, topics::KAFKA_DEADLETTER],
+    )
+    .await?;
+    edgeloop_kafka::ensure_compacted_topics(
+        &config.kafka,
         &[
-            topics::KAFKA_READINGS,
-            topics::KAFKA_DEADLETTER,
             topics::KAFKA_STATUS,
             topics::KAFKA_MODELS,
+            topics::KAFKA_ACKS,
         ],
     )
     .await?;
-    let producer = bridge::producer(&config.kafka, &config.bridge)?;
+    let producer = bridge::producer(&config.kafka, &config.bridge, stats.clone())?;
+    tokio::spawn(ops::check_kafka(
+        producer.clone(),
+        config.kafka_check_interval,
+        stats.clone(),
+        tasks.clone(),
+    ));
 
     let inner = Inner::new()?;
     let mut broker = rumqttd::Broker::new(rumqttd_config(&config.mqtt, &inner));
     let (mut link_tx, link_rx) = broker
         .link("edgeloop-bridge")
         .map_err(|e| Error::Mqtt(e.to_string()))?;
+    // Acks and models are back before devices can connect and before any
+    // telemetry is taken.
+    let restored = bridge::restore_acks(
+        &config.kafka,
+        config.bridge.restore_timeout,
+        &mut link_tx,
+        &stats,
+    )
+    .await?;
+    let (models_tx, models_rx) = broker
+        .link("edgeloop-models")
+        .map_err(|e| Error::Mqtt(e.to_string()))?;
+    let models = bridge::models::Models::catch_up(
+        &config.kafka,
+        config.bridge.restore_timeout,
+        models_tx,
+        models_rx,
+        stats.clone(),
+    )
+    .await?;
+    let models = tokio::spawn(models.follow(tasks.clone()));
     for filter in [topics::TELEMETRY_FILTER, topics::STATUS_FILTER] {
         link_tx
             .subscribe(filter)
             .map_err(|e| Error::Mqtt(e.to_string()))?;
     }
+    let mqtt_stats = stats.clone();
     std::thread::Builder::new()
         .name("rumqttd".into())
         .spawn(move || {
             if let Err(e) = broker.start() {
                 tracing::error!(error = %e, "the MQTT broker stopped");
             }
+            mqtt_stats.mqtt_up.store(false, Ordering::Relaxed);
         })
         .map_err(|e| Error::Mqtt(e.to_string()))?;
     wait_listening(inner.v4, Duration::from_secs(10)).await?;
@@ -206,18 +275,27 @@ pub async fn run(
         ));
         tracing::info!(listen = %addr, client_certs = tls.client_ca_file.is_some(), "MQTT listener (TLS) up");
     }
+    stats.mqtt_up.store(true, Ordering::Relaxed);
     ready.cancel();
 
-    bridge::run(
+    let result = bridge::run(
         producer,
         config.bridge.clone(),
         link_tx,
         link_rx,
-        shutdown,
+        restored,
+        shutdown.clone(),
         config.shutdown_grace,
         stats,
     )
-    .await?;
+    .await;
+    tasks.cancel();
+    match models.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "the models follower stopped"),
+        Err(e) => tracing::warn!(error = %e, "the models follower failed"),
+        Ok(Ok(())) => {}
+    }
+    result?;
     Ok(())
 }
 

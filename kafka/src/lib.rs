@@ -6,7 +6,9 @@
 //!   `librdkafka_options` pass-through map.
 //! - [`ensure_topics`]: creates the topics edgeloop needs, at start-up,
 //!   because some Kafka-API brokers (Tansu on SQLite) refuse produce requests
-//!   to a topic that does not exist yet.
+//!   to a topic that does not exist yet; [`ensure_compacted_topics`] does the
+//!   same for topics that keep the latest record per key
+//!   (`cleanup.policy=compact`).
 //! - [`local`]: a Kafka-API broker (Tansu) run as a child process, for one
 //!   machine and for tests.
 
@@ -15,7 +17,7 @@ pub mod local;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
@@ -108,24 +110,50 @@ impl KafkaConfig {
 /// Creates each topic that does not exist yet. A topic that already exists is
 /// fine; any other failure is an error naming the topic.
 pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), Error> {
+    create_topics(config, topics, &[]).await
+}
+
+/// Like [`ensure_topics`], for topics read as a table of the latest record
+/// per key: a topic it creates has `cleanup.policy=compact`. A topic that
+/// already exists is left as it is, with a warning if its cleanup policy is
+/// not `compact` (its old records may then be deleted by retention).
+pub async fn ensure_compacted_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), Error> {
+    create_topics(config, topics, &[("cleanup.policy", "compact")]).await?;
+    if config.create_topics {
+        warn_unless_compacted(config, topics).await;
+    }
+    Ok(())
+}
+
+fn admin(config: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, Error> {
+    config
+        .client_config(&[])
+        .create()
+        .map_err(|source| Error::Client {
+            bootstrap: config.bootstrap_servers.clone(),
+            source,
+        })
+}
+
+async fn create_topics(
+    config: &KafkaConfig,
+    topics: &[&str],
+    topic_config: &[(&str, &str)],
+) -> Result<(), Error> {
     if !config.create_topics {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> =
-        config
-            .client_config(&[])
-            .create()
-            .map_err(|source| Error::Client {
-                bootstrap: config.bootstrap_servers.clone(),
-                source,
-            })?;
+    let admin = admin(config)?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|name| {
-            NewTopic::new(
-                name,
-                config.partitions,
-                TopicReplication::Fixed(config.replication_factor),
+            topic_config.iter().fold(
+                NewTopic::new(
+                    name,
+                    config.partitions,
+                    TopicReplication::Fixed(config.replication_factor),
+                ),
+                |topic, (key, value)| topic.set(key, value),
             )
         })
         .collect();
@@ -139,7 +167,7 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), 
         })?;
     for result in results {
         match result {
-            Ok(name) => tracing::info!(topic = %name, "created Kafka topic"),
+            Ok(name) => tracing::info!(topic = %name, ?topic_config, "created Kafka topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
                 return Err(Error::CreateTopic {
@@ -150,4 +178,42 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// Logs a warning for each topic whose `cleanup.policy` does not include
+/// `compact`. Best effort: a broker that cannot describe configs is only
+/// noted at debug level.
+async fn warn_unless_compacted(config: &KafkaConfig, topics: &[&str]) {
+    let Ok(admin) = admin(config) else {
+        return;
+    };
+    let specifiers: Vec<ResourceSpecifier<'_>> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let results = match admin.describe_configs(specifiers.iter(), &options).await {
+        Ok(results) => results,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not describe the compacted topics' configs");
+            return;
+        }
+    };
+    for (topic, result) in topics.iter().zip(results) {
+        match result {
+            Ok(resource) => {
+                let policy = resource
+                    .get("cleanup.policy")
+                    .and_then(|entry| entry.value.clone());
+                if let Some(policy) = policy.filter(|p| !p.contains("compact")) {
+                    tracing::warn!(
+                        %topic,
+                        %policy,
+                        "this topic should have cleanup.policy=compact: it is read as the latest record per key, and with {policy} Kafka may delete records still needed"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::debug!(%topic, error = %e, "could not describe the topic's config")
+            }
+        }
+    }
 }

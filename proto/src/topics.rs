@@ -6,6 +6,14 @@
 //! | `status/{device}` | device → cloud | 1, retained, last will | `DeviceStatus` |
 //! | `ack/{device}` | cloud → device | 1, retained | `Ack` |
 //! | `models/{task}/{profile}` | cloud → device | 1, retained | `ModelUpdate` |
+//!
+//! | Kafka topic | written by | key | value | cleanup |
+//! |---|---|---|---|---|
+//! | `edgeloop.readings` | bridge | device id | `ReadingBatch` | delete |
+//! | `edgeloop.status` | bridge | device id | `DeviceStatus` | compact |
+//! | `edgeloop.models` | model publisher | `task/profile` | `ModelUpdate` | compact |
+//! | `edgeloop.acks` | bridge | device id | `Ack` (the watermark published on `ack/{device}`) | compact |
+//! | `edgeloop.deadletter` | processor | as received | original bytes, `reason` header | delete |
 
 /// Kafka topic of reading batches, key = device id.
 pub const KAFKA_READINGS: &str = "edgeloop.readings";
@@ -13,6 +21,10 @@ pub const KAFKA_READINGS: &str = "edgeloop.readings";
 pub const KAFKA_STATUS: &str = "edgeloop.status";
 /// Kafka topic of published models (compacted by `task/profile`).
 pub const KAFKA_MODELS: &str = "edgeloop.models";
+/// Kafka topic of the ack watermarks the bridge published (compacted by
+/// device id): the bridge restores `ack/{device}` and its watermarks from it
+/// after a restart.
+pub const KAFKA_ACKS: &str = "edgeloop.acks";
 /// Kafka topic of payloads that failed to decode, with the reason in a header.
 pub const KAFKA_DEADLETTER: &str = "edgeloop.deadletter";
 
@@ -37,6 +49,17 @@ pub fn ack(device_id: &str) -> String {
 
 pub fn models(task: &str, profile: &str) -> String {
     format!("models/{task}/{profile}")
+}
+
+/// The Kafka key of a model in `edgeloop.models`: `task/profile`.
+pub fn model_key(task: &str, profile: &str) -> String {
+    format!("{task}/{profile}")
+}
+
+/// Whether `level` can be one level of a topic name: not empty, no `/`, and
+/// no MQTT wildcard (`+`, `#`). Task and profile names of models must be.
+pub fn is_topic_level(level: &str) -> bool {
+    !level.is_empty() && !level.contains(['/', '+', '#', '\0'])
 }
 
 /// The device id of a `telemetry/{device}` topic, or `None` for any other topic.
@@ -68,5 +91,11 @@ mod tests {
         assert_eq!(models("anomaly", "int8"), "models/anomaly/int8");
         assert_eq!(ack("d"), "ack/d");
         assert_eq!(status("d"), "status/d");
+        assert_eq!(model_key("anomaly", "int8"), "anomaly/int8");
+        assert!(is_topic_level("anomaly"));
+        assert!(!is_topic_level(""));
+        assert!(!is_topic_level("a/b"));
+        assert!(!is_topic_level("a+"));
+        assert!(!is_topic_level("#"));
     }
 }

@@ -46,6 +46,30 @@ pub async fn start_kafka(dir: &Path) -> Result<LocalKafka> {
     .await?)
 }
 
+/// Starts a Tansu broker with SQLite storage under `dir` on a free port: it
+/// can be stopped and started again ([`LocalKafka::stop_keeping_storage`],
+/// [`LocalKafka::start_again`]) with what it held.
+pub async fn start_durable_kafka(dir: &Path) -> Result<LocalKafka> {
+    let addr = free_addr()?;
+    let db = std::path::absolute(dir.join("tansu.db"))?;
+    // Tansu reads the URL path as relative to its working directory; one
+    // more slash makes it absolute.
+    let storage = format!("sqlite:///{}", db.display());
+    Ok(LocalKafka::start(&tansu_bin()?, addr, &storage, &dir.join("tansu.log")).await?)
+}
+
+/// Resident set size of process `pid` in KiB (`VmRSS` of /proc/PID/status).
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no VmRSS line")?
+        .parse()
+        .context("VmRSS is not a number")
+}
+
 /// An `edgeloop` subcommand running as a child process, killed when dropped.
 pub struct Component {
     pub name: String,

@@ -13,7 +13,7 @@ use edgeloop_agent::config::SourceConfig;
 use edgeloop_agent::source::simulator::{Simulator, SimulatorConfig};
 use edgeloop_agent::{AgentConfig, AgentStats};
 use edgeloop_kafka::local::LocalKafka;
-use edgeloop_proto::v1::{Ack, DeviceStatus, Reading, ReadingBatch};
+use edgeloop_proto::v1::{Ack, DeviceStatus, ModelUpdate, Reading, ReadingBatch};
 use edgeloop_proto::{topics, Message as _};
 use edgeloop_tests::{
     check_exactly_once, parquet_files, read_rows, read_topic, start_kafka, wait_for, Component,
@@ -22,7 +22,14 @@ use rdkafka::message::Headers;
 use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
 
-const BIN: &str = env!("CARGO_BIN_EXE_edgeloop");
+/// The `edgeloop` binary the tests start: `EDGELOOP_BIN` if set (a copy of a
+/// build, so that another build sharing the target directory cannot replace
+/// it in the middle of a run), else the one cargo built for these tests.
+fn edgeloop_bin() -> PathBuf {
+    std::env::var_os("EDGELOOP_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_edgeloop")))
+}
 
 struct Stack {
     dir: tempfile::TempDir,
@@ -32,6 +39,8 @@ struct Stack {
     mqtt: SocketAddr,
     parquet: PathBuf,
     group: String,
+    /// Extra arguments of every `edgeloop broker` this stack starts.
+    broker_args: Vec<String>,
 }
 
 impl Stack {
@@ -45,6 +54,11 @@ impl Stack {
     async fn without_broker() -> Result<Stack> {
         let dir = tempfile::tempdir()?;
         let kafka = start_kafka(dir.path()).await?;
+        Stack::around(dir, kafka)
+    }
+
+    /// A stack around a Kafka already started in `dir`; no broker yet.
+    fn around(dir: tempfile::TempDir, kafka: LocalKafka) -> Result<Stack> {
         let mqtt = edgeloop_tests::free_addr()?;
         let parquet = dir.path().join("parquet");
         let group = format!("test-{}", std::process::id());
@@ -55,24 +69,23 @@ impl Stack {
             mqtt,
             parquet,
             group,
+            broker_args: Vec::new(),
         })
     }
 
     async fn start_broker(&mut self) -> Result<()> {
         let mqtt = self.mqtt;
-        let mut broker = Component::start(
-            std::path::Path::new(BIN),
+        let (listen, bootstrap) = (mqtt.to_string(), self.kafka.bootstrap());
+        let mut args = vec![
             "broker",
-            &[
-                "broker",
-                "--listen",
-                &mqtt.to_string(),
-                "--kafka",
-                &self.kafka.bootstrap(),
-                "--allow-anonymous",
-            ],
-            self.dir.path(),
-        )?;
+            "--listen",
+            &listen,
+            "--kafka",
+            &bootstrap,
+            "--allow-anonymous",
+        ];
+        args.extend(self.broker_args.iter().map(String::as_str));
+        let mut broker = Component::start(&edgeloop_bin(), "broker", &args, self.dir.path())?;
         wait_for(Duration::from_secs(60), "the MQTT listener", || {
             let running = broker.check_running();
             async move {
@@ -106,7 +119,7 @@ impl Stack {
             "processor-0",
         ];
         args.extend_from_slice(extra);
-        Component::start(std::path::Path::new(BIN), name, &args, self.dir.path())
+        Component::start(&edgeloop_bin(), name, &args, self.dir.path())
     }
 
     fn agent(&self, device: &str, seed: u64, limit: u64, rate: f64, batch: usize) -> AgentConfig {
@@ -485,7 +498,7 @@ async fn agent_killed_while_publishing_loses_no_fsynced_reading_and_sends_none_t
     let spool_arg = spool.to_string_lossy().into_owned();
     let agent = |name: &str, limit: &str| {
         Component::start(
-            std::path::Path::new(BIN),
+            &edgeloop_bin(),
             name,
             &[
                 "agent",
@@ -757,7 +770,7 @@ async fn a_replayed_csv_file_lands_row_for_row_and_its_bad_lines_are_skipped() -
         .to_string_lossy()
         .into_owned();
     let mut agent = Component::start(
-        std::path::Path::new(BIN),
+        &edgeloop_bin(),
         "agent-replay",
         &[
             "agent",
@@ -1171,4 +1184,399 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
     let mut response = String::new();
     socket.read_to_string(&mut response).await?;
     Ok(response)
+}
+
+/// The value of an unlabelled metric in a Prometheus text exposition.
+fn metric(exposition: &str, name: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The status code of a GET, or `None` if nothing answered.
+async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let response = http_get(addr, path).await.ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Produces one record and waits for Kafka to take it.
+async fn produce(kafka: &LocalKafka, topic: &str, key: &str, payload: &[u8]) -> Result<()> {
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .create()?;
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(topic)
+                .key(key)
+                .payload(payload),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    Ok(())
+}
+
+/// A fresh MQTT client `id` subscribed with QoS 1 to `filters`; the
+/// publishes it receives arrive on the channel.
+async fn subscriber(
+    mqtt: SocketAddr,
+    id: &str,
+    filters: &[String],
+) -> Result<(
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::Publish>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let mut options = rumqttc::MqttOptions::new(id, mqtt.ip().to_string(), mqtt.port());
+    options.set_keep_alive(Duration::from_secs(5));
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+    for filter in filters {
+        client
+            .subscribe(filter.clone(), rumqttc::QoS::AtLeastOnce)
+            .await?;
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let pump = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    if tx.send(p).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    Ok((client, rx, pump))
+}
+
+/// Receives publishes until `done` returns `Some`, for at most 30 s.
+async fn receive_until<T>(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<rumqttc::Publish>,
+    what: &str,
+    mut done: impl FnMut(&rumqttc::Publish) -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .with_context(|| format!("waiting 30 s for {what}"))?
+            .context("the MQTT client stopped")?;
+        if let Some(value) = done(&p)? {
+            return Ok(value);
+        }
+    }
+}
+
+fn ack_of(p: &rumqttc::Publish) -> Result<u64> {
+    Ok(Ack::decode(p.payload.as_ref())?.committed_seq)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_broker_restarts_with_the_retained_model_and_the_ack_watermark_it_had(
+) -> Result<()> {
+    let mut stack = Stack::without_broker().await?;
+    let metrics = edgeloop_tests::free_addr()?;
+    stack.broker_args = vec!["--metrics-listen".into(), metrics.to_string()];
+    stack.start_broker().await?;
+
+    // The model publisher's records: version 2, then an older version 1 and a
+    // record that is not a ModelUpdate at all.
+    let model = |version: u64| {
+        let artifact: Vec<u8> = (0..4_000u64).map(|i| (i * 31 + version) as u8).collect();
+        ModelUpdate {
+            task: "anomaly".into(),
+            profile: "int8".into(),
+            version,
+            artifact: artifact.into(),
+            format: "edgeloop-int8-v1".into(),
+            published_at_micros: 1_800_000_000_000_000,
+            lineage_json: format!("{{\"test\":{version}}}"),
+            ..ModelUpdate::default()
+        }
+        .encode_to_vec()
+    };
+    let v2 = model(2);
+    let key = topics::model_key("anomaly", "int8");
+    produce(&stack.kafka, topics::KAFKA_MODELS, &key, &v2).await?;
+    produce(&stack.kafka, topics::KAFKA_MODELS, &key, &model(1)).await?;
+    produce(
+        &stack.kafka,
+        topics::KAFKA_MODELS,
+        &key,
+        b"\xff\xfe not a model",
+    )
+    .await?;
+
+    // A device publishes readings 0..100 and is acknowledged; it also
+    // receives the model, published from Kafka while it was connected.
+    let device = "restorer";
+    let model_topic = topics::models("anomaly", "int8");
+    let filters = [topics::ack(device), model_topic.clone()];
+    let (client, mut rx, pump) = subscriber(stack.mqtt, device, &filters).await?;
+    for first in (0..100).step_by(10) {
+        client
+            .publish(
+                topics::telemetry(device),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                batch(device, first, 10),
+            )
+            .await?;
+    }
+    let (mut got_model, mut last_ack) = (None, 0);
+    receive_until(&mut rx, "the model and ack 100", |p| {
+        if p.topic == model_topic {
+            got_model = Some(p.payload.to_vec());
+        } else {
+            let ack = ack_of(p)?;
+            ensure!(ack >= last_ack, "ack went backwards: {last_ack} then {ack}");
+            last_ack = ack;
+        }
+        Ok((got_model.is_some() && last_ack == 100).then_some(()))
+    })
+    .await?;
+    ensure!(
+        got_model.as_deref() == Some(v2.as_slice()),
+        "the device got version 2, byte for byte"
+    );
+    // The bridge writes an ack to edgeloop.acks before the device sees it.
+    let logged: Vec<u64> = read_topic(&stack.kafka, topics::KAFKA_ACKS)?
+        .iter()
+        .filter(|m| m.key() == Some(device.as_bytes()))
+        .map(|m| Ack::decode(m.payload().unwrap_or_default()).map(|a| a.committed_seq))
+        .collect::<Result<_, _>>()?;
+    ensure!(
+        logged.iter().max() == Some(&100),
+        "edgeloop.acks holds the watermark the device saw: {logged:?}"
+    );
+    pump.abort();
+    drop(client);
+
+    // A crash: rumqttd's retained messages are gone with the process.
+    let mut broker = stack.broker.take().context("broker")?;
+    broker.kill9().await?;
+    stack.start_broker().await?;
+
+    let (client, mut rx, pump) = subscriber(stack.mqtt, device, &filters).await?;
+    let (mut got_model, mut got_ack) = (None, None);
+    receive_until(&mut rx, "the retained model and ack", |p| {
+        ensure!(p.retain, "{} arrives retained", p.topic);
+        ensure!(
+            p.qos == rumqttc::QoS::AtLeastOnce,
+            "{} arrives with QoS 1, not {:?}",
+            p.topic,
+            p.qos
+        );
+        if p.topic == model_topic {
+            got_model = Some(p.payload.to_vec());
+        } else {
+            got_ack = Some(ack_of(p)?);
+        }
+        Ok((got_model.is_some() && got_ack.is_some()).then_some(()))
+    })
+    .await?;
+    ensure!(
+        got_model.as_deref() == Some(v2.as_slice()),
+        "the restored model is version 2, byte for byte"
+    );
+    ensure!(
+        got_ack == Some(100),
+        "the restored watermark is the one the device had: {got_ack:?}"
+    );
+
+    // Acks continue from the restored watermark: a batch straddling it moves
+    // it on, a batch entirely below it only re-publishes it.
+    client
+        .publish(
+            topics::telemetry(device),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            batch(device, 90, 20),
+        )
+        .await?;
+    let ack = receive_until(&mut rx, "ack 110", |p| {
+        let ack = ack_of(p)?;
+        ensure!(ack >= 100, "ack went backwards to {ack}");
+        Ok((ack == 110).then_some(ack))
+    })
+    .await?;
+    ensure!(ack == 110);
+    client
+        .publish(
+            topics::telemetry(device),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            batch(device, 0, 10),
+        )
+        .await?;
+    let again = receive_until(&mut rx, "the ack re-published", |p| Ok(Some(ack_of(p)?))).await?;
+    ensure!(again == 110, "a stale batch re-publishes 110, not {again}");
+    pump.abort();
+
+    let exposition = http_get(metrics, "/metrics").await?;
+    for (name, want) in [
+        ("edgeloop_bridge_acks_restored_total", 1.0),
+        ("edgeloop_bridge_models_republished_total", 1.0),
+        ("edgeloop_bridge_models_stale_total", 1.0),
+        ("edgeloop_bridge_records_undecodable_total", 1.0),
+    ] {
+        ensure!(
+            metric(&exposition, name) == Some(want),
+            "{name} should be {want}: {exposition}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_down_for_30_seconds_while_devices_publish_loses_and_duplicates_nothing() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let kafka = edgeloop_tests::start_durable_kafka(dir.path()).await?;
+    let mut stack = Stack::around(dir, kafka)?;
+    // A small in-flight limit, so that the outage fills it and the bridge
+    // has to stop taking telemetry.
+    let in_flight_limit = 16u32;
+    let config = stack.dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "kafka_check_interval = \"1s\"\n[bridge]\nmax_in_flight_batches = {in_flight_limit}\nstatistics_interval = \"1s\"\n"
+        ),
+    )?;
+    let metrics = edgeloop_tests::free_addr()?;
+    stack.broker_args = vec![
+        "--config".into(),
+        config.to_string_lossy().into_owned(),
+        "--metrics-listen".into(),
+        metrics.to_string(),
+    ];
+    stack.start_broker().await?;
+    let broker_pid = stack
+        .broker
+        .as_ref()
+        .and_then(Component::pid)
+        .context("broker pid")?;
+    let _processor = stack.processor("processor")?;
+    wait_for(Duration::from_secs(30), "the broker ready", || async move {
+        Ok((http_status(metrics, "/readyz").await == Some(200)).then_some(()))
+    })
+    .await?;
+
+    let (devices, per_device) = (3usize, 6_000u64);
+    let mut template = stack.agent("unused", 700, per_device, 150.0, 50);
+    template.spool.dir = stack.dir.path().join("spool");
+    let fleet = tokio::spawn(edgeloop_agent::run_fleet(
+        template,
+        "kafka-outage",
+        devices,
+        CancellationToken::new(),
+        Arc::new(AgentStats::default()),
+    ));
+    wait_for(Duration::from_secs(60), "readings in Parquet", || {
+        let rows = read_rows(&stack.parquet);
+        async move { Ok((rows?.len() >= 300).then_some(())) }
+    })
+    .await?;
+
+    // Watch the broker for the rest of the test: its memory, /readyz, and
+    // how many records wait for Kafka.
+    #[derive(Debug, Default)]
+    struct Watched {
+        max_rss_kib: u64,
+        not_ready: u32,
+        ready_after_not_ready: bool,
+        max_in_flight: f64,
+    }
+    let watched = Arc::new(std::sync::Mutex::new(Watched::default()));
+    let stop_watching = CancellationToken::new();
+    let watcher = {
+        let (watched, stop) = (watched.clone(), stop_watching.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let rss = edgeloop_tests::rss_kib(broker_pid).unwrap_or(0);
+                let status = http_status(metrics, "/readyz").await;
+                let in_flight = http_get(metrics, "/metrics")
+                    .await
+                    .ok()
+                    .and_then(|m| metric(&m, "edgeloop_bridge_in_flight_records"));
+                {
+                    let mut w = watched.lock().unwrap_or_else(|p| p.into_inner());
+                    w.max_rss_kib = w.max_rss_kib.max(rss);
+                    if status == Some(503) {
+                        w.not_ready += 1;
+                    } else if status == Some(200) && w.not_ready > 0 {
+                        w.ready_after_not_ready = true;
+                    }
+                    w.max_in_flight = w.max_in_flight.max(in_flight.unwrap_or(0.0));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+
+    // A crash of the Kafka-API broker (SIGKILL: Tansu 0.6 does not come back
+    // cleanly from a SIGTERM while the bridge's idempotent producer has
+    // requests in flight; see LocalKafka), restarted 30 s later on the same
+    // address with the same SQLite storage.
+    stack.kafka.kill_keeping_storage().await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    ensure!(
+        !fleet.is_finished(),
+        "the devices cannot have finished while Kafka was down"
+    );
+    if let Some(broker) = stack.broker.as_mut() {
+        broker.check_running()?;
+    }
+    {
+        let w = watched.lock().unwrap_or_else(|p| p.into_inner());
+        ensure!(w.not_ready > 0, "/readyz said ready all through the outage");
+        ensure!(
+            w.max_in_flight == f64::from(in_flight_limit),
+            "the outage should fill the in-flight limit, and never pass it: {w:?}"
+        );
+    }
+    stack.kafka.start_again().await?;
+
+    let reports = tokio::time::timeout(Duration::from_secs(180), fleet)
+        .await
+        .context("the devices did not drain after Kafka came back")???;
+    ensure!(
+        reports
+            .iter()
+            .all(|r| r.committed_seq == per_device && r.next_seq == per_device),
+        "spools drained: {reports:?}"
+    );
+    let total = devices * per_device as usize;
+    let rows = wait_for_rows(&stack, total, Duration::from_secs(120)).await?;
+    let expected: HashMap<String, u64> = (0..devices)
+        .map(|i| (format!("kafka-outage-{i:04}"), per_device))
+        .collect();
+    check_exactly_once(&rows, &expected)?;
+
+    wait_for(Duration::from_secs(30), "/readyz ready again", || {
+        let watched = watched.clone();
+        async move {
+            let w = watched.lock().unwrap_or_else(|p| p.into_inner());
+            Ok(w.ready_after_not_ready.then_some(()))
+        }
+    })
+    .await?;
+    stop_watching.cancel();
+    watcher.await?;
+    let w = watched.lock().unwrap_or_else(|p| p.into_inner());
+    eprintln!("the broker through the Kafka outage: {w:?}");
+    ensure!(
+        w.max_rss_kib > 0 && w.max_rss_kib < 300 * 1024,
+        "the broker's RSS stayed under 300 MiB: {w:?}"
+    );
+    ensure!(
+        w.max_in_flight <= f64::from(in_flight_limit),
+        "in flight never passed the limit: {w:?}"
+    );
+    Ok(())
 }

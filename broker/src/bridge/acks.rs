@@ -2,15 +2,27 @@
 //! the device is in Kafka.
 //!
 //! Batches are tracked from the moment the bridge takes them until Kafka's
-//! delivery report. The watermark only moves across a contiguous run of
-//! delivered batches, so a batch lost on the way (the broker's log rolled, a
-//! delivery failed) holds it back until the device resends; it never claims
-//! more than Kafka has.
+//! delivery report, each by its range `[first, end)`. The watermark only
+//! moves across a contiguous run of delivered batches, so a batch lost on the
+//! way (the broker's log rolled, a delivery failed) holds it back until the
+//! device resends; it never claims more than Kafka has. A batch is identified
+//! by its whole range, not its first seq: a device that re-batches its resend
+//! (`[0, 7)` first, `[0, 50)` later) has two batches in flight, and the
+//! delivery of the short one acknowledges only the short one.
 //!
-//! The first batch seen from a device sets its starting point: a device
-//! resends from its own watermark after every connect, so that batch starts
-//! where the device's acknowledged data ends. (Restoring watermarks from Kafka
-//! after a bridge restart is the broker issue's work.)
+//! Where a device's watermark starts:
+//!
+//! - **Restored** ([`AckTracker::restore`]): the watermark the bridge
+//!   published before a restart, read back from the compacted Kafka topic
+//!   `edgeloop.acks`. The bridge publishes an ack to a device only once it is
+//!   in that topic, so a restored watermark is at least what the device last
+//!   saw: the device resends from at or below it. Batches entirely below it
+//!   are skipped (the ack is re-published), a batch straddling it advances it,
+//!   and a batch above it waits for the gap to be filled like any other.
+//! - **First batch**, for a device with no restored watermark (never
+//!   acknowledged, or `edgeloop.acks` was lost): a device resends from its own
+//!   watermark after every connect, so its first batch starts where its
+//!   acknowledged data ends.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -26,9 +38,34 @@ pub enum Take {
 #[derive(Debug, Default)]
 struct Device {
     watermark: u64,
-    /// first_seq → (end_seq, delivered)
-    pending: BTreeMap<u64, (u64, bool)>,
+    /// (first_seq, end_seq) → delivered
+    pending: BTreeMap<(u64, u64), bool>,
     dirty: bool,
+}
+
+impl Device {
+    /// Moves the watermark over every delivered batch that starts at or below
+    /// it, and forgets batches entirely below it.
+    fn advance(&mut self) {
+        let before = self.watermark;
+        loop {
+            let reach = self
+                .pending
+                .range(..=(self.watermark, u64::MAX))
+                .filter(|(_, delivered)| **delivered)
+                .map(|((_, end), _)| *end)
+                .max();
+            let watermark = self.watermark;
+            self.pending.retain(|(_, end), _| *end > watermark);
+            match reach {
+                Some(end) if end > self.watermark => self.watermark = end,
+                _ => break,
+            }
+        }
+        if self.watermark != before {
+            self.dirty = true;
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -37,6 +74,24 @@ pub struct AckTracker {
 }
 
 impl AckTracker {
+    /// Seeds `device` with a watermark published before a restart. Never
+    /// moves a watermark backwards: of several values the highest holds.
+    pub fn restore(&mut self, device: &str, watermark: u64) {
+        let d = self
+            .devices
+            .entry(device.to_string())
+            .or_insert_with(|| Device {
+                watermark,
+                ..Device::default()
+            });
+        if watermark > d.watermark {
+            d.watermark = watermark;
+            d.advance();
+            // Published already (it was read back from Kafka).
+            d.dirty = false;
+        }
+    }
+
     /// A batch `[first, end)` of `device` arrived.
     pub fn on_received(&mut self, device: &str, first: u64, end: u64) -> Take {
         let d = self
@@ -50,43 +105,33 @@ impl AckTracker {
             d.dirty = true;
             return Take::Skip;
         }
-        if let Some((pending_end, _)) = d.pending.get(&first) {
-            if *pending_end >= end {
-                return Take::Skip;
-            }
+        // The same batch, or a longer one from the same seq, is already on
+        // its way or delivered.
+        if d.pending
+            .range((first, end)..=(first, u64::MAX))
+            .next()
+            .is_some()
+        {
+            return Take::Skip;
         }
-        d.pending.insert(first, (end, false));
+        d.pending.insert((first, end), false);
         Take::Produce
     }
 
-    /// Kafka's delivery report for the batch of `device` starting at `first`.
-    pub fn on_delivered(&mut self, device: &str, first: u64, ok: bool) {
+    /// Kafka's delivery report for the batch `[first, end)` of `device`.
+    pub fn on_delivered(&mut self, device: &str, first: u64, end: u64, ok: bool) {
         let Some(d) = self.devices.get_mut(device) else {
             return;
         };
         if ok {
-            if let Some(entry) = d.pending.get_mut(&first) {
-                entry.1 = true;
+            if let Some(delivered) = d.pending.get_mut(&(first, end)) {
+                *delivered = true;
             }
         } else {
             // Forget it: the watermark stays below it until the device resends.
-            d.pending.remove(&first);
+            d.pending.remove(&(first, end));
         }
-        let before = d.watermark;
-        while let Some((&first, &(end, delivered))) = d.pending.first_key_value() {
-            if end <= d.watermark {
-                d.pending.remove(&first);
-                continue;
-            }
-            if first > d.watermark || !delivered {
-                break;
-            }
-            d.watermark = end;
-            d.pending.remove(&first);
-        }
-        if d.watermark != before {
-            d.dirty = true;
-        }
+        d.advance();
     }
 
     /// The current watermark of a device, if it was seen.
@@ -118,13 +163,13 @@ mod tests {
         assert_eq!(t.on_received("d", 10, 20), Take::Produce);
         assert_eq!(t.on_received("d", 20, 30), Take::Produce);
         // Out-of-order delivery of the second batch: nothing moves yet.
-        t.on_delivered("d", 10, true);
+        t.on_delivered("d", 10, 20, true);
         assert_eq!(t.watermark("d"), Some(0));
         assert!(t.take_dirty().is_empty());
-        t.on_delivered("d", 0, true);
+        t.on_delivered("d", 0, 10, true);
         assert_eq!(t.watermark("d"), Some(20));
         assert_eq!(t.take_dirty(), vec![("d".to_string(), 20)]);
-        t.on_delivered("d", 20, true);
+        t.on_delivered("d", 20, 30, true);
         assert_eq!(t.watermark("d"), Some(30));
     }
 
@@ -133,14 +178,14 @@ mod tests {
         let mut t = AckTracker::default();
         t.on_received("d", 0, 10);
         t.on_received("d", 10, 20);
-        t.on_delivered("d", 0, false);
-        t.on_delivered("d", 10, true);
+        t.on_delivered("d", 0, 10, false);
+        t.on_delivered("d", 10, 20, true);
         assert_eq!(t.watermark("d"), Some(0));
         // The device resends from its watermark.
         assert_eq!(t.on_received("d", 0, 10), Take::Produce);
         // The second batch is already delivered: not produced again.
         assert_eq!(t.on_received("d", 10, 20), Take::Skip);
-        t.on_delivered("d", 0, true);
+        t.on_delivered("d", 0, 10, true);
         assert_eq!(t.watermark("d"), Some(20));
     }
 
@@ -148,10 +193,10 @@ mod tests {
     fn a_gap_never_acknowledged_past() {
         let mut t = AckTracker::default();
         t.on_received("d", 0, 10);
-        t.on_delivered("d", 0, true);
+        t.on_delivered("d", 0, 10, true);
         // Batch 10..20 never arrived (lost in the broker's log).
         t.on_received("d", 20, 30);
-        t.on_delivered("d", 20, true);
+        t.on_delivered("d", 20, 30, true);
         assert_eq!(t.watermark("d"), Some(10));
     }
 
@@ -159,7 +204,7 @@ mod tests {
     fn already_acknowledged_batch_is_skipped_and_ack_republished() {
         let mut t = AckTracker::default();
         t.on_received("d", 5, 10);
-        t.on_delivered("d", 5, true);
+        t.on_delivered("d", 5, 10, true);
         let _ = t.take_dirty();
         assert_eq!(t.on_received("d", 5, 10), Take::Skip);
         assert_eq!(t.take_dirty(), vec![("d".to_string(), 10)]);
@@ -169,12 +214,73 @@ mod tests {
     fn overlapping_resend_with_other_boundaries_still_advances() {
         let mut t = AckTracker::default();
         t.on_received("d", 0, 10);
-        t.on_delivered("d", 0, true);
+        t.on_delivered("d", 0, 10, true);
         t.on_received("d", 10, 20); // lost on delivery
-        t.on_delivered("d", 10, false);
+        t.on_delivered("d", 10, 20, false);
         // Device re-batched: 5..25 overlaps the acknowledged part.
         assert_eq!(t.on_received("d", 5, 25), Take::Produce);
-        t.on_delivered("d", 5, true);
+        t.on_delivered("d", 5, 25, true);
         assert_eq!(t.watermark("d"), Some(25));
+    }
+
+    #[test]
+    fn a_short_batch_delivered_does_not_acknowledge_a_longer_resend_from_the_same_seq() {
+        let mut t = AckTracker::default();
+        t.on_received("d", 0, 7);
+        // Resent re-batched while the first is still in flight.
+        assert_eq!(t.on_received("d", 0, 50), Take::Produce);
+        t.on_delivered("d", 0, 7, true);
+        assert_eq!(t.watermark("d"), Some(7));
+        // The longer one fails: nothing past 7 is acknowledged.
+        t.on_delivered("d", 0, 50, false);
+        assert_eq!(t.watermark("d"), Some(7));
+        assert_eq!(t.on_received("d", 7, 50), Take::Produce);
+        t.on_delivered("d", 7, 50, true);
+        assert_eq!(t.watermark("d"), Some(50));
+    }
+
+    #[test]
+    fn a_restored_watermark_is_the_starting_point_and_batches_below_it_are_skipped() {
+        let mut t = AckTracker::default();
+        t.restore("d", 100);
+        assert_eq!(t.watermark("d"), Some(100));
+        assert!(
+            t.take_dirty().is_empty(),
+            "a restored ack is already published"
+        );
+        // The device resends from its own watermark, at or below the restored one.
+        assert_eq!(t.on_received("d", 50, 100), Take::Skip);
+        assert_eq!(t.take_dirty(), vec![("d".to_string(), 100)]);
+        assert_eq!(t.on_received("d", 0, 50), Take::Skip);
+        // Delivery reports of batches never taken change nothing.
+        t.on_delivered("d", 0, 50, true);
+        assert_eq!(t.watermark("d"), Some(100));
+        // A batch straddling the watermark advances it.
+        assert_eq!(t.on_received("d", 90, 140), Take::Produce);
+        t.on_delivered("d", 90, 140, true);
+        assert_eq!(t.watermark("d"), Some(140));
+        assert_eq!(t.take_dirty(), vec![("d".to_string(), 140)]);
+    }
+
+    #[test]
+    fn a_batch_above_a_restored_watermark_waits_for_the_gap() {
+        let mut t = AckTracker::default();
+        t.restore("d", 100);
+        assert_eq!(t.on_received("d", 120, 130), Take::Produce);
+        t.on_delivered("d", 120, 130, true);
+        assert_eq!(t.watermark("d"), Some(100));
+        assert_eq!(t.on_received("d", 100, 120), Take::Produce);
+        t.on_delivered("d", 100, 120, true);
+        assert_eq!(t.watermark("d"), Some(130));
+    }
+
+    #[test]
+    fn restoring_never_moves_a_watermark_backwards() {
+        let mut t = AckTracker::default();
+        t.restore("d", 100);
+        t.restore("d", 40);
+        assert_eq!(t.watermark("d"), Some(100));
+        t.restore("d", 150);
+        assert_eq!(t.watermark("d"), Some(150));
     }
 }

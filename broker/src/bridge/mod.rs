@@ -1,11 +1,12 @@
-//! The bridge: MQTT telemetry → Kafka `edgeloop.readings`, and the ack
-//! watermark back to the devices.
+//! The bridge: MQTT telemetry → Kafka `edgeloop.readings`, the ack
+//! watermark back to the devices, and the models out.
 //!
 //! A local rumqttd link subscribed to `telemetry/+` receives every batch. Each
 //! is produced to Kafka (key = device id, `acks=all`, idempotence on, headers
 //! `mqtt_topic` and `device_id`); Kafka's delivery report feeds the
-//! [`acks::AckTracker`], and every `ack_interval` the changed watermarks are
-//! published retained on `ack/{device}`.
+//! [`acks::AckTracker`]; every `ack_interval` the changed watermarks are
+//! written to the compacted topic `edgeloop.acks` ([`ack_log`]) and, once
+//! Kafka holds them there, published retained on `ack/{device}`.
 //!
 //! Retained `status/{device}` messages (`DeviceStatus`, the last will
 //! included) go to the compacted Kafka topic `edgeloop.status`, keyed by
@@ -15,63 +16,146 @@
 //! device) so the stream processor dead-letters it with its reason; it is
 //! never acknowledged to the device.
 //!
-//! Backpressure: at most `max_in_flight_batches` wait for Kafka; beyond that
-//! the bridge stops reading its link, the router stops forwarding to it, and
-//! devices see no new acks, so their spools hold the backlog.
+//! After a restart: [`restore_acks`] reads `edgeloop.acks` back, republishes
+//! each retained `ack/{device}` and seeds the tracker, before the bridge
+//! subscribes to telemetry; [`models`] does the same for `edgeloop.models`
+//! and keeps following it. [`compacted`] reads those topics.
+//!
+//! Backpressure: at most `max_in_flight_batches` readings and status records
+//! wait for Kafka; beyond that the bridge stops reading its link, the router
+//! stops forwarding to it, and devices see no new acks, so their spools hold
+//! the backlog. Nothing is dropped: librdkafka keeps retrying what it holds
+//! (up to `message.timeout.ms`, after which the record counts as a delivery
+//! error and its device resends it), and the bridge resumes reading as soon
+//! as deliveries come back. While Kafka is away the bridge's memory is bounded
+//! by that limit; rumqttd's own log is bounded by `mqtt.max_segment_bytes` ×
+//! `mqtt.max_segment_count`.
 
+pub mod ack_log;
 pub mod acks;
+pub mod compacted;
+pub mod models;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edgeloop_kafka::KafkaConfig;
 use edgeloop_proto::v1::{Ack, ReadingBatch};
-use edgeloop_proto::{topics, Message};
+use edgeloop_proto::{topics, Message as _};
 use futures::channel::oneshot::Canceled;
+use futures::future;
 use futures::stream::{FuturesUnordered, StreamExt};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Message as _};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
 use rumqttd::Notification;
-use std::future::Future;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BridgeConfig;
-use crate::stats::BrokerStats;
+use crate::stats::{BrokerRtt, BrokerStats, KafkaClientStats};
+use ack_log::AckLog;
 use acks::{AckTracker, Take};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
     #[error("could not create the Kafka producer: {0}")]
     Producer(KafkaError),
+    #[error("could not create a Kafka consumer: {0}")]
+    Consumer(KafkaError),
     #[error("the broker's local link closed: {0}")]
     Link(String),
+    #[error("could not read Kafka topic {topic} back at start-up: {reason}")]
+    Restore { topic: &'static str, reason: String },
+}
+
+/// The bridge's Kafka producer; its context feeds librdkafka's statistics to
+/// [`BrokerStats::kafka_client`].
+pub type Producer = FutureProducer<BridgeContext>;
+
+pub struct BridgeContext {
+    stats: Arc<BrokerStats>,
+}
+
+impl ClientContext for BridgeContext {
+    fn stats(&self, s: Statistics) {
+        let mut brokers: Vec<BrokerRtt> = s
+            .brokers
+            .values()
+            // Bootstrap entries (node id -1) stand for the configured
+            // addresses, not for brokers.
+            .filter(|b| b.nodeid >= 0)
+            .map(|b| BrokerRtt {
+                name: format!("{}/{}", b.nodename, b.nodeid),
+                up: b.state == "UP",
+                rtt_avg_seconds: b.rtt.as_ref().map_or(0.0, |w| w.avg as f64 / 1e6),
+            })
+            .collect();
+        brokers.sort_by(|a, b| a.name.cmp(&b.name));
+        let sum = |f: fn(&rdkafka::statistics::Broker) -> u64| s.brokers.values().map(f).sum();
+        let figures = KafkaClientStats {
+            seen: true,
+            msg_cnt: s.msg_cnt,
+            msg_size: s.msg_size,
+            txmsgs: u64::try_from(s.txmsgs).unwrap_or(0),
+            txmsg_bytes: u64::try_from(s.txmsg_bytes).unwrap_or(0),
+            txretries: sum(|b| b.txretries),
+            txerrs: sum(|b| b.txerrs),
+            req_timeouts: sum(|b| b.req_timeouts),
+            brokers,
+        };
+        *self
+            .stats
+            .kafka_client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = figures;
+    }
 }
 
 /// A record on its way to Kafka.
 struct InFlight {
     device: String,
-    /// Its first seq, and readings in it (a loss report has none but covers
-    /// a range of seqs).
-    first: u64,
-    readings: u64,
-    /// Whether it counts for the device's ack watermark.
-    tracked: bool,
-    /// A status message (not a readings record).
-    status: bool,
+    kind: Kind,
+    sent: Instant,
+}
+
+enum Kind {
+    /// A readings batch or loss report covering `[first, end)` (`readings`
+    /// readings in it); `tracked` if it counts for the ack watermark.
+    Readings {
+        first: u64,
+        end: u64,
+        readings: u64,
+        tracked: bool,
+    },
+    /// A device status.
+    Status,
+    /// The ack record of watermark `seq` in `edgeloop.acks`.
+    Ack { seq: u64 },
 }
 
 type Delivered = Result<OwnedDeliveryResult, Canceled>;
 
-async fn delivered(delivery: DeliveryFuture, meta: InFlight) -> (Delivered, InFlight) {
-    (delivery.await, meta)
+/// A record's delivery report, with what the bridge knows of the record.
+type Pending = future::Join<DeliveryFuture, future::Ready<InFlight>>;
+
+fn pending(delivery: DeliveryFuture, meta: InFlight) -> Pending {
+    future::join(delivery, future::ready(meta))
 }
 
-pub fn producer(kafka: &KafkaConfig, bridge: &BridgeConfig) -> Result<FutureProducer, BridgeError> {
+pub fn producer(
+    kafka: &KafkaConfig,
+    bridge: &BridgeConfig,
+    stats: Arc<BrokerStats>,
+) -> Result<Producer, BridgeError> {
     let linger = bridge.linger.as_millis().to_string();
+    let statistics = bridge.statistics_interval.as_millis().to_string();
     kafka
         .client_config(&[
             ("acks", "all"),
@@ -79,55 +163,144 @@ pub fn producer(kafka: &KafkaConfig, bridge: &BridgeConfig) -> Result<FutureProd
             ("compression.type", &bridge.compression),
             ("linger.ms", &linger),
             ("client.id", "edgeloop-bridge"),
+            ("statistics.interval.ms", &statistics),
         ])
-        .create()
+        .create_with_context(BridgeContext { stats })
         .map_err(BridgeError::Producer)
+}
+
+/// What the bridge starts from: watermarks restored from `edgeloop.acks`.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub tracker: AckTracker,
+    pub log: AckLog,
+}
+
+/// Reads `edgeloop.acks` from its beginning to its end (within `timeout`),
+/// republishes each device's watermark retained on `ack/{device}` and
+/// returns the state the bridge continues from. Call it before subscribing
+/// to telemetry.
+pub async fn restore_acks(
+    kafka: &KafkaConfig,
+    timeout: Duration,
+    link_tx: &mut LinkTx,
+    stats: &BrokerStats,
+) -> Result<Restored, BridgeError> {
+    let consumer = compacted::consumer(kafka, "edgeloop-bridge-acks")?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut catch_up =
+        compacted::assign_from_beginning(&consumer, topics::KAFKA_ACKS, timeout).await?;
+    let mut watermarks: BTreeMap<String, u64> = BTreeMap::new();
+    while !catch_up.done() {
+        let received = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .map_err(|_| BridgeError::Restore {
+                topic: topics::KAFKA_ACKS,
+                reason: format!("not read to its end within {timeout:?}"),
+            })?;
+        let message = match received {
+            Ok(m) => m,
+            Err(KafkaError::PartitionEOF(partition)) => {
+                catch_up.on_end(partition);
+                continue;
+            }
+            // Transport errors: the consumer's context logs them.
+            Err(e) => {
+                tracing::debug!(topic = topics::KAFKA_ACKS, error = %e, "reading acks from Kafka");
+                continue;
+            }
+        };
+        catch_up.on_record(message.partition(), message.offset());
+        let device = message
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .filter(|d| edgeloop_proto::device_id::validate(d).is_ok());
+        let ack = message.payload().map(Ack::decode);
+        match (device, ack) {
+            (Some(device), Some(Ok(ack))) => {
+                let w = watermarks.entry(device.to_string()).or_default();
+                *w = (*w).max(ack.committed_seq);
+            }
+            // A tombstone: nothing to restore for that device.
+            (Some(_), None) => {}
+            (device, ack) => {
+                tracing::warn!(
+                    topic = topics::KAFKA_ACKS,
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    key = ?message.key().map(String::from_utf8_lossy),
+                    valid_device = device.is_some(),
+                    error = ?ack.and_then(Result::err).map(|e| e.to_string()),
+                    "skipping an ack record that does not decode"
+                );
+                BrokerStats::add(&stats.records_undecodable, 1);
+            }
+        }
+    }
+    consumer.unassign().map_err(BridgeError::Consumer)?;
+    let mut restored = Restored::default();
+    for (device, seq) in watermarks {
+        if seq == 0 {
+            continue;
+        }
+        restored.tracker.restore(&device, seq);
+        restored.log.restored(&device, seq);
+        publish_ack(link_tx, &device, seq, stats).await?;
+        BrokerStats::add(&stats.acks_restored, 1);
+    }
+    tracing::info!(
+        devices = BrokerStats::get(&stats.acks_restored),
+        "ack watermarks restored from Kafka and retained"
+    );
+    Ok(restored)
 }
 
 /// Runs the bridge until `shutdown`; then stops taking telemetry, waits up to
 /// `grace` for Kafka to acknowledge what it took, and publishes the last acks.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
-    producer: FutureProducer,
+    producer: Producer,
     config: BridgeConfig,
     mut link_tx: LinkTx,
     mut link_rx: LinkRx,
+    restored: Restored,
     shutdown: CancellationToken,
     grace: Duration,
     stats: Arc<BrokerStats>,
 ) -> Result<(), BridgeError> {
-    let mut tracker = AckTracker::default();
+    let Restored {
+        mut tracker,
+        mut log,
+    } = restored;
     let mut in_flight = FuturesUnordered::new();
+    // Readings and status records in `in_flight` (ack records are bounded by
+    // the number of devices and not counted).
+    let mut telemetry_in_flight = 0usize;
     let mut ack_tick = tokio::time::interval(config.ack_interval);
     ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stop_deadline: Option<tokio::time::Instant> = None;
 
     loop {
-        let can_take = stop_deadline.is_none() && in_flight.len() < config.max_in_flight_batches;
+        let can_take =
+            stop_deadline.is_none() && telemetry_in_flight < config.max_in_flight_batches;
         tokio::select! {
             biased;
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                 let (delivered, record): (Delivered, InFlight) = done;
-                let ok = matches!(delivered, Ok(Ok(_)));
-                if let Ok(Err((e, _))) = &delivered {
-                    tracing::warn!(device = %record.device, first_seq = record.first, error = %e, "Kafka did not take a record; the device will resend it");
-                    BrokerStats::add(&stats.delivery_errors, 1);
+                if !matches!(record.kind, Kind::Ack { .. }) {
+                    telemetry_in_flight -= 1;
                 }
-                if ok && !record.status {
-                    BrokerStats::add(&stats.batches_in_kafka, 1);
-                    BrokerStats::add(&stats.readings_in_kafka, record.readings);
-                }
-                if record.tracked {
-                    tracker.on_delivered(&record.device, record.first, ok);
-                }
+                on_delivered(delivered, record, &mut tracker, &mut log, &mut link_tx, &stats).await?;
             }
             _ = ack_tick.tick() => {
-                publish_acks(&mut tracker, &mut link_tx, &stats).await?;
+                flush_acks(&producer, &mut tracker, &mut log, &mut link_tx, &mut in_flight, &stats).await?;
             }
             notification = link_rx.next(), if can_take => {
                 match notification {
                     Ok(Some(Notification::Forward(forward))) => {
                         if let Some(sent) = take(&producer, &mut tracker, forward.publish, &stats).await {
                             in_flight.push(sent);
+                            telemetry_in_flight += 1;
                         }
                     }
                     Ok(Some(Notification::Unschedule)) => {
@@ -138,32 +311,160 @@ pub async fn run(
                 }
             }
             _ = shutdown.cancelled(), if stop_deadline.is_none() => {
-                tracing::info!(in_flight = in_flight.len(), "bridge stopping: flushing to Kafka");
+                tracing::info!(in_flight = telemetry_in_flight, "bridge stopping: flushing to Kafka");
                 stop_deadline = Some(tokio::time::Instant::now() + grace);
             }
             _ = tokio::time::sleep_until(stop_deadline.unwrap_or_else(tokio::time::Instant::now)), if stop_deadline.is_some() => {
-                tracing::warn!(in_flight = in_flight.len(), "bridge grace period over with batches unacknowledged by Kafka");
+                tracing::warn!(
+                    in_flight = telemetry_in_flight,
+                    ack_records_in_flight = log.in_flight(),
+                    "bridge grace period over with records unacknowledged by Kafka"
+                );
                 break;
             }
         }
-        if stop_deadline.is_some() && in_flight.is_empty() {
-            break;
+        BrokerStats::set(&stats.in_flight, telemetry_in_flight as u64);
+        if stop_deadline.is_some() && telemetry_in_flight == 0 {
+            // Everything taken is delivered: write the last watermarks to
+            // edgeloop.acks, publish them once there, then stop.
+            flush_acks(
+                &producer,
+                &mut tracker,
+                &mut log,
+                &mut link_tx,
+                &mut in_flight,
+                &stats,
+            )
+            .await?;
+            if in_flight.is_empty() && !log.busy() {
+                break;
+            }
         }
     }
-    publish_acks(&mut tracker, &mut link_tx, &stats).await?;
     // Give the router a moment to route the last acks before the caller exits.
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())
 }
 
+async fn on_delivered(
+    delivered: Delivered,
+    record: InFlight,
+    tracker: &mut AckTracker,
+    log: &mut AckLog,
+    link_tx: &mut LinkTx,
+    stats: &BrokerStats,
+) -> Result<(), BridgeError> {
+    let ok = matches!(delivered, Ok(Ok(_)));
+    if ok {
+        stats.delivery_latency.observe(record.sent.elapsed());
+    }
+    let error = match &delivered {
+        Ok(Err((e, _))) => Some(e.to_string()),
+        Err(_) => Some("the producer went away".to_string()),
+        Ok(Ok(_)) => None,
+    };
+    match record.kind {
+        Kind::Readings {
+            first,
+            end,
+            readings,
+            tracked,
+        } => {
+            if let Some(error) = error {
+                tracing::warn!(device = %record.device, first_seq = first, %error, "Kafka did not take a record; the device will resend it");
+                BrokerStats::add(&stats.delivery_errors, 1);
+            } else {
+                BrokerStats::add(&stats.batches_in_kafka, 1);
+                BrokerStats::add(&stats.readings_in_kafka, readings);
+            }
+            if tracked {
+                tracker.on_delivered(&record.device, first, end, ok);
+            }
+        }
+        Kind::Status => {
+            if let Some(error) = error {
+                tracing::warn!(device = %record.device, %error, "Kafka did not take a device status");
+                BrokerStats::add(&stats.delivery_errors, 1);
+            }
+        }
+        Kind::Ack { seq } => {
+            if let Some(error) = &error {
+                tracing::warn!(device = %record.device, seq, %error, "Kafka did not take an ack record; writing it again");
+                BrokerStats::add(&stats.ack_record_errors, 1);
+            } else {
+                BrokerStats::add(&stats.ack_records, 1);
+            }
+            if let Some(seq) = log.on_written(&record.device, seq, ok) {
+                publish_ack(link_tx, &record.device, seq, stats).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Changed watermarks: those already in `edgeloop.acks` are published to
+/// their devices, the others are written there first.
+async fn flush_acks(
+    producer: &Producer,
+    tracker: &mut AckTracker,
+    log: &mut AckLog,
+    link_tx: &mut LinkTx,
+    in_flight: &mut FuturesUnordered<Pending>,
+    stats: &BrokerStats,
+) -> Result<(), BridgeError> {
+    for (device, watermark) in tracker.take_dirty() {
+        if let Some(seq) = log.offer(&device, watermark) {
+            publish_ack(link_tx, &device, seq, stats).await?;
+        }
+    }
+    for (device, seq) in log.to_write() {
+        let payload = Ack { committed_seq: seq }.encode_to_vec();
+        let record = FutureRecord::to(topics::KAFKA_ACKS)
+            .key(device.as_bytes())
+            .payload(&payload);
+        match producer.send_result(record) {
+            Ok(delivery) => {
+                count_produced(stats, device.len() + payload.len());
+                in_flight.push(pending(
+                    delivery,
+                    InFlight {
+                        device,
+                        kind: Kind::Ack { seq },
+                        sent: Instant::now(),
+                    },
+                ));
+            }
+            Err((e, _)) => {
+                // Tried again on the next tick.
+                if matches!(
+                    e,
+                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
+                ) {
+                    BrokerStats::add(&stats.enqueue_retries, 1);
+                } else {
+                    tracing::warn!(%device, error = %e, "could not enqueue an ack record for Kafka");
+                    BrokerStats::add(&stats.ack_record_errors, 1);
+                }
+                log.on_written(&device, seq, false);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn count_produced(stats: &BrokerStats, bytes: usize) {
+    BrokerStats::add(&stats.records_produced, 1);
+    BrokerStats::add(&stats.bytes_produced, bytes as u64);
+}
+
 /// Decides what to do with one telemetry publish and, if it goes to Kafka,
 /// enqueues it there. Waits (backpressure) while librdkafka's queue is full.
 async fn take(
-    producer: &FutureProducer,
+    producer: &Producer,
     tracker: &mut AckTracker,
     publish: Publish,
     stats: &BrokerStats,
-) -> Option<impl Future<Output = (Delivered, InFlight)>> {
+) -> Option<Pending> {
     let topic = String::from_utf8_lossy(&publish.topic).into_owned();
     let (device, kafka_topic) = if let Some(d) = topics::device_of_telemetry(&topic) {
         (d.to_owned(), topics::KAFKA_READINGS)
@@ -173,17 +474,13 @@ async fn take(
         tracing::warn!(%topic, "ignoring a publish outside telemetry/ and status/");
         return None;
     };
-    let decoded = if kafka_topic == topics::KAFKA_STATUS {
+    let kind = if kafka_topic == topics::KAFKA_STATUS {
         // Device status goes to the compacted status topic as it is.
         BrokerStats::add(&stats.statuses_received, 1);
-        None
+        Kind::Status
     } else {
         BrokerStats::add(&stats.batches_received, 1);
-        Some(ReadingBatch::decode(publish.payload.as_ref()))
-    };
-    let (first, readings, tracked) = match decoded {
-        None => (0, 0, false),
-        Some(decoded) => match decoded {
+        match ReadingBatch::decode(publish.payload.as_ref()) {
             Ok(batch) if batch.device_id == device => {
                 let first = batch.first_seq;
                 let end = batch.end_seq();
@@ -191,15 +488,25 @@ async fn take(
                     BrokerStats::add(&stats.batches_skipped, 1);
                     return None;
                 }
-                (first, batch.readings.len() as u64, true)
+                Kind::Readings {
+                    first,
+                    end,
+                    readings: batch.readings.len() as u64,
+                    tracked: true,
+                }
             }
             // Not ours to judge in detail: the processor dead-letters it with the
             // reason. It is never acknowledged.
             Ok(_) | Err(_) => {
                 BrokerStats::add(&stats.malformed_forwarded, 1);
-                (0, 0, false)
+                Kind::Readings {
+                    first: 0,
+                    end: 0,
+                    readings: 0,
+                    tracked: false,
+                }
             }
-        },
+        }
     };
     let headers = OwnedHeaders::new()
         .insert(Header {
@@ -217,24 +524,30 @@ async fn take(
     loop {
         match producer.send_result(record) {
             Ok(delivery) => {
+                count_produced(stats, device.len() + publish.payload.len());
                 let record = InFlight {
                     device,
-                    first,
-                    readings,
-                    tracked,
-                    status: kafka_topic == topics::KAFKA_STATUS,
+                    kind,
+                    sent: Instant::now(),
                 };
-                return Some(delivered(delivery, record));
+                return Some(pending(delivery, record));
             }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                BrokerStats::add(&stats.enqueue_retries, 1);
                 record = back;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Err((e, _)) => {
                 tracing::warn!(%device, error = %e, "could not enqueue a batch for Kafka; the device will resend it");
                 BrokerStats::add(&stats.delivery_errors, 1);
-                if tracked {
-                    tracker.on_delivered(&device, first, false);
+                if let Kind::Readings {
+                    first,
+                    end,
+                    tracked: true,
+                    ..
+                } = kind
+                {
+                    tracker.on_delivered(&device, first, end, false);
                 }
                 return None;
             }
@@ -242,23 +555,28 @@ async fn take(
     }
 }
 
-async fn publish_acks(
-    tracker: &mut AckTracker,
+/// Publishes `seq` retained on `ack/{device}`. A watermark of 0 (nothing
+/// acknowledged) is not published: its encoding is empty, and an empty
+/// retained publish would clear the topic instead.
+async fn publish_ack(
     link_tx: &mut LinkTx,
+    device: &str,
+    seq: u64,
     stats: &BrokerStats,
 ) -> Result<(), BridgeError> {
-    for (device, committed_seq) in tracker.take_dirty() {
-        let payload = Ack { committed_seq }.encode_to_vec();
-        let publish = Publish::new(
-            bytes::Bytes::from(topics::ack(&device)),
-            bytes::Bytes::from(payload),
-            true,
-        );
-        link_tx
-            .send(Packet::Publish(publish, None))
-            .await
-            .map_err(|e| BridgeError::Link(e.to_string()))?;
-        BrokerStats::add(&stats.acks_published, 1);
+    if seq == 0 {
+        return Ok(());
     }
+    let payload = Ack { committed_seq: seq }.encode_to_vec();
+    let publish = Publish::new(
+        bytes::Bytes::from(topics::ack(device)),
+        bytes::Bytes::from(payload),
+        true,
+    );
+    link_tx
+        .send(Packet::Publish(publish, None))
+        .await
+        .map_err(|e| BridgeError::Link(e.to_string()))?;
+    BrokerStats::add(&stats.acks_published, 1);
     Ok(())
 }

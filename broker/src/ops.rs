@@ -1,0 +1,460 @@
+//! The broker's operations endpoint (`metrics_listen`): `/healthz` (the
+//! process answers), `/readyz` (200 only while the MQTT listener is up and
+//! Kafka answered the last metadata request) and Prometheus `/metrics`.
+//! Every metric is documented in `docs/operations.md`.
+//!
+//! Kafka's state is not asked per request: [`check_kafka`] asks for the
+//! readings topic's metadata every `kafka_check_interval` in the background
+//! and records the answer. A deliberately small HTTP server, like the
+//! processor's: one request per connection, GET only.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeloop_proto::topics;
+use rdkafka::producer::Producer as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::bridge::Producer;
+use crate::stats::BrokerStats;
+
+/// Binds the endpoint's address (so a taken port fails the start-up).
+pub async fn bind(listen: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(listen).await
+}
+
+/// Serves until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    stats: Arc<BrokerStats>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    tracing::info!(listen = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+    loop {
+        let (mut socket, _) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            accepted = listener.accept() => accepted?,
+        };
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buf)).await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/metrics" => ("200 OK", render(&stats)),
+                "/healthz" => ("200 OK", "ok\n".to_string()),
+                "/readyz" => readiness(&stats),
+                _ => ("404 Not Found", "not found\n".to_string()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+        });
+    }
+}
+
+fn readiness(stats: &BrokerStats) -> (&'static str, String) {
+    if stats.ready() {
+        return ("200 OK", "ok\n".to_string());
+    }
+    let mut why = Vec::new();
+    if !stats.mqtt_up.load(Ordering::Relaxed) {
+        why.push("the MQTT listener is not up");
+    }
+    if !stats.kafka_up.load(Ordering::Relaxed) {
+        why.push("Kafka did not answer the last metadata request");
+    }
+    (
+        "503 Service Unavailable",
+        format!("not ready: {}\n", why.join("; ")),
+    )
+}
+
+/// Asks Kafka for the readings topic's metadata every `interval` (waiting at
+/// most `interval` for the answer) and records whether it answered, until
+/// `shutdown`.
+pub async fn check_kafka(
+    producer: Producer,
+    interval: Duration,
+    stats: Arc<BrokerStats>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let client = producer.clone();
+        let answered = tokio::task::spawn_blocking(move || {
+            client
+                .client()
+                .fetch_metadata(Some(topics::KAFKA_READINGS), interval)
+                .map_err(|e| e.to_string())
+                .and_then(|m| match m.topics().first().and_then(|t| t.error()) {
+                    Some(e) => Err(format!("{e:?}")),
+                    None => Ok(()),
+                })
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        let was = stats.kafka_up.swap(answered.is_ok(), Ordering::Relaxed);
+        match (&answered, was) {
+            (Ok(()), false) => tracing::info!("Kafka answers: ready"),
+            (Err(e), true) => {
+                tracing::warn!(error = %e, "Kafka does not answer: not ready")
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}.\n# TYPE {name} counter\n{name} {value}"
+    );
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}.\n# TYPE {name} gauge\n{name} {value}"
+    );
+}
+
+/// The Prometheus text exposition of `stats`.
+pub fn render(stats: &BrokerStats) -> String {
+    let g = BrokerStats::get;
+    let mut out = String::new();
+    let counters = [
+        (
+            "edgeloop_bridge_batches_received_total",
+            "Telemetry publishes the bridge took from the MQTT broker",
+            &stats.batches_received,
+        ),
+        (
+            "edgeloop_bridge_statuses_received_total",
+            "Device status messages the bridge took from the MQTT broker",
+            &stats.statuses_received,
+        ),
+        (
+            "edgeloop_bridge_batches_skipped_total",
+            "Batches not produced again: already acknowledged or on their way",
+            &stats.batches_skipped,
+        ),
+        (
+            "edgeloop_bridge_malformed_forwarded_total",
+            "Telemetry payloads that did not decode, forwarded for dead-lettering",
+            &stats.malformed_forwarded,
+        ),
+        (
+            "edgeloop_bridge_batches_in_kafka_total",
+            "Readings records (batches and loss reports) Kafka acknowledged",
+            &stats.batches_in_kafka,
+        ),
+        (
+            "edgeloop_bridge_readings_in_kafka_total",
+            "Readings in the records Kafka acknowledged",
+            &stats.readings_in_kafka,
+        ),
+        (
+            "edgeloop_bridge_delivery_errors_total",
+            "Readings and status records Kafka did not take (devices resend them)",
+            &stats.delivery_errors,
+        ),
+        (
+            "edgeloop_gate_connections_refused_total",
+            "Connections closed at accept: the connection limit was reached",
+            &stats.connections_refused,
+        ),
+        (
+            "edgeloop_gate_auth_failures_total",
+            "CONNECTs refused: unknown identity, wrong password, client id not the credential's, anonymous when off",
+            &stats.auth_failures,
+        ),
+        (
+            "edgeloop_gate_acl_refused_publishes_total",
+            "Publishes (and will topics) refused by the topic ACLs",
+            &stats.acl_refused_publishes,
+        ),
+        (
+            "edgeloop_gate_acl_refused_subscriptions_total",
+            "Subscription filters refused by the topic ACLs",
+            &stats.acl_refused_subscriptions,
+        ),
+        (
+            "edgeloop_gate_malformed_packets_total",
+            "Connections closed for a malformed or oversized packet",
+            &stats.malformed_packets,
+        ),
+        (
+            "edgeloop_gate_publishes_telemetry_total",
+            "Publishes let through to telemetry/{device}",
+            &stats.publishes_telemetry,
+        ),
+        (
+            "edgeloop_gate_publishes_status_total",
+            "Publishes let through to status/{device}",
+            &stats.publishes_status,
+        ),
+        (
+            "edgeloop_gate_publishes_other_total",
+            "Publishes let through to other topics (service identities)",
+            &stats.publishes_other,
+        ),
+        (
+            "edgeloop_bridge_acks_published_total",
+            "Ack watermarks published retained on ack/{device}",
+            &stats.acks_published,
+        ),
+        (
+            "edgeloop_bridge_records_produced_total",
+            "Records handed to the Kafka producer (readings, status and ack records)",
+            &stats.records_produced,
+        ),
+        (
+            "edgeloop_bridge_produced_bytes_total",
+            "Key and payload bytes of the records handed to the Kafka producer",
+            &stats.bytes_produced,
+        ),
+        (
+            "edgeloop_bridge_enqueue_retries_total",
+            "Times a record was offered again because the producer's queue was full",
+            &stats.enqueue_retries,
+        ),
+        (
+            "edgeloop_bridge_ack_records_total",
+            "Ack watermarks Kafka took into edgeloop.acks",
+            &stats.ack_records,
+        ),
+        (
+            "edgeloop_bridge_ack_record_errors_total",
+            "Ack records Kafka did not take (written again)",
+            &stats.ack_record_errors,
+        ),
+        (
+            "edgeloop_bridge_acks_restored_total",
+            "Devices whose ack watermark was restored from edgeloop.acks at start-up",
+            &stats.acks_restored,
+        ),
+        (
+            "edgeloop_bridge_models_republished_total",
+            "Models published retained on models/{task}/{profile} from edgeloop.models",
+            &stats.models_republished,
+        ),
+        (
+            "edgeloop_bridge_models_stale_total",
+            "Model records ignored because a higher version was already published",
+            &stats.models_stale,
+        ),
+        (
+            "edgeloop_bridge_models_cleared_total",
+            "Tombstones in edgeloop.models that cleared a retained model",
+            &stats.models_cleared,
+        ),
+        (
+            "edgeloop_bridge_records_undecodable_total",
+            "Records of edgeloop.models and edgeloop.acks that did not decode (skipped)",
+            &stats.records_undecodable,
+        ),
+    ];
+    for (name, help, value) in counters {
+        counter(&mut out, name, help, g(value));
+    }
+    gauge(
+        &mut out,
+        "edgeloop_bridge_in_flight_records",
+        "Readings and status records waiting for Kafka's delivery report",
+        g(&stats.in_flight),
+    );
+
+    let name = "edgeloop_bridge_delivery_latency_seconds";
+    let (buckets, count, sum) = stats.delivery_latency.snapshot();
+    let _ = writeln!(
+        out,
+        "# HELP {name} Seconds from handing a record to the producer to Kafka's delivery report (delivered records).\n# TYPE {name} histogram"
+    );
+    for (bound, n) in buckets {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
+    );
+
+    let up = |b: &std::sync::atomic::AtomicBool| u8::from(b.load(Ordering::Relaxed));
+    gauge(
+        &mut out,
+        "edgeloop_broker_ready",
+        "1 while /readyz answers 200 (MQTT listener up and Kafka answering)",
+        u8::from(stats.ready()),
+    );
+    gauge(
+        &mut out,
+        "edgeloop_gate_connections_open",
+        "Device connections open through the gate",
+        stats.connections_open.load(Ordering::Relaxed),
+    );
+    gauge(
+        &mut out,
+        "edgeloop_broker_mqtt_up",
+        "1 while the MQTT listener is up",
+        up(&stats.mqtt_up),
+    );
+    gauge(
+        &mut out,
+        "edgeloop_broker_kafka_up",
+        "1 if Kafka answered the last metadata request",
+        up(&stats.kafka_up),
+    );
+
+    let kafka = stats
+        .kafka_client
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if kafka.seen {
+        gauge(
+            &mut out,
+            "edgeloop_kafka_producer_queue_messages",
+            "Messages in the producer's queues, not yet delivered (librdkafka msg_cnt)",
+            kafka.msg_cnt,
+        );
+        gauge(
+            &mut out,
+            "edgeloop_kafka_producer_queue_bytes",
+            "Bytes of the messages in the producer's queues (librdkafka msg_size)",
+            kafka.msg_size,
+        );
+        counter(
+            &mut out,
+            "edgeloop_kafka_producer_sent_messages_total",
+            "Messages the producer sent to brokers (librdkafka txmsgs)",
+            kafka.txmsgs,
+        );
+        counter(
+            &mut out,
+            "edgeloop_kafka_producer_sent_bytes_total",
+            "Message bytes the producer sent to brokers (librdkafka txmsg_bytes)",
+            kafka.txmsg_bytes,
+        );
+        counter(
+            &mut out,
+            "edgeloop_kafka_producer_retries_total",
+            "Requests the producer sent again, summed over brokers (librdkafka txretries)",
+            kafka.txretries,
+        );
+        counter(
+            &mut out,
+            "edgeloop_kafka_producer_send_errors_total",
+            "Send errors, summed over brokers (librdkafka txerrs)",
+            kafka.txerrs,
+        );
+        counter(
+            &mut out,
+            "edgeloop_kafka_producer_request_timeouts_total",
+            "Requests that timed out, summed over brokers (librdkafka req_timeouts)",
+            kafka.req_timeouts,
+        );
+        let name = "edgeloop_kafka_broker_rtt_seconds";
+        let _ = writeln!(out, "# HELP {name} Average round-trip time to a broker over the last statistics interval (librdkafka rtt.avg).\n# TYPE {name} gauge");
+        for b in &kafka.brokers {
+            let _ = writeln!(
+                out,
+                "{name}{{broker=\"{}\"}} {}",
+                b.name.replace(['"', '\\', '\n'], "_"),
+                b.rtt_avg_seconds
+            );
+        }
+        let name = "edgeloop_kafka_broker_up";
+        let _ = writeln!(out, "# HELP {name} 1 while the producer's connection to a broker is up (librdkafka state UP).\n# TYPE {name} gauge");
+        for b in &kafka.brokers {
+            let _ = writeln!(
+                out,
+                "{name}{{broker=\"{}\"}} {}",
+                b.name.replace(['"', '\\', '\n'], "_"),
+                u8::from(b.up)
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_has_help_and_type_and_readiness_needs_both_sides() {
+        let stats = BrokerStats::default();
+        stats.delivery_latency.observe(Duration::from_millis(3));
+        {
+            let mut k = stats.kafka_client.lock().unwrap_or_else(|p| p.into_inner());
+            k.seen = true;
+            k.brokers.push(crate::stats::BrokerRtt {
+                name: "127.0.0.1:9092/1".into(),
+                up: true,
+                rtt_avg_seconds: 0.002,
+            });
+        }
+        let text = render(&stats);
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line
+                .split(['{', ' '])
+                .next()
+                .unwrap_or_default()
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} has no TYPE"
+            );
+            assert!(name.starts_with("edgeloop_"), "{name}");
+        }
+        assert!(text.contains("edgeloop_bridge_delivery_latency_seconds_bucket{le=\"0.005\"} 1"));
+        assert!(
+            text.contains("edgeloop_kafka_broker_rtt_seconds{broker=\"127.0.0.1:9092/1\"} 0.002")
+        );
+
+        assert_eq!(readiness(&stats).0, "503 Service Unavailable");
+        stats.mqtt_up.store(true, Ordering::Relaxed);
+        let (status, body) = readiness(&stats);
+        assert_eq!(status, "503 Service Unavailable");
+        assert!(body.contains("Kafka"), "{body}");
+        stats.kafka_up.store(true, Ordering::Relaxed);
+        assert_eq!(readiness(&stats).0, "200 OK");
+    }
+
+    #[test]
+    fn the_operations_doc_describes_every_metric() {
+        let doc = include_str!("../../docs/operations.md");
+        let stats = BrokerStats::default();
+        stats
+            .kafka_client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seen = true;
+        for line in render(&stats).lines() {
+            if let Some(name) = line.strip_prefix("# TYPE ") {
+                let name = name.split(' ').next().unwrap_or_default();
+                assert!(
+                    doc.contains(&format!("`{name}`")),
+                    "{name} is not in docs/operations.md"
+                );
+            }
+        }
+    }
+}
