@@ -2,7 +2,9 @@
 //! and the bridge into Kafka) and, with the same load generator in the same
 //! run, through Mosquitto alone; p50/p99 publish-to-PUBACK latency for both.
 //!
-//! `cargo bench --bench broker -- [SECONDS]` (default 5 per cell). Needs
+//! `cargo bench --bench broker -- [SECONDS]` (default 5 per cell);
+//! `BENCH_PAYLOADS=100,1024` and `BENCH_CONNECTIONS=1,100,1000` choose the
+//! cells, `BENCH_BROKER_LOG` the broker's log filter (default `warn`). Needs
 //! tansu (`scripts/setup.sh`) and the `mosquitto` binary (Debian package
 //! `mosquitto`; `scripts/bench-broker.sh` installs it). Prints figures;
 //! asserts nothing.
@@ -217,7 +219,7 @@ async fn main() {
             &kafka.bootstrap(),
             "--allow-anonymous",
             "--log",
-            "warn",
+            &std::env::var("BENCH_BROKER_LOG").unwrap_or_else(|_| "warn".into()),
         ],
         dir.path(),
     )
@@ -267,8 +269,14 @@ async fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut round = 0;
-    for bytes in [100usize, 1024] {
-        for conns in [1usize, 100, 1000] {
+    let list = |var: &str, default: &[usize]| -> Vec<usize> {
+        std::env::var(var)
+            .ok()
+            .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+            .unwrap_or_else(|| default.to_vec())
+    };
+    for bytes in list("BENCH_PAYLOADS", &[100, 1024]) {
+        for conns in list("BENCH_CONNECTIONS", &[1, 100, 1000]) {
             round += 1;
             let mut cells = Vec::new();
             let mut kafka_rate = 0.0;
@@ -301,4 +309,7 @@ async fn main() {
         }
     }
     let _ = mosquitto.kill().await;
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        println!("kept {}", dir.keep().display());
+    }
 }
