@@ -16,7 +16,8 @@ use edgeloop_kafka::local::LocalKafka;
 use edgeloop_proto::v1::{Ack, DeviceStatus, ModelUpdate, Reading, ReadingBatch};
 use edgeloop_proto::{topics, Message as _};
 use edgeloop_tests::{
-    check_exactly_once, parquet_files, read_rows, read_topic, start_kafka, wait_for, Component,
+    check_exactly_once, http_get, metric, parquet_files, read_rows, read_topic, start_kafka,
+    wait_for, Component,
 };
 use rdkafka::message::Headers;
 use rdkafka::Message;
@@ -1172,25 +1173,6 @@ async fn processor_killed_twice_while_devices_resend_loses_and_duplicates_nothin
         .sum();
     println!("seeks back after restarts: {seeks}");
     Ok(())
-}
-
-/// A plain HTTP GET on loopback; the whole response.
-async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut socket = tokio::net::TcpStream::connect(addr).await?;
-    socket
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    socket.read_to_string(&mut response).await?;
-    Ok(response)
-}
-
-/// The value of an unlabelled metric in a Prometheus text exposition.
-fn metric(exposition: &str, name: &str) -> Option<f64> {
-    exposition
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// The status code of a GET, or `None` if nothing answered.

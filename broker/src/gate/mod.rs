@@ -12,12 +12,9 @@
 //!   MQTT 5 gets PUBACK/PUBREC with reason 0x87 (not authorized); MQTT 3.1.1
 //!   has no refusal code for a publish, so the connection is closed. Either
 //!   way the message never reaches rumqttd, so never the bridge or Kafka.
-//! - SUBSCRIBE with a filter the identity may not have is answered by the
-//!   gate with a SUBACK of failure codes (0x80 in 3.1.1, 0x87 in 5) for every
-//!   filter of that packet, and not forwarded. (Forwarding the allowed rest
-//!   and splicing the codes back was tried: rumqttd then stopped routing that
-//!   connection's later publishes to the bridge, so a packet is refused
-//!   whole. A device asking only for what it may have is unaffected.)
+//! - SUBSCRIBE: refused filters get a failure code in the SUBACK (0x80 in
+//!   3.1.1, 0x87 in 5); the allowed ones are forwarded to rumqttd and its
+//!   codes spliced back in their places.
 //! - A will message is checked like a publish, at CONNECT.
 //! - Packets over the size limit, malformed packets and a second CONNECT
 //!   close the connection; other connections carry on.
@@ -154,6 +151,9 @@ struct Session {
     level: u8,
     /// MQTT 5 topic aliases the client set.
     aliases: HashMap<u16, String>,
+    /// SUBSCRIBEs forwarded with some filters removed: per packet id, the
+    /// refusal code of each original filter (None: forwarded).
+    pending: HashMap<u16, Vec<Option<u8>>>,
 }
 
 impl Gate {
@@ -249,6 +249,7 @@ impl Gate {
             identity,
             level: parsed.level,
             aliases: HashMap::new(),
+            pending: HashMap::new(),
         };
         let (mut ur, mut uw) = upstream.into_split();
         let (mut cr, mut cw) = tokio::io::split(client);
@@ -268,6 +269,9 @@ impl Gate {
                 let p = cbuf.split_to(len);
                 match self.check(&p, &mut session, peer) {
                     Verdict::Forward => uw.write_all(&p).await.map_err(|e| e.to_string())?,
+                    Verdict::ForwardInstead(other) => {
+                        uw.write_all(&other).await.map_err(|e| e.to_string())?
+                    }
                     Verdict::Reply(reply) => {
                         cw.write_all(&reply).await.map_err(|e| e.to_string())?
                     }
@@ -293,9 +297,24 @@ impl Gate {
                         let _ = cw.shutdown().await;
                         return Ok(());
                     }
-                    // rumqttd's packets pass as they are.
-                    cw.write_all(&ubuf).await.map_err(|e| e.to_string())?;
-                    ubuf.clear();
+                    // rumqttd's packets pass as they are, but for a SUBACK
+                    // answering a SUBSCRIBE the gate trimmed.
+                    let mut out = Vec::with_capacity(ubuf.len());
+                    loop {
+                        let len = match packet::frame(&ubuf, UPSTREAM_LIMIT) {
+                            Ok(Some(len)) => len,
+                            Ok(None) => break,
+                            Err(e) => return Err(format!("from rumqttd: {e}")),
+                        };
+                        let p = ubuf.split_to(len);
+                        match self.splice_suback(&p, &mut session) {
+                            Some(rewritten) => out.extend_from_slice(&rewritten),
+                            None => out.extend_from_slice(&p),
+                        }
+                    }
+                    if !out.is_empty() {
+                        cw.write_all(&out).await.map_err(|e| e.to_string())?;
+                    }
                 }
             }
         }
@@ -396,6 +415,22 @@ impl Gate {
         })
     }
 
+    /// A SUBACK for a SUBSCRIBE the gate trimmed, with the refused filters'
+    /// codes spliced back in; `None` for every other packet.
+    fn splice_suback(&self, p: &[u8], session: &mut Session) -> Option<Vec<u8>> {
+        if session.pending.is_empty() || packet::kind(p) != packet::SUBACK {
+            return None;
+        }
+        let (pkid, granted) = packet::parse_suback(p, session.level).ok()?;
+        let verdicts = session.pending.remove(&pkid)?;
+        let mut granted = granted.into_iter();
+        let codes: Vec<u8> = verdicts
+            .iter()
+            .map(|v| v.unwrap_or_else(|| granted.next().unwrap_or(0x80)))
+            .collect();
+        Some(packet::encode_suback(pkid, session.level, &codes))
+    }
+
     fn check(&self, p: &[u8], session: &mut Session, peer: SocketAddr) -> Verdict {
         let level = session.level;
         let malformed = |e: Malformed| {
@@ -475,12 +510,21 @@ impl Gate {
                         tracing::warn!(%peer, identity = %session.identity, filter = %f, "subscription refused by ACL");
                     }
                 }
-                // A SUBSCRIBE with any refused filter is refused whole: each
-                // refused filter gets the failure code, and so do the others
-                // in the same packet (the server may refuse any filter). A
-                // device that asks only for what it may have is unaffected.
-                let codes = vec![refusal; sub.filters.len()];
-                Verdict::Reply(packet::encode_suback(sub.pkid, level, &codes))
+                if refused == sub.filters.len() {
+                    let codes = vec![refusal; sub.filters.len()];
+                    return Verdict::Reply(packet::encode_suback(sub.pkid, level, &codes));
+                }
+                // Forward the allowed filters; rumqttd's SUBACK gets the
+                // refusal codes spliced back in at their places.
+                let allowed: Vec<(&str, u8)> = sub
+                    .filters
+                    .iter()
+                    .zip(&verdicts)
+                    .filter(|(_, v)| v.is_none())
+                    .map(|(f, _)| *f)
+                    .collect();
+                session.pending.insert(sub.pkid, verdicts);
+                Verdict::ForwardInstead(packet::encode_subscribe(&sub, &allowed))
             }
             packet::CONNECT => malformed(Malformed::Field("second CONNECT")),
             _ => Verdict::Forward,
@@ -488,8 +532,13 @@ impl Gate {
     }
 }
 
+/// Packets from rumqttd can be large (model updates): a generous limit that
+/// only guards the framing.
+const UPSTREAM_LIMIT: usize = 256 << 20;
+
 enum Verdict {
     Forward,
+    ForwardInstead(Vec<u8>),
     Reply(Vec<u8>),
     Drop,
     Close(Option<Vec<u8>>),

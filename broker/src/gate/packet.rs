@@ -355,6 +355,32 @@ pub fn parse_subscribe(packet: &[u8], level: u8) -> Result<Subscribe<'_>, Malfor
     })
 }
 
+/// A SUBSCRIBE carrying only `filters` (same packet id and properties).
+pub fn encode_subscribe(sub: &Subscribe<'_>, filters: &[(&str, u8)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&sub.pkid.to_be_bytes());
+    if let Some(p) = sub.properties {
+        put_varint(&mut out, p.len());
+        out.extend_from_slice(p);
+    }
+    for (f, o) in filters {
+        put_binary(&mut out, f.as_bytes());
+        out.push(*o);
+    }
+    with_header(0x82, &out)
+}
+
+/// A SUBACK: its packet id and one code per filter.
+pub fn parse_suback(packet: &[u8], level: u8) -> Result<(u16, Vec<u8>), Malformed> {
+    let mut r = Reader::new(body(packet)?);
+    let pkid = r.u16("packet id")?;
+    if level == 5 {
+        r.properties()?;
+    }
+    let codes = r.take(r.buf.len() - r.pos, "SUBACK codes")?;
+    Ok((pkid, codes.to_vec()))
+}
+
 pub fn encode_suback(pkid: u16, level: u8, codes: &[u8]) -> Vec<u8> {
     let mut out = pkid.to_be_bytes().to_vec();
     if level == 5 {
@@ -538,6 +564,13 @@ mod tests {
         let sub = parse_subscribe(&p, 4).unwrap();
         assert_eq!(sub.filters, vec![("ack/dev-1", 1), ("ack/dev-2", 1)]);
         assert_eq!(sub.pkid, 5);
+        let only = encode_subscribe(&sub, &sub.filters[..1]);
+        let again = parse_subscribe(&only, 4).unwrap();
+        assert_eq!((again.pkid, again.filters), (5, vec![("ack/dev-1", 1)]));
+        assert_eq!(
+            parse_suback(&encode_suback(5, 5, &[1, 0x87]), 5).unwrap(),
+            (5, vec![1, 0x87])
+        );
         assert_eq!(
             encode_suback(5, 4, &[0x80, 0x80]),
             vec![0x90, 4, 0, 5, 0x80, 0x80]
