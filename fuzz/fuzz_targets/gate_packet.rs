@@ -1,5 +1,6 @@
 //! The broker gate's MQTT parsers on arbitrary bytes: framing, CONNECT (and
-//! its credential rewrite), PUBLISH and SUBSCRIBE, for MQTT 3.1.1 and 5.
+//! its credential rewrite), PUBLISH, SUBSCRIBE (and its re-encoding) and
+//! SUBACK, for MQTT 3.1.1 and 5.
 //! None may panic; every result must be an Ok or an Err.
 #![no_main]
 
@@ -20,6 +21,11 @@ fuzz_target!(|data: &[u8]| {
     }
     for level in [4, 5] {
         let _ = packet::parse_publish(p, level);
-        let _ = packet::parse_subscribe(p, level);
+        let _ = packet::parse_suback(p, level);
+        if let Ok(sub) = packet::parse_subscribe(p, level) {
+            let again = packet::encode_subscribe(&sub, &sub.filters);
+            let back = packet::parse_subscribe(&again, level).expect("re-encoded SUBSCRIBE parses");
+            assert_eq!(back.filters, sub.filters);
+        }
     }
 });
