@@ -239,6 +239,30 @@ fn the_rules_configmap_is_the_example_rules_file() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn the_dev_overlay_configs_differ_from_the_base_only_in_replication_factor() -> Result<()> {
+    let k8s = k8s_dir();
+    let without_replication = |path: PathBuf| -> Result<String> {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(text
+            .lines()
+            .filter(|l| !l.starts_with("replication_factor"))
+            .collect::<Vec<_>>()
+            .join("\n"))
+    };
+    for file in ["broker.toml", "processor.toml"] {
+        let base = without_replication(k8s.join("base/config").join(file))?;
+        let dev = without_replication(k8s.join("overlays/dev").join(file))?;
+        ensure!(
+            base == dev,
+            "k8s/overlays/dev/{file} differs from k8s/base/config/{file} in more than \
+             replication_factor: keep them in step"
+        );
+    }
+    Ok(())
+}
+
 fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Result<&'a Value> {
     docs.iter()
         .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
