@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what edgeloop needs beyond cargo's own dependencies, once:
-# the Tansu Kafka-API broker that `edgeloop up` and the tests start, and the
-# Python readers (DuckDB, pyarrow) the tests check the data set with.
+# the Tansu Kafka-API broker that `edgeloop up` and the tests start, the
+# Python readers (DuckDB, pyarrow) the tests check the data set with, and
+# kubernetes-validate for the offline checks of k8s/ (tests/tests/k8s.rs;
+# they also need kubectl, which this script does not install).
 # Skipped when tansu is already installed. Building it from scratch takes
 # about 20 minutes on a 2-core machine.
 set -euo pipefail
@@ -34,4 +36,15 @@ if python3 -c "import paho.mqtt, sys; sys.exit(paho.mqtt.__version__ != '${PAHO_
 else
     echo "setup: installing paho-mqtt ${PAHO_VERSION} (pip)"
     python3 -m pip install --quiet --disable-pip-version-check "paho-mqtt==${PAHO_VERSION}"
+fi
+
+# kubernetes-validate: validates the rendered k8s/ overlays offline (it ships
+# the Kubernetes schemas) in tests/tests/k8s.rs. Pinned: the test relies on
+# its command line and messages.
+KUBERNETES_VALIDATE_VERSION="1.37.0"
+if python3 -c "import kubernetes_validate, sys; sys.exit(kubernetes_validate.__version__ != '${KUBERNETES_VALIDATE_VERSION}')" >/dev/null 2>&1; then
+    echo "setup: kubernetes-validate already installed"
+else
+    echo "setup: installing kubernetes-validate ${KUBERNETES_VALIDATE_VERSION} (pip)"
+    python3 -m pip install --quiet --disable-pip-version-check "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
 fi

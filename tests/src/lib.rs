@@ -80,12 +80,25 @@ pub struct Component {
 impl Component {
     /// Starts `bin` with `args`, logging to `{dir}/{name}.log`.
     pub fn start(bin: &Path, name: &str, args: &[&str], dir: &Path) -> Result<Component> {
+        Component::start_with_env(bin, name, args, &[], dir)
+    }
+
+    /// As [`Component::start`], with these environment variables set too
+    /// (after `EDGELOOP_LOG=info`, so they may override it).
+    pub fn start_with_env(
+        bin: &Path,
+        name: &str,
+        args: &[&str],
+        env: &[(String, String)],
+        dir: &Path,
+    ) -> Result<Component> {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log)?;
         let err = out.try_clone()?;
         let child = Command::new(bin)
             .args(args)
             .env("EDGELOOP_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
