@@ -18,8 +18,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edgeloop_proto::v1::{Reading, ReadingBatch};
-use edgeloop_proto::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::Mutex;
@@ -29,27 +27,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_edgeloop");
 /// How many one-channel readings make a batch of about `bytes` bytes.
 fn readings_for(bytes: usize) -> u64 {
     (1..10_000)
-        .find(|n| payload("device-0000", 0, *n).len() >= bytes)
+        .find(|n| edgeloop_tests::batch("device-0000", 0, *n).len() >= bytes)
         .unwrap_or(10_000)
-}
-
-/// A reading batch of `n` readings for `device`, starting at `seq`.
-fn payload(device: &str, seq: u64, n: u64) -> Vec<u8> {
-    ReadingBatch {
-        device_id: device.into(),
-        profile: "f32".into(),
-        first_seq: seq,
-        channels: vec!["v".into()],
-        readings: (0..n)
-            .map(|i| Reading {
-                ts_micros: 1_800_000_000_000_000 + i as i64,
-                values: vec![i as f64],
-                true_label: String::new(),
-            })
-            .collect(),
-        loss: None,
-    }
-    .encode_to_vec()
 }
 
 struct Cell {
@@ -83,7 +62,7 @@ async fn load(addr: SocketAddr, conns: usize, bytes: usize, secs: u64, tag: &str
                 tokio::spawn(async move {
                     let mut seq = 0;
                     while Instant::now() < deadline {
-                        let p = payload(&id, seq, n);
+                        let p = edgeloop_tests::batch(&id, seq, n);
                         seq += n;
                         if client
                             .publish(&topic, QoS::AtLeastOnce, false, p)

@@ -17,34 +17,24 @@ else
     cargo install tansu --version "${TANSU_VERSION}" --locked --features dynostore,libsql
 fi
 
-# DuckDB and pyarrow, which the tests use as independent readers of the data set.
-# Pinned: the tests use their APIs.
-DUCKDB_VERSION="2.0.1"
-PYARROW_VERSION="26.0.1"
-if python3 -c "import duckdb, pyarrow, sys; sys.exit(duckdb.__version__ != '${DUCKDB_VERSION}' or pyarrow.__version__ != '${PYARROW_VERSION}')" >/dev/null 2>&1; then
-    echo "setup: duckdb and pyarrow already installed"
-else
-    echo "setup: installing duckdb ${DUCKDB_VERSION} and pyarrow ${PYARROW_VERSION} (pip)"
-    python3 -m pip install --quiet --disable-pip-version-check "duckdb==${DUCKDB_VERSION}" "pyarrow==${PYARROW_VERSION}"
-fi
+# Python packages the tests use, each pinned (the tests rely on their APIs and
+# messages); installed with pip unless that exact version is already there.
+pip_pinned() {
+    local name="$1" version="$2"
+    if python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('${name}') != '${version}')" >/dev/null 2>&1; then
+        echo "setup: ${name} ${version} already installed"
+    else
+        echo "setup: installing ${name} ${version} (pip)"
+        python3 -m pip install --quiet --disable-pip-version-check "${name}==${version}"
+    fi
+}
 
+# DuckDB and pyarrow: independent readers of the Parquet data set.
+pip_pinned duckdb 2.0.1
+pip_pinned pyarrow 26.0.1
 # paho-mqtt: an MQTT client this project did not write, for the broker's
 # identity, ACL and TLS tests (MQTT 3.1.1 and 5).
-PAHO_VERSION="2.2.0"
-if python3 -c "import paho.mqtt, sys; sys.exit(paho.mqtt.__version__ != '${PAHO_VERSION}')" >/dev/null 2>&1; then
-    echo "setup: paho-mqtt already installed"
-else
-    echo "setup: installing paho-mqtt ${PAHO_VERSION} (pip)"
-    python3 -m pip install --quiet --disable-pip-version-check "paho-mqtt==${PAHO_VERSION}"
-fi
-
+pip_pinned paho-mqtt 2.2.0
 # kubernetes-validate: validates the rendered k8s/ overlays offline (it ships
-# the Kubernetes schemas) in tests/tests/k8s.rs. Pinned: the test relies on
-# its command line and messages.
-KUBERNETES_VALIDATE_VERSION="1.37.0"
-if python3 -c "import kubernetes_validate, sys; sys.exit(kubernetes_validate.__version__ != '${KUBERNETES_VALIDATE_VERSION}')" >/dev/null 2>&1; then
-    echo "setup: kubernetes-validate already installed"
-else
-    echo "setup: installing kubernetes-validate ${KUBERNETES_VALIDATE_VERSION} (pip)"
-    python3 -m pip install --quiet --disable-pip-version-check "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
-fi
+# the Kubernetes schemas), in tests/tests/k8s.rs.
+pip_pinned kubernetes-validate 1.37.0

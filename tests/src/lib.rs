@@ -13,6 +13,8 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
 use edgeloop_kafka::local::LocalKafka;
+use edgeloop_proto::v1::{Reading, ReadingBatch};
+use edgeloop_proto::Message as _;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -438,4 +440,24 @@ pub fn metric(exposition: &str, name: &str) -> Option<f64> {
     exposition
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// An encoded `ReadingBatch` of `device`: one channel `v`, readings
+/// `first_seq..first_seq + n` whose value is their seq.
+pub fn batch(device: &str, first_seq: u64, n: u64) -> Vec<u8> {
+    ReadingBatch {
+        device_id: device.into(),
+        profile: "f32".into(),
+        first_seq,
+        channels: vec!["v".into()],
+        readings: (first_seq..first_seq + n)
+            .map(|s| Reading {
+                ts_micros: 1_800_000_000_000_000 + s as i64,
+                values: vec![s as f64],
+                true_label: String::new(),
+            })
+            .collect(),
+        loss: None,
+    }
+    .encode_to_vec()
 }

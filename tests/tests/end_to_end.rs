@@ -13,10 +13,10 @@ use edgeloop_agent::config::SourceConfig;
 use edgeloop_agent::source::simulator::{Simulator, SimulatorConfig};
 use edgeloop_agent::{AgentConfig, AgentStats};
 use edgeloop_kafka::local::LocalKafka;
-use edgeloop_proto::v1::{Ack, DeviceStatus, ModelUpdate, Reading, ReadingBatch};
+use edgeloop_proto::v1::{Ack, DeviceStatus, ModelUpdate, ReadingBatch};
 use edgeloop_proto::{topics, Message as _};
 use edgeloop_tests::{
-    check_exactly_once, http_get, metric, parquet_files, read_rows, read_topic, start_kafka,
+    batch, check_exactly_once, http_get, metric, parquet_files, read_rows, read_topic, start_kafka,
     wait_for, Component,
 };
 use rdkafka::message::Headers;
@@ -366,24 +366,6 @@ async fn processor_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
         .collect();
     check_exactly_once(&rows, &expected)?;
     Ok(())
-}
-
-fn batch(device: &str, first_seq: u64, n: u64) -> Vec<u8> {
-    ReadingBatch {
-        device_id: device.into(),
-        profile: "f32".into(),
-        first_seq,
-        channels: vec!["v".into()],
-        readings: (first_seq..first_seq + n)
-            .map(|s| Reading {
-                ts_micros: 1_800_000_000_000_000 + s as i64,
-                values: vec![s as f64],
-                true_label: String::new(),
-            })
-            .collect(),
-        loss: None,
-    }
-    .encode_to_vec()
 }
 
 /// The seqs of `device` now in the Kafka readings topic.

@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use edgeloop_kafka::local::LocalKafka;
-use edgeloop_proto::v1::{Reading, ReadingBatch};
+use edgeloop_proto::v1::ReadingBatch;
 use edgeloop_proto::{topics, Message as _};
-use edgeloop_tests::{free_addr, http_get, metric, read_topic, start_kafka, wait_for, Component};
+use edgeloop_tests::{
+    batch, free_addr, http_get, metric, read_topic, start_kafka, wait_for, Component,
+};
 use rdkafka::message::Headers;
 use rdkafka::Message;
 use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, QoS};
@@ -52,24 +54,6 @@ async fn start_broker(
     })
     .await?;
     Ok(broker)
-}
-
-fn batch(device: &str, first_seq: u64, n: u64) -> Vec<u8> {
-    ReadingBatch {
-        device_id: device.into(),
-        profile: "f32".into(),
-        first_seq,
-        channels: vec!["v".into()],
-        readings: (first_seq..first_seq + n)
-            .map(|s| Reading {
-                ts_micros: 1_800_000_000_000_000 + s as i64,
-                values: vec![s as f64],
-                true_label: String::new(),
-            })
-            .collect(),
-        loss: None,
-    }
-    .encode_to_vec()
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -394,6 +394,7 @@ impl Gate {
                 reason: format!("client id does not match the credential of {user:?}"),
             });
         }
+        let role = cred.role;
         let password = connect.password.clone().unwrap_or_default();
         let hash_ok = tokio::task::spawn_blocking(move || cred.verify(&password))
             .await
@@ -403,11 +404,6 @@ impl Gate {
                 "wrong password for {user:?}"
             )));
         }
-        let role = file
-            .credentials
-            .iter()
-            .find(|c| &c.id == user)
-            .map_or(Role::Device, |c| c.role);
         Ok(Identity {
             // Acting for a child (a gateway), the ACLs are the child's.
             id: client_id.into(),
