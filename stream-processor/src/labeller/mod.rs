@@ -6,9 +6,9 @@
 //!   need; each rule votes its label or abstains.
 //! - [`LabelModel`]: combines the votes, by majority or by weighting each
 //!   rule with its accuracy estimated without ground truth, from the
-//!   agreements and disagreements between rules (an incremental, symmetric
-//!   Dawid–Skene model in the manner of Snorkel's label model). Readings on
-//!   which every rule abstained stay unlabelled.
+//!   agreements, disagreements and abstentions between rules (a latent-class
+//!   Dawid–Skene model fitted by online EM, in the manner of Snorkel's label
+//!   model). Readings on which every rule abstained stay unlabelled.
 //!
 //! - [`stats`]: per-rule statistics from the `rule_stats` table (`edgeloop
 //!   labels stats`).
@@ -278,66 +278,145 @@ pub struct Labelled {
 
 /// Combines votes into a label and a confidence, learning each rule's
 /// accuracy from the stream.
+///
+/// A latent-class (Dawid–Skene) model fitted by incremental EM, in the
+/// manner of Snorkel's label model: every reading has a true label `y` that
+/// no one sees, rules are independent given `y`, and each rule, given `y`,
+/// votes or abstains with probabilities of its own:
+///
+/// - `P(vote y | y)`: how often it votes a label's readings right, per label;
+/// - `P(vote v | y ≠ v)`: how often it votes `v` on readings of another
+///   label, one figure per vote (a rule's false alarms for `v` are not told
+///   apart by what the reading really was: that would let the model invent
+///   a label out of one rule's false alarms);
+/// - abstaining otherwise.
+///
+/// Abstaining is evidence too: when the rules that see real spikes stay
+/// silent, a lone "spike" vote is likely a false alarm, so a rule that votes
+/// where no other rule agrees is found out even where it conflicts with a
+/// single other rule. The label balance is learned as well.
+///
+/// Each reading on which at least one rule voted adds its posterior over `y`
+/// to the expected counts. The first [`WARM_UP`] such readings add the
+/// majority vote's shares instead: counted from the model's own early,
+/// prior-only posteriors, a label seen late could be folded into a common
+/// one for good (online EM keeps what it counted first).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabelModel {
-    /// Expected-correct votes and votes, per rule, counted where at least two
-    /// rules voted (agreement carries no information otherwise).
-    correct: Vec<f64>,
-    voted: Vec<f64>,
-    /// Number of labels. The prior over labels is uniform: rules abstain far
-    /// more on rare labels, so a class balance learned from votes would drown
-    /// every rare label in the common one.
-    labels: usize,
+    /// Per rule, per true label, per outcome (each label, then abstain): the
+    /// expected number of readings.
+    outcomes: Vec<Vec<Vec<f64>>>,
+    /// Per true label: the expected number of readings with a vote.
+    classes: Vec<f64>,
 }
 
-/// Beta prior of a rule's accuracy: as if it had been right 7 times in 10.
-const PRIOR_RIGHT: f64 = 7.0;
-const PRIOR_VOTES: f64 = 10.0;
+/// Readings with a vote that the model learns from by majority shares
+/// before it learns from its own posterior.
+const WARM_UP: f64 = 1000.0;
+/// Beta priors, as pseudo-readings: a rule votes its label on half of that
+/// label's readings, and `v` on 1 in 11 of other labels' readings (a vote
+/// is, a priori, ten times likelier right than wrong).
+const PRIOR_RIGHT: (f64, f64) = (2.0, 2.0);
+const PRIOR_WRONG: (f64, f64) = (0.2, 2.0);
+/// Dirichlet prior of the label balance.
+const PRIOR_CLASS: f64 = 10.0;
+
+/// The outcome index of a vote: the label, or `labels` for abstain.
+fn outcome_of(vote: Option<usize>, labels: usize) -> usize {
+    vote.filter(|v| *v < labels).unwrap_or(labels)
+}
 
 impl LabelModel {
     pub fn new(rules: usize, labels: usize) -> LabelModel {
         LabelModel {
-            correct: vec![0.0; rules],
-            voted: vec![0.0; rules],
-            labels,
+            outcomes: vec![vec![vec![0.0; labels + 1]; labels]; rules],
+            classes: vec![0.0; labels],
         }
     }
 
-    /// Estimated accuracy of each rule: how often its vote agreed with the
-    /// model's label where at least two rules voted (with a Beta(7, 3) prior).
-    pub fn accuracies(&self) -> Vec<f64> {
-        self.correct
+    fn labels(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// The label balance among readings with a vote.
+    fn balance(&self) -> Vec<f64> {
+        let k = self.labels();
+        let total: f64 = self.classes.iter().sum::<f64>() + PRIOR_CLASS * k as f64;
+        self.classes
             .iter()
-            .zip(&self.voted)
-            .map(|(c, n)| ((c + PRIOR_RIGHT) / (n + PRIOR_VOTES)).clamp(0.01, 0.99))
+            .map(|n| (n + PRIOR_CLASS) / total)
             .collect()
     }
 
-    /// The accuracies the posterior uses: as in Snorkel, a rule is taken to
-    /// be better than a random vote (above 1/labels); without that the
-    /// estimate can collapse, and a rule voting alone would be overruled by
-    /// labels nobody voted for.
-    fn weights(&self) -> Vec<f64> {
-        let floor = (1.0 / self.labels.max(1) as f64 + 0.05).min(0.9);
-        self.accuracies()
-            .into_iter()
-            .map(|a| a.max(floor))
+    /// Rule `j`'s parameters: `right[y]` = P(vote y | y) and `wrong[v]` =
+    /// P(vote v | a label other than v).
+    fn rule(&self, j: usize, right: &mut [f64], wrong: &mut [f64]) {
+        let counts = &self.outcomes[j];
+        // Every reading learned from adds its posterior to one outcome of
+        // every rule, so a label's readings are the same for all rules.
+        let all: f64 = self.classes.iter().sum();
+        let (a, b) = PRIOR_RIGHT;
+        let (c, d) = PRIOR_WRONG;
+        for (v, readings) in self.classes.iter().enumerate() {
+            right[v] = (counts[v][v] + a) / (readings + a + b);
+            let votes: f64 = counts.iter().map(|c| c[v]).sum::<f64>() - counts[v][v];
+            wrong[v] = (votes + c) / (all - readings + c + d);
+        }
+    }
+
+    /// P(outcome `o` | true label `y`) from a rule's parameters (outcome
+    /// `right.len()` is abstain).
+    fn probability(y: usize, o: usize, right: &[f64], wrong: &[f64]) -> f64 {
+        // A rule voting several labels could push the votes past 1:
+        // abstaining keeps a sliver and the votes are scaled down.
+        let voted = right[y] + wrong.iter().sum::<f64>() - wrong[y];
+        let scale = if voted > 0.999 { 0.999 / voted } else { 1.0 };
+        if o == y {
+            right[y] * scale
+        } else if o < right.len() {
+            wrong[o] * scale
+        } else {
+            1.0 - voted * scale
+        }
+    }
+
+    /// Estimated accuracy of each rule: the probability, under the model,
+    /// that the label it votes is the true one.
+    pub fn accuracies(&self) -> Vec<f64> {
+        let k = self.labels();
+        let balance = self.balance();
+        let (mut right, mut wrong) = (vec![0.0; k], vec![0.0; k]);
+        (0..self.outcomes.len())
+            .map(|j| {
+                self.rule(j, &mut right, &mut wrong);
+                let (mut correct, mut all) = (0.0, 0.0);
+                for (y, p) in balance.iter().enumerate() {
+                    for o in 0..k {
+                        let mass = p * Self::probability(y, o, &right, &wrong);
+                        all += mass;
+                        if o == y {
+                            correct += mass;
+                        }
+                    }
+                }
+                if all > 0.0 {
+                    correct / all
+                } else {
+                    0.0
+                }
+            })
             .collect()
     }
 
     fn posterior(&self, votes: &[Option<usize>]) -> Vec<f64> {
-        let k = self.labels;
-        let acc = self.weights();
-        let mut log: Vec<f64> = vec![0.0; k];
+        let k = self.labels();
+        let mut log: Vec<f64> = self.balance().iter().map(|p| p.ln()).collect();
+        let (mut right, mut wrong) = (vec![0.0; k], vec![0.0; k]);
         for (j, v) in votes.iter().enumerate() {
-            let Some(v) = v else { continue };
-            let wrong = if k > 1 {
-                ((1.0 - acc[j]) / (k - 1) as f64).ln()
-            } else {
-                0.0
-            };
+            self.rule(j, &mut right, &mut wrong);
+            let o = outcome_of(*v, k);
             for (y, l) in log.iter_mut().enumerate() {
-                *l += if y == *v { acc[j].ln() } else { wrong };
+                *l += Self::probability(y, o, &right, &wrong).ln();
             }
         }
         let max = log.iter().cloned().fold(f64::MIN, f64::max);
@@ -360,16 +439,26 @@ impl LabelModel {
                 confidence: None,
             };
         }
-        if self.voted.len() != votes.len() || self.labels != labels.len() {
+        if self.outcomes.len() != votes.len() || self.labels() != labels.len() {
             *self = LabelModel::new(votes.len(), labels.len());
         }
+        let k = labels.len();
         let posterior = self.posterior(votes);
-        if voting >= 2 {
+        let learn = if self.classes.iter().sum::<f64>() < WARM_UP {
+            let mut shares = vec![0.0; k];
+            votes
+                .iter()
+                .flatten()
+                .filter(|v| **v < k)
+                .for_each(|v| shares[*v] += 1.0 / voting as f64);
+            shares
+        } else {
+            posterior.clone()
+        };
+        for (y, p) in learn.iter().enumerate() {
+            self.classes[y] += p;
             for (j, v) in votes.iter().enumerate() {
-                if let Some(v) = v {
-                    self.correct[j] += posterior[*v];
-                    self.voted[j] += 1.0;
-                }
+                self.outcomes[j][y][outcome_of(*v, k)] += p;
             }
         }
         let (best, confidence) = match combiner {
@@ -451,12 +540,31 @@ pub struct PartitionLabels {
     /// Rules version the state belongs to; state of other versions is dropped.
     pub rules_version: String,
     pub devices: HashMap<String, DeviceState>,
+    #[serde(default, deserialize_with = "model_or_relearn")]
     pub model: Option<LabelModel>,
     /// Per device, per rule: counts since they were last taken (at a file
     /// close, into the `rule_stats` table). Not part of the snapshot: a
     /// snapshot is taken right after they are.
     #[serde(skip)]
     pub counts: std::collections::BTreeMap<String, Vec<RuleCounts>>,
+}
+
+/// A snapshot saved by an older processor may hold a label model of another
+/// form: it is dropped and learned again rather than making the whole
+/// snapshot, and with it the seqs already in the data set, unreadable.
+fn model_or_relearn<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<LabelModel>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Saved {
+        Current(LabelModel),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match Option::<Saved>::deserialize(d)? {
+        Some(Saved::Current(model)) => Some(model),
+        Some(Saved::Other(_)) | None => None,
+    })
 }
 
 impl PartitionLabels {
@@ -664,6 +772,24 @@ mod tests {
         let acc = m.accuracies();
         assert!(acc[2] < acc[0] && acc[2] < acc[1], "{acc:?}");
         assert!(acc[0] > 0.9 && (0.35..0.65).contains(&acc[2]), "{acc:?}");
+    }
+
+    #[test]
+    fn a_label_model_of_an_older_form_is_learned_again() {
+        let old = r#"{"rules_version":"v1","devices":{},"model":{"correct":[1.0],"voted":[2.0],"labels":2}}"#;
+        let state: PartitionLabels = serde_json::from_str(old).expect("older snapshot reads");
+        assert_eq!(state.rules_version, "v1");
+        assert_eq!(state.model, None);
+        let mut m = LabelModel::new(2, 2);
+        let labels = vec!["a".to_string(), "b".to_string()];
+        m.label(Combiner::LabelModel, &[Some(0), None], &labels);
+        let saved = PartitionLabels {
+            model: Some(m.clone()),
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&saved).expect("save");
+        let back: PartitionLabels = serde_json::from_str(&text).expect("load");
+        assert_eq!(back.model, Some(m));
     }
 
     #[test]
