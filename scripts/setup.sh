@@ -38,3 +38,5 @@ pip_pinned paho-mqtt 2.2.0
 # kubernetes-validate: validates the rendered k8s/ overlays offline (it ships
 # the Kubernetes schemas), in tests/tests/k8s.rs.
 pip_pinned kubernetes-validate 1.37.0
+# A real SVG renderer: the report test renders `edgeloop report`'s picture.
+pip_pinned resvg-cli 0.44.0

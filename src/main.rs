@@ -1,6 +1,7 @@
 //! `edgeloop`: one binary, a subcommand per component. Each subcommand only
 //! parses its config and calls a library's `run(config, shutdown, …)`.
 
+mod report;
 mod up;
 
 use std::net::SocketAddr;
@@ -67,6 +68,11 @@ enum Command {
     /// The labelling rules: check a file, or see how each rule behaves.
     #[command(subcommand)]
     Labels(LabelsCommand),
+    /// Draw a picture of the loop from the Parquet data set: readings per
+    /// device over time, labels over time, how each rule votes, and the
+    /// losses devices reported, as one SVG file (`edgeloop up` writes
+    /// DIR/report.svg at the end of a run).
+    Report(report::ReportArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -450,6 +456,7 @@ async fn main() -> Result<()> {
             edgeloop_processor::run(config, shutdown, stats).await?;
             Ok(())
         }
+        Command::Report(args) => report::run(args),
         Command::Labels(LabelsCommand::Stats { parquet_root }) => {
             let summary = edgeloop_processor::labeller::stats::summarize(&parquet_root)?;
             print!("{}", edgeloop_processor::labeller::stats::table(&summary));

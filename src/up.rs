@@ -312,6 +312,11 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
             data_dir.join("spool").display()
         );
     }
+    let report = data_dir.join("report.svg");
+    match crate::report::write(&data_dir.join("parquet"), &report) {
+        Ok(_) => println!("report: {}", report.display()),
+        Err(e) => println!("report: not written: {e:#}"),
+    }
     Ok(())
 }
 

@@ -19,6 +19,7 @@ pub mod kafka_source;
 pub mod labeller;
 pub mod metrics;
 pub mod parquet_sink;
+pub mod report;
 pub mod stats;
 
 use std::sync::Arc;

@@ -30,25 +30,6 @@ pub struct RuleSummary {
     pub estimated_accuracy: Option<f64>,
 }
 
-fn files(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.join("rule_stats")];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "parquet")
-                && !e.file_name().to_string_lossy().starts_with('.')
-            {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 /// A summary being summed: (summary, accuracy × votes, votes with an
 /// accuracy, devices seen).
 type Accumulator = (RuleSummary, f64, f64, std::collections::BTreeSet<String>);
@@ -56,7 +37,7 @@ type Accumulator = (RuleSummary, f64, f64, std::collections::BTreeSet<String>);
 /// (rules version, rule) → summary.
 pub fn summarize(root: &Path) -> Result<BTreeMap<(String, String), RuleSummary>, StatsError> {
     let mut out: BTreeMap<(String, String), Accumulator> = BTreeMap::new();
-    for path in files(root) {
+    for path in crate::report::table_files(root, "rule_stats") {
         let err = |reason: String| StatsError::Read {
             path: path.clone(),
             reason,
