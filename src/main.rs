@@ -1,6 +1,7 @@
 //! `edgeloop`: one binary, a subcommand per component. Each subcommand only
 //! parses its config and calls a library's `run(config, shutdown, …)`.
 
+mod config_env;
 mod report;
 mod up;
 
@@ -288,15 +289,10 @@ enum InputFormat {
     JsonLines,
 }
 
-fn read_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
-    match path {
-        None => Ok(T::default()),
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading config file {}", path.display()))?;
-            toml::from_str(&text).with_context(|| format!("in config file {}", path.display()))
-        }
-    }
+/// A component's config: its TOML file, with every key overridable from
+/// the environment (`EDGELOOP_{COMPONENT}__{KEY}`; see `config_env`).
+fn read_config<T: serde::de::DeserializeOwned>(component: &str, path: Option<&Path>) -> Result<T> {
+    config_env::load(component, path, std::env::vars())
 }
 
 fn split_host_port(s: &str) -> Result<(String, u16)> {
@@ -387,7 +383,8 @@ async fn main() -> Result<()> {
                 }
                 return Ok(());
             }
-            let mut config: edgeloop_broker::BrokerConfig = read_toml(args.config.as_deref())?;
+            let mut config: edgeloop_broker::BrokerConfig =
+                read_config("broker", args.config.as_deref())?;
             if let Some(path) = args.credentials {
                 config.auth.credentials_file = Some(path);
             }
@@ -424,7 +421,7 @@ async fn main() -> Result<()> {
         }
         Command::Processor(args) => {
             let mut config: edgeloop_processor::ProcessorConfig =
-                read_toml(args.config.as_deref())?;
+                read_config("processor", args.config.as_deref())?;
             if let Some(kafka) = args.kafka {
                 config.kafka.bootstrap_servers = kafka;
             }
@@ -506,7 +503,8 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Agent(args) => {
-            let mut config: edgeloop_agent::AgentConfig = read_toml(args.config.as_deref())?;
+            let mut config: edgeloop_agent::AgentConfig =
+                read_config("agent", args.config.as_deref())?;
             if let Some(id) = args.device_id {
                 config.device_id = id;
             }

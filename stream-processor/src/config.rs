@@ -38,6 +38,13 @@ pub struct ProcessorConfig {
     pub channels: Vec<String>,
     /// Where to serve `/metrics`, `/healthz` and `/readyz` (none: not served).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// On SIGTERM, how long the processor may take to close its open files
+    /// and commit them; past it, it exits with an error and leaves them
+    /// (their records are read again after the restart and the files
+    /// written again under the same names: nothing is lost). Keep it under
+    /// the pod's `terminationGracePeriodSeconds`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -70,6 +77,7 @@ impl Default for ProcessorConfig {
             rules_check_interval: Duration::from_secs(2),
             channels: Vec::new(),
             metrics_listen: None,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }

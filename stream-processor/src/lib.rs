@@ -37,6 +37,11 @@ pub enum Error {
     Kafka(#[from] edgeloop_kafka::Error),
     #[error(transparent)]
     Source(#[from] kafka_source::SourceError),
+    #[error(
+        "the shutdown grace period ({0:?}) ended before the open files were closed and committed; \
+         their records are read again at the next start"
+    )]
+    ShutdownGrace(std::time::Duration),
     #[error("the processor thread failed: {0}")]
     Thread(String),
 }
@@ -64,13 +69,22 @@ pub async fn run(
         });
     }
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let grace = config.shutdown_grace;
+    let stop = shutdown.clone();
     std::thread::Builder::new()
         .name("processor".into())
         .spawn(move || {
-            let result = kafka_source::run(&config, &shutdown, &stats, &rule_metrics);
+            let result = kafka_source::run(&config, &stop, &stats, &rule_metrics);
             let _ = done_tx.send(result);
         })
         .map_err(|e| Error::Thread(e.to_string()))?;
-    done_rx.await.map_err(|e| Error::Thread(e.to_string()))??;
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        done = done_rx => done.map_err(|e| Error::Thread(e.to_string()))??,
+        () = deadline => return Err(Error::ShutdownGrace(grace)),
+    }
     Ok(())
 }

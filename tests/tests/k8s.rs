@@ -581,6 +581,19 @@ async fn overlay_starts_the_real_components(overlay: &str) -> Result<()> {
         i64::try_from(replicas)? <= partitions,
         "{overlay}: {replicas} processor replicas for {partitions} partitions"
     );
+    // The processor's own shutdown deadline ends before the kubelet's
+    // SIGKILL, so it exits on its own terms.
+    let shutdown_grace = config
+        .get("shutdown_grace")
+        .and_then(toml::Value::as_str)
+        .context("shutdown_grace in processor.toml")?;
+    let shutdown_grace = humantime::parse_duration(shutdown_grace)?;
+    ensure!(
+        shutdown_grace < processor.grace,
+        "{overlay}: the processor's shutdown_grace {shutdown_grace:?} is not under the pod's \
+         terminationGracePeriodSeconds {:?}",
+        processor.grace
+    );
 
     // The broker's MQTT Service ports reach what it listens on.
     let container =
