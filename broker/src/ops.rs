@@ -150,6 +150,11 @@ pub fn render(stats: &BrokerStats) -> String {
             &stats.statuses_received,
         ),
         (
+            "edgeloop_bridge_watermarks_raised_by_device_total",
+            "Ack watermarks raised to the ack a device reported holding, above what was restored",
+            &stats.watermarks_raised_by_device,
+        ),
+        (
             "edgeloop_bridge_batches_skipped_total",
             "Batches not produced again: already acknowledged or on their way",
             &stats.batches_skipped,

@@ -11,6 +11,9 @@ pub struct BrokerStats {
     pub batches_received: AtomicU64,
     /// Device status messages forwarded to Kafka.
     pub statuses_received: AtomicU64,
+    /// Ack watermarks raised to what a device reported holding
+    /// (`DeviceStatus.acked_seq`) above what the bridge had restored.
+    pub watermarks_raised_by_device: AtomicU64,
     /// Batches not sent again because they were acknowledged or in flight.
     pub batches_skipped: AtomicU64,
     /// Payloads that did not decode (forwarded for dead-lettering).

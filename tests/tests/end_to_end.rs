@@ -1544,3 +1544,321 @@ async fn kafka_down_for_30_seconds_while_devices_publish_loses_and_duplicates_no
     );
     Ok(())
 }
+
+// SIGTERM under load, to each component: it exits by itself within its
+// configured grace period (set here through the environment, as Kubernetes
+// would), and nothing it acknowledged is lost.
+
+/// The last ack watermark of each device in `edgeloop.acks`: what the
+/// bridge acknowledged (it writes there before it publishes `ack/{device}`).
+fn acked_in_kafka(kafka: &LocalKafka) -> Result<HashMap<String, u64>> {
+    let mut out = HashMap::new();
+    for m in read_topic(kafka, topics::KAFKA_ACKS)? {
+        let device = String::from_utf8_lossy(m.key().unwrap_or_default()).to_string();
+        let ack = Ack::decode(m.payload().unwrap_or_default())?;
+        out.insert(device, ack.committed_seq);
+    }
+    Ok(out)
+}
+
+/// Every reading each device was acknowledged is in the Kafka readings topic.
+fn acknowledged_readings_are_in_kafka(kafka: &LocalKafka) -> Result<u64> {
+    let acked = acked_in_kafka(kafka)?;
+    ensure!(!acked.is_empty(), "nothing was acknowledged");
+    let mut seqs: HashMap<String, BTreeSet<u64>> = HashMap::new();
+    for m in
+        edgeloop_tests::read_topic_drained(kafka, topics::KAFKA_READINGS, Duration::from_secs(3))?
+    {
+        let b = ReadingBatch::decode(m.payload().unwrap_or_default())?;
+        seqs.entry(b.device_id.clone())
+            .or_default()
+            .extend(b.first_seq..b.end_seq());
+    }
+    let mut total = 0;
+    for (device, watermark) in &acked {
+        let held = seqs.get(device).cloned().unwrap_or_default();
+        let missing: Vec<u64> = (0..*watermark).filter(|s| !held.contains(s)).collect();
+        ensure!(
+            missing.is_empty(),
+            "{device}: acknowledged up to {watermark} but {} of those are not in Kafka (first {:?})",
+            missing.len(),
+            missing.first()
+        );
+        total += watermark;
+    }
+    Ok(total)
+}
+
+fn fleet(
+    stack: &Stack,
+    prefix: &'static str,
+    devices: usize,
+    per_device: u64,
+) -> tokio::task::JoinHandle<Result<Vec<edgeloop_agent::AgentReport>, edgeloop_agent::Error>> {
+    let mut template = stack.agent("unused", 700, per_device, 400.0, 20);
+    template.spool.dir = stack.dir.path().join("spool").join(prefix);
+    template.shutdown_grace = Duration::from_secs(60);
+    tokio::spawn(edgeloop_agent::run_fleet(
+        template,
+        prefix,
+        devices,
+        CancellationToken::new(),
+        Arc::new(AgentStats::default()),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_the_broker_under_load_exits_within_its_grace_and_loses_no_acknowledged_reading(
+) -> Result<()> {
+    let mut stack = Stack::without_broker().await?;
+    let grace = Duration::from_secs(4);
+    let (mqtt, bootstrap) = (stack.mqtt.to_string(), stack.kafka.bootstrap());
+    let broker_args = [
+        "broker",
+        "--listen",
+        &mqtt,
+        "--kafka",
+        &bootstrap,
+        "--allow-anonymous",
+    ];
+    let env = [(
+        "EDGELOOP_BROKER__SHUTDOWN_GRACE".to_string(),
+        "4s".to_string(),
+    )];
+    let mut broker = Component::start_with_env(
+        &edgeloop_bin(),
+        "broker-1",
+        &broker_args,
+        &env,
+        stack.dir.path(),
+    )?;
+    let addr = stack.mqtt;
+    wait_for(
+        Duration::from_secs(60),
+        "the MQTT listener",
+        || async move { Ok(tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())) },
+    )
+    .await?;
+    let _processor = stack.processor("processor")?;
+    let (devices, per_device) = (3usize, 6_000u64);
+    let fleet = fleet(&stack, "bterm", devices, per_device);
+    wait_for(Duration::from_secs(60), "acks under way", || {
+        let acked = acked_in_kafka(&stack.kafka);
+        async move { Ok(acked?.values().any(|w| *w >= 500).then_some(())) }
+    })
+    .await?;
+    broker.check_running()?;
+    // It exits by itself within its grace period, plus start-up slack.
+    broker.terminate(grace + Duration::from_secs(5)).await?;
+    let acked = acknowledged_readings_are_in_kafka(&stack.kafka)?;
+    ensure!(
+        acked < (devices as u64) * per_device,
+        "the SIGTERM came after the load: nothing was in flight"
+    );
+    // A new broker: the devices send what they still hold, and every
+    // reading lands once.
+    stack.start_broker().await?;
+    let reports = tokio::time::timeout(Duration::from_secs(180), fleet).await???;
+    ensure!(
+        reports.iter().all(|r| r.committed_seq == per_device),
+        "{reports:?}"
+    );
+    let total = devices * per_device as usize;
+    let rows = wait_for_rows(&stack, total, Duration::from_secs(120)).await?;
+    let expected: HashMap<String, u64> = (0..devices)
+        .map(|i| (format!("bterm-{i:04}"), per_device))
+        .collect();
+    check_exactly_once(&rows, &expected)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_the_processor_under_load_exits_within_its_grace_with_every_committed_record_in_parquet(
+) -> Result<()> {
+    let stack = Stack::start().await?;
+    let grace = Duration::from_secs(10);
+    let bootstrap = stack.kafka.bootstrap();
+    let parquet = stack.parquet.to_string_lossy().into_owned();
+    let processor_args = |name: &'static str| {
+        [
+            "processor",
+            "--kafka",
+            &bootstrap,
+            "--group-id",
+            &stack.group,
+            "--parquet-root",
+            &parquet,
+            "--max-age",
+            "1s",
+            "--instance-id",
+            name,
+        ]
+        .map(str::to_string)
+    };
+    let env = [(
+        "EDGELOOP_PROCESSOR__SHUTDOWN_GRACE".to_string(),
+        "10s".to_string(),
+    )];
+    let args = processor_args("processor-0");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut processor = Component::start_with_env(
+        &edgeloop_bin(),
+        "processor-1",
+        &args,
+        &env,
+        stack.dir.path(),
+    )?;
+    let (devices, per_device) = (3usize, 6_000u64);
+    let fleet = fleet(&stack, "pterm", devices, per_device);
+    let root = stack.parquet.clone();
+    wait_for(Duration::from_secs(60), "two Parquet files", || {
+        let files = parquet_files(&root);
+        async move { Ok((files?.len() >= 2).then_some(())) }
+    })
+    .await?;
+    processor.check_running()?;
+    processor.terminate(grace + Duration::from_secs(5)).await?;
+
+    // Every record below the group's committed offsets is in Parquet.
+    let consumer = edgeloop_tests::kafka_consumer(&stack.kafka, &stack.group)?;
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for p in 0..4 {
+        assignment.add_partition(topics::KAFKA_READINGS, p);
+    }
+    let committed = {
+        use rdkafka::consumer::Consumer as _;
+        consumer.committed_offsets(assignment, Duration::from_secs(10))?
+    };
+    let committed: HashMap<i32, i64> = committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect();
+    ensure!(
+        !committed.is_empty(),
+        "nothing committed before the SIGTERM"
+    );
+    let in_parquet: BTreeSet<(String, i64)> = read_rows(&stack.parquet)?
+        .into_iter()
+        .map(|r| (r.device_id, r.seq))
+        .collect();
+    let mut checked = 0;
+    for m in read_topic(&stack.kafka, topics::KAFKA_READINGS)? {
+        if committed
+            .get(&m.partition())
+            .is_some_and(|c| m.offset() < *c)
+        {
+            let b = ReadingBatch::decode(m.payload().unwrap_or_default())?;
+            for seq in b.first_seq..b.end_seq() {
+                ensure!(
+                    in_parquet.contains(&(b.device_id.clone(), seq as i64)),
+                    "{} seq {seq} is below the committed offset of partition {} but not in Parquet",
+                    b.device_id,
+                    m.partition()
+                );
+                checked += 1;
+            }
+        }
+    }
+    ensure!(checked > 0, "no committed record to check");
+
+    // Restarted, it takes up where it committed: every reading once.
+    let args = processor_args("processor-0");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut processor = Component::start_with_env(
+        &edgeloop_bin(),
+        "processor-2",
+        &args,
+        &env,
+        stack.dir.path(),
+    )?;
+    let reports = tokio::time::timeout(Duration::from_secs(180), fleet).await???;
+    ensure!(
+        reports.iter().all(|r| r.committed_seq == per_device),
+        "{reports:?}"
+    );
+    let total = devices * per_device as usize;
+    wait_for_rows(&stack, total, Duration::from_secs(120)).await?;
+    processor.terminate(grace + Duration::from_secs(5)).await?;
+    let expected: HashMap<String, u64> = (0..devices)
+        .map(|i| (format!("pterm-{i:04}"), per_device))
+        .collect();
+    check_exactly_once(&read_rows(&stack.parquet)?, &expected)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_an_agent_under_load_exits_within_its_grace_and_its_spool_keeps_the_rest(
+) -> Result<()> {
+    let stack = Stack::start().await?;
+    let _processor = stack.processor("processor")?;
+    let grace = Duration::from_secs(3);
+    let spool = stack.dir.path().join("spool-t");
+    let mqtt = stack.mqtt.to_string();
+    let spool_arg = spool.to_string_lossy().into_owned();
+    let agent = |name: &str, limit: &str| {
+        Component::start_with_env(
+            &edgeloop_bin(),
+            name,
+            &[
+                "agent",
+                "--device-id",
+                "termed",
+                "--mqtt",
+                &mqtt,
+                "--rate",
+                "2000",
+                "--limit",
+                limit,
+                "--batch-size",
+                "50",
+                "--spool-dir",
+                &spool_arg,
+            ],
+            &[(
+                "EDGELOOP_AGENT__SHUTDOWN_GRACE".to_string(),
+                "3s".to_string(),
+            )],
+            stack.dir.path(),
+        )
+    };
+    let mut first = agent("agent-1", "40000")?;
+    wait_for(Duration::from_secs(60), "readings in Parquet", || {
+        let rows = read_rows(&stack.parquet);
+        async move { Ok((rows?.len() >= 200).then_some(())) }
+    })
+    .await?;
+    first.check_running()?;
+    first.terminate(grace + Duration::from_secs(5)).await?;
+    let log = first.tail_log();
+    ensure!(
+        log.contains("all acknowledged") || log.contains("they stay in the spool"),
+        "the agent did not say how it stopped: {log}"
+    );
+    acknowledged_readings_are_in_kafka(&stack.kafka)?;
+
+    let mut second = agent("agent-2", "500")?;
+    wait_for(Duration::from_secs(120), "the second run to finish", || {
+        let status = second.check_running();
+        async move { Ok(status.is_err().then_some(())) }
+    })
+    .await?;
+    let opened = edgeloop_agent::spool::disk::DiskSpool::open(
+        edgeloop_agent::spool::disk::DiskSpoolConfig {
+            dir: spool.clone(),
+            ..Default::default()
+        },
+        vec![],
+    )?;
+    let next_seq = edgeloop_agent::spool::Spool::next_seq(&opened);
+    let rows = wait_for_rows(&stack, next_seq as usize, Duration::from_secs(60)).await?;
+    check_exactly_once(&rows, &HashMap::from([("termed".to_string(), next_seq)]))?;
+    ensure!(
+        edgeloop_tests::read_losses(&stack.parquet)?.is_empty(),
+        "a SIGTERM loses nothing"
+    );
+    Ok(())
+}

@@ -92,6 +92,28 @@ impl AckTracker {
         }
     }
 
+    /// The ack watermark a device reports holding (`DeviceStatus.acked_seq`),
+    /// for a device already tracked: an ack the device holds came from a
+    /// bridge that had it in Kafka, so the watermark is at least that. After
+    /// a restart whose read of `edgeloop.acks` missed the device's last ack
+    /// (Tansu reports high watermarks short at times), this is what lets the
+    /// device's resend, which starts at its ack, move the watermark again
+    /// instead of waiting for a gap that never fills. A device not tracked
+    /// yet is left to the first-batch rule. Returns whether it rose.
+    pub fn raise_to_device_ack(&mut self, device: &str, acked: u64) -> bool {
+        let Some(d) = self.devices.get_mut(device) else {
+            return false;
+        };
+        if acked <= d.watermark {
+            return false;
+        }
+        d.watermark = acked;
+        d.advance();
+        // The device holds `acked`; anything past it is news to it.
+        d.dirty = d.watermark > acked;
+        true
+    }
+
     /// A batch `[first, end)` of `device` arrived.
     pub fn on_received(&mut self, device: &str, first: u64, end: u64) -> Take {
         let d = self
@@ -272,6 +294,26 @@ mod tests {
         assert_eq!(t.on_received("d", 100, 120), Take::Produce);
         t.on_delivered("d", 100, 120, true);
         assert_eq!(t.watermark("d"), Some(130));
+    }
+
+    #[test]
+    fn a_device_holding_a_higher_ack_than_was_restored_lifts_the_watermark() {
+        let mut t = AckTracker::default();
+        // The restore missed the last ack the device got (1051).
+        t.restore("d", 1000);
+        // Its resend starts at 1051 and is delivered: a gap below it.
+        assert_eq!(t.on_received("d", 1051, 1101), Take::Produce);
+        t.on_delivered("d", 1051, 1101, true);
+        assert_eq!(t.watermark("d"), Some(1000));
+        // Its status says it holds 1051: the resend now counts.
+        assert!(t.raise_to_device_ack("d", 1051));
+        assert_eq!(t.watermark("d"), Some(1101));
+        assert_eq!(t.take_dirty(), vec![("d".to_string(), 1101)]);
+        // Lower or equal reports change nothing; unknown devices are left
+        // to their first batch.
+        assert!(!t.raise_to_device_ack("d", 900));
+        assert!(!t.raise_to_device_ack("other", 50));
+        assert_eq!(t.watermark("other"), None);
     }
 
     #[test]

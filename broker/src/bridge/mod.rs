@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgeloop_kafka::KafkaConfig;
-use edgeloop_proto::v1::{Ack, ReadingBatch};
+use edgeloop_proto::v1::{Ack, DeviceStatus, ReadingBatch};
 use edgeloop_proto::{topics, Message as _};
 use futures::channel::oneshot::Canceled;
 use futures::future;
@@ -475,8 +475,20 @@ async fn take(
         return None;
     };
     let kind = if kafka_topic == topics::KAFKA_STATUS {
-        // Device status goes to the compacted status topic as it is.
+        // Device status goes to the compacted status topic as it is. The ack
+        // the device holds is a floor for its watermark.
         BrokerStats::add(&stats.statuses_received, 1);
+        if let Ok(status) = DeviceStatus::decode(publish.payload.as_ref()) {
+            if status.device_id == device && tracker.raise_to_device_ack(&device, status.acked_seq)
+            {
+                BrokerStats::add(&stats.watermarks_raised_by_device, 1);
+                tracing::info!(
+                    %device,
+                    acked_seq = status.acked_seq,
+                    "ack watermark raised to the ack the device holds (the restore had less)"
+                );
+            }
+        }
         Kind::Status
     } else {
         BrokerStats::add(&stats.batches_received, 1);

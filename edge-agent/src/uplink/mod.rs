@@ -59,7 +59,7 @@ fn now_micros() -> i64 {
 /// The device's status as it stands.
 fn status(config: &AgentConfig, spool: &SharedSpool, online: bool) -> DeviceStatus {
     let backlog = spool.with(|s| s.backlog());
-    let (next_seq, _, _) = spool.positions();
+    let (next_seq, acked_seq, _) = spool.positions();
     let now = now_micros();
     DeviceStatus {
         device_id: config.device_id.clone(),
@@ -76,6 +76,7 @@ fn status(config: &AgentConfig, spool: &SharedSpool, online: bool) -> DeviceStat
         lost_readings: backlog.lost_readings,
         last_model_error: String::new(),
         next_seq,
+        acked_seq,
     }
 }
 
