@@ -12,6 +12,7 @@
 //! - [`config`], [`stats`].
 
 pub mod config;
+pub mod control;
 pub mod deadletter;
 pub mod decode;
 pub mod dedup;
