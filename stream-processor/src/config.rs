@@ -38,6 +38,8 @@ pub struct ProcessorConfig {
     pub channels: Vec<String>,
     /// Where to serve `/metrics`, `/healthz` and `/readyz` (none: not served).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The gRPC control API (docs/control-api.md).
+    pub control: crate::control::ControlConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -70,6 +72,7 @@ impl Default for ProcessorConfig {
             rules_check_interval: Duration::from_secs(2),
             channels: Vec::new(),
             metrics_listen: None,
+            control: Default::default(),
         }
     }
 }
@@ -111,7 +114,7 @@ impl ProcessorConfig {
         if self.sink.max_age.is_zero() {
             return Err("sink.max_age: must be longer than zero".into());
         }
-        Ok(())
+        self.control.validate()
     }
 }
 

@@ -9,6 +9,8 @@
 //!   hour and schema; written to a temporary name, fsynced, renamed.
 //! - [`labeller`]: labelling rules, the label model, rule statistics.
 //! - [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`control`]: the gRPC control API (fleet, labelling, models, health),
+//!   served on `control.listen`.
 //! - [`config`], [`stats`].
 
 pub mod config;
@@ -39,6 +41,8 @@ pub enum Error {
     Source(#[from] kafka_source::SourceError),
     #[error("the processor thread failed: {0}")]
     Thread(String),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
 }
 
 /// Runs the processor until `shutdown`; then closes and commits every open
@@ -62,6 +66,16 @@ pub async fn run(
                 tracing::error!(%listen, error = %e, "the metrics endpoint stopped");
             }
         });
+    }
+    if config.control.listen.is_some() {
+        let state = control::State::new(
+            &config.control,
+            config.kafka.clone(),
+            stats.clone(),
+            rule_metrics.clone(),
+            config.rules_file.clone(),
+        )?;
+        control::start(&config.control, Arc::new(state), shutdown.clone()).await?;
     }
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
