@@ -24,8 +24,8 @@
 //! [`parse_verifying_key`], [`to_hex`]). This module does no I/O; reading the
 //! key files is the caller's job.
 
-pub use ed25519_dalek::{SigningKey, VerifyingKey};
 use ed25519_dalek::{Signature, Signer as _, Verifier as _};
+pub use ed25519_dalek::{SigningKey, VerifyingKey};
 use sha2::{Digest as _, Sha256};
 
 use crate::v1::ModelUpdate;
@@ -104,8 +104,11 @@ pub fn verify_update(update: &ModelUpdate, key: &VerifyingKey) -> Result<(), Sig
         .as_ref()
         .try_into()
         .map_err(|_| SignatureError::BadSignatureLength(update.signature.len()))?;
-    key.verify(&signing_payload(update, &hash), &Signature::from_bytes(&bytes))
-        .map_err(|_| SignatureError::BadSignature)
+    key.verify(
+        &signing_payload(update, &hash),
+        &Signature::from_bytes(&bytes),
+    )
+    .map_err(|_| SignatureError::BadSignature)
 }
 
 /// Lowercase hex of `bytes`.
@@ -147,11 +150,9 @@ pub fn parse_signing_key(text: &str) -> Result<SigningKey, SignatureError> {
 
 /// A public key from its text form (64 hex digits).
 pub fn parse_verifying_key(text: &str) -> Result<VerifyingKey, SignatureError> {
-    VerifyingKey::from_bytes(&key_bytes(text, "public key")?).map_err(|e| {
-        SignatureError::BadKey {
-            what: "public key",
-            reason: e.to_string(),
-        }
+    VerifyingKey::from_bytes(&key_bytes(text, "public key")?).map_err(|e| SignatureError::BadKey {
+        what: "public key",
+        reason: e.to_string(),
     })
 }
 
@@ -202,10 +203,16 @@ mod tests {
         ));
         let mut u = signed.clone();
         u.version = 8;
-        assert_eq!(verify_update(&u, &public), Err(SignatureError::BadSignature));
+        assert_eq!(
+            verify_update(&u, &public),
+            Err(SignatureError::BadSignature)
+        );
         let mut u = signed.clone();
         u.profile = "f32".into();
-        assert_eq!(verify_update(&u, &public), Err(SignatureError::BadSignature));
+        assert_eq!(
+            verify_update(&u, &public),
+            Err(SignatureError::BadSignature)
+        );
         assert_eq!(
             verify_update(&signed, &key(2).verifying_key()),
             Err(SignatureError::BadSignature)

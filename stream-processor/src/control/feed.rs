@@ -157,7 +157,10 @@ async fn follow(kind: Kind, consumer: Arc<Feed>, state: &State, shutdown: &Cance
             Ok(message) => {
                 let (partition, offset) = (message.partition(), message.offset());
                 apply(kind, state, &message);
-                if remaining.get(&partition).is_some_and(|end| offset + 1 >= *end) {
+                if remaining
+                    .get(&partition)
+                    .is_some_and(|end| offset + 1 >= *end)
+                {
                     remaining.remove(&partition);
                 }
                 let mut h = lock(kind.health(state));
@@ -206,7 +209,11 @@ fn apply(kind: Kind, state: &State, message: &BorrowedMessage<'_>) {
                 }
             }
             Ok(_) => {
-                tracing::warn!(partition, offset, "a status record without a device id; skipped")
+                tracing::warn!(
+                    partition,
+                    offset,
+                    "a status record without a device id; skipped"
+                )
             }
             Err(e) => {
                 tracing::warn!(partition, offset, error = %e, "a status record that is not a DeviceStatus; skipped")

@@ -59,6 +59,10 @@ pub struct ControlConfig {
     /// TOKEN`), at least 16 characters; required when `listen` is set.
     /// Override with the environment variable `EDGELOOP_CONTROL_TOKEN`.
     pub token: Option<String>,
+    /// A file holding the token instead (a mounted Kubernetes Secret, say;
+    /// surrounding whitespace ignored). Override with
+    /// `EDGELOOP_CONTROL_TOKEN_FILE`. `token` wins when both are set.
+    pub token_file: Option<PathBuf>,
     /// Private key (64 hex digits, `edgeloop keys generate`) used to sign
     /// the new version a rollback publishes; none: rollback is refused.
     pub signing_key_file: Option<PathBuf>,
@@ -73,20 +77,49 @@ impl ControlConfig {
         if self.listen.is_none() {
             return Ok(());
         }
-        match self.token.as_deref() {
-            None | Some("") => Err(
-                "control.token: must be set when control.listen is (or set EDGELOOP_CONTROL_TOKEN)"
+        match (&self.token, &self.token_file) {
+            (Some(t), _) => check_token("control.token", t),
+            (None, Some(_)) => Ok(()),
+            (None, None) => Err(
+                "control.token: must be set when control.listen is (or control.token_file, or env EDGELOOP_CONTROL_TOKEN)"
                     .into(),
             ),
-            Some(t) if t.len() < MIN_TOKEN_LEN => Err(format!(
-                "control.token: {} characters is too short to guess hard; use at least {MIN_TOKEN_LEN}",
-                t.len()
-            )),
-            Some(t) if t.chars().any(|c| c.is_whitespace() || c.is_control()) => {
-                Err("control.token: must not contain whitespace or control characters".into())
-            }
-            Some(_) => Ok(()),
         }
+    }
+
+    /// The token, read from `token_file` if `token` is not set.
+    pub fn resolve_token(&self) -> Result<String, ControlError> {
+        if let Some(t) = &self.token {
+            check_token("control.token", t).map_err(ControlError::Token)?;
+            return Ok(t.clone());
+        }
+        let Some(path) = &self.token_file else {
+            return Err(ControlError::Token("control.token: not set".into()));
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ControlError::Token(format!("control.token_file {}: {e}", path.display()))
+        })?;
+        let token = text.trim();
+        check_token(&format!("control.token_file {}", path.display()), token)
+            .map_err(ControlError::Token)?;
+        Ok(token.to_string())
+    }
+}
+
+fn check_token(field: &str, t: &str) -> Result<(), String> {
+    if t.is_empty() {
+        Err(format!("{field}: is empty"))
+    } else if t.len() < MIN_TOKEN_LEN {
+        Err(format!(
+            "{field}: {} characters is too short to guess hard; use at least {MIN_TOKEN_LEN}",
+            t.len()
+        ))
+    } else if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Err(format!(
+            "{field}: must not contain whitespace or control characters"
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -103,6 +136,8 @@ pub enum ControlError {
         path: PathBuf,
         reason: String,
     },
+    #[error("{0}")]
+    Token(String),
     #[error("the control API server failed: {0}")]
     Serve(String),
     #[error("the control API could not reach Kafka: {0}")]
@@ -204,7 +239,7 @@ pub async fn start(
     let Some(addr) = config.listen else {
         return Ok(None);
     };
-    let token = config.token.clone().unwrap_or_default();
+    let token = config.resolve_token()?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ControlError::Bind { addr, source })?;
@@ -247,5 +282,28 @@ mod tests {
         c.token = Some("0123456789abcdef".into());
         assert_eq!(c.validate(), Ok(()));
         assert_eq!(ControlConfig::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_token_file_is_read_trimmed_and_checked() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("token");
+        std::fs::write(&path, "0123456789abcdefXYZ\n")?;
+        let mut c = ControlConfig {
+            listen: Some(([127, 0, 0, 1], 0).into()),
+            token_file: Some(path.clone()),
+            ..Default::default()
+        };
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.resolve_token()?, "0123456789abcdefXYZ");
+        std::fs::write(&path, "short")?;
+        let e = c.resolve_token().expect_err("short").to_string();
+        assert!(
+            e.starts_with("control.token_file") && e.contains("too short"),
+            "{e}"
+        );
+        c.token_file = Some(dir.path().join("missing"));
+        assert!(c.resolve_token().is_err());
+        Ok(())
     }
 }

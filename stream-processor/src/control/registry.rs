@@ -183,7 +183,9 @@ pub async fn rollback(
             Duration::from_secs(10),
         )
         .await
-        .map_err(|(e, _)| Status::unavailable(format!("publishing to {}: {e}", topics::KAFKA_MODELS)))
+        .map_err(|(e, _)| {
+            Status::unavailable(format!("publishing to {}: {e}", topics::KAFKA_MODELS))
+        })
         .map(|d| (d.partition, d.offset))?;
     tracing::info!(task = %update.task, profile = %update.profile, version, from = req.to_version, "model rolled back: republished as a new version");
     let entry = Entry {

@@ -282,7 +282,8 @@ impl models_server::Models for Api {
         &self,
         request: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::RollbackResponse>, Status> {
-        let published = registry::rollback(&self.state, &self.producer, request.into_inner()).await?;
+        let published =
+            registry::rollback(&self.state, &self.producer, request.into_inner()).await?;
         Ok(Response::new(pb::RollbackResponse {
             published: Some(published),
         }))
@@ -293,7 +294,10 @@ fn feed_health(name: &str, h: &super::FeedHealth, what: String) -> pb::Component
     let (ok, detail) = match (&h.error, h.caught_up) {
         (Some(e), _) => (false, format!("error: {e}")),
         (None, false) => (false, format!("catching up; {} records read", h.records)),
-        (None, true) => (true, format!("caught up; {} records read, {what}", h.records)),
+        (None, true) => (
+            true,
+            format!("caught up; {} records read, {what}", h.records),
+        ),
     };
     pb::ComponentHealth {
         name: name.into(),
@@ -339,7 +343,10 @@ impl health_server::Health for Api {
                 ProcessorStats::get(&stats.commit_errors),
             ),
         });
-        let in_force = lock(&state.rules).in_force.as_ref().map(|(v, r)| (v.clone(), r.len()));
+        let in_force = lock(&state.rules)
+            .in_force
+            .as_ref()
+            .map(|(v, r)| (v.clone(), r.len()));
         components.push(match (&state.rules_file, in_force) {
             (None, _) => pb::ComponentHealth {
                 name: "labeller".into(),
