@@ -251,7 +251,10 @@ async fn control_api_lists_the_fleet_rules_and_health_after_a_run_and_refuses_ba
         .iter()
         .map(|d| d.device_id.as_str())
         .collect();
-    ensure!(ids == ["dev-0000", "dev-0001", "dev-0002"], "devices: {ids:?}");
+    ensure!(
+        ids == ["dev-0000", "dev-0001", "dev-0002"],
+        "devices: {ids:?}"
+    );
     for d in &listed.devices {
         ensure!(d.profile == "int8", "{d:?}");
         // backlog_bytes is what the spool holds on disk, which may include
