@@ -84,6 +84,18 @@ enum ModelsCommand {
         /// The earlier version to go back to.
         to_version: u64,
     },
+    /// Pin a version: the model publisher publishes no new version of the
+    /// task and profile while the pin stands. A version below the live one
+    /// is first republished as a new version (as rollback does).
+    Pin {
+        task: String,
+        profile: String,
+        /// The version (0: the live one).
+        #[arg(default_value_t = 0)]
+        version: u64,
+    },
+    /// Remove the pin of a task and profile.
+    Unpin { task: String, profile: String },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -460,6 +472,55 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                         print!("{}", models_table(std::slice::from_ref(m)));
                     }
                 }
+                ModelsCommand::Pin {
+                    task,
+                    profile,
+                    version,
+                } => {
+                    let r = client
+                        .pin(pb::PinRequest {
+                            task: task.clone(),
+                            profile: profile.clone(),
+                            version: *version,
+                        })
+                        .await
+                        .map_err(status_error)?
+                        .into_inner();
+                    if args.json {
+                        return print_json(&r);
+                    }
+                    if let Some(m) = &r.pinned {
+                        if r.republished {
+                            println!(
+                                "version {version} of {task}/{profile} republished as version {} and pinned",
+                                m.version
+                            );
+                        } else {
+                            println!("version {} of {task}/{profile} pinned", m.version);
+                        }
+                        print!("{}", models_table(std::slice::from_ref(m)));
+                    }
+                }
+                ModelsCommand::Unpin { task, profile } => {
+                    let r = client
+                        .unpin(pb::UnpinRequest {
+                            task: task.clone(),
+                            profile: profile.clone(),
+                        })
+                        .await
+                        .map_err(status_error)?
+                        .into_inner();
+                    if args.json {
+                        return print_json(&r);
+                    }
+                    if r.was_pinned {
+                        println!("{task}/{profile} unpinned");
+                    } else {
+                        println!(
+                            "{task}/{profile} had no pin (a tombstone was written all the same)"
+                        );
+                    }
+                }
             }
         }
     }
@@ -474,7 +535,13 @@ fn models_table(models: &[pb::ModelVersion]) -> String {
                 m.task.clone(),
                 m.profile.clone(),
                 m.version.to_string(),
-                if m.live { "live" } else { "" }.into(),
+                match (m.live, m.pinned) {
+                    (true, true) => "live,pinned",
+                    (true, false) => "live",
+                    (false, true) => "pinned",
+                    (false, false) => "",
+                }
+                .into(),
                 m.format.clone(),
                 m.artifact_bytes.to_string(),
                 format!(
@@ -492,7 +559,7 @@ fn models_table(models: &[pb::ModelVersion]) -> String {
             "TASK",
             "PROFILE",
             "VERSION",
-            "LIVE",
+            "STATE",
             "FORMAT",
             "BYTES",
             "SHA256",

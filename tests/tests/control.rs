@@ -352,7 +352,8 @@ async fn control_api_lists_the_fleet_rules_and_health_after_a_run_and_refuses_ba
                 "processor",
                 "labeller",
                 "status_feed",
-                "models_feed"
+                "models_feed",
+                "pins_feed"
             ],
         "{h:?}"
     );
@@ -467,7 +468,7 @@ async fn produce(kafka: &LocalKafka, topic: &str, key: &str, payload: &[u8]) -> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn models_are_listed_from_kafka_and_rollback_republishes_signed_as_a_higher_version(
+async fn models_are_listed_from_kafka_and_rollback_and_pin_republish_signed_as_a_higher_version(
 ) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let kafka = start_kafka(dir.path()).await?;
@@ -636,15 +637,64 @@ async fn models_are_listed_from_kafka_and_rollback_republishes_signed_as_a_highe
         .expect_err("unknown version");
     ensure!(refused.code() == tonic::Code::NotFound, "{refused:?}");
 
-    // `edgeloop ctl models list --json` sees all three.
+    // Pin version 2 (below the live 3): republished as 4 and pinned, the
+    // pin recorded in edgeloop.pins; then unpinned (a tombstone).
+    let pinned = models
+        .pin(pb::PinRequest {
+            task: "anomaly".into(),
+            profile: "int8".into(),
+            version: 2,
+        })
+        .await?
+        .into_inner();
+    ensure!(pinned.republished, "{pinned:?}");
+    let m = pinned.pinned.context("no pinned version")?;
+    ensure!(m.version == 4 && m.live && m.pinned, "{m:?}");
+    let pins: Vec<serde_json::Value> = read_topic(&kafka, topics::KAFKA_PINS)?
+        .iter()
+        .filter_map(|m| rdkafka::Message::payload(m).and_then(|p| serde_json::from_slice(p).ok()))
+        .collect();
+    ensure!(
+        pins.len() == 1 && pins[0]["version"] == 4 && pins[0]["task"] == "anomaly",
+        "{pins:?}"
+    );
+
+    // `edgeloop ctl models list --json` sees all four, 4 pinned.
     let json = ctl_json(control, Some(TOKEN), &["models", "list"]).await?;
-    let versions: Vec<u64> = json["models"]
+    let versions: Vec<(u64, bool)> = json["models"]
         .as_array()
         .context("models")?
         .iter()
-        .filter_map(|m| m["version"].as_u64())
+        .filter_map(|m| Some((m["version"].as_u64()?, m["pinned"].as_bool()?)))
         .collect();
-    ensure!(versions == [1, 2, 3], "{json}");
+    ensure!(
+        versions == [(1, false), (2, false), (3, false), (4, true)],
+        "{json}"
+    );
+    let json = ctl_json(
+        control,
+        Some(TOKEN),
+        &["models", "unpin", "anomaly", "int8"],
+    )
+    .await?;
+    ensure!(json["was_pinned"] == true, "{json}");
+    let shown = models
+        .get_model(pb::GetModelRequest {
+            task: "anomaly".into(),
+            profile: "int8".into(),
+            version: 0,
+            include_artifact: false,
+        })
+        .await?
+        .into_inner()
+        .model
+        .context("no model")?;
+    ensure!(shown.version == 4 && !shown.pinned, "{shown:?}");
+    let records = read_topic(&kafka, topics::KAFKA_PINS)?;
+    ensure!(
+        records.len() == 2 && rdkafka::Message::payload(&records[1]).is_none(),
+        "the unpin is not a tombstone in edgeloop.pins"
+    );
     processor.check_running()?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Follows the compacted topics `edgeloop.status` (key device id,
-//! `DeviceStatus`) and `edgeloop.models` (key `task/profile`,
-//! `ModelUpdate`) from their beginning, for the control API.
+//! `DeviceStatus`), `edgeloop.models` (key `task/profile`, `ModelUpdate`)
+//! and `edgeloop.pins` (key `task/profile`, JSON [`Pin`]) from their
+//! beginning, for the control API.
 //!
 //! Each follower assigns itself every partition (no consumer group, no
 //! commits: a restart reads the topic again, which for a compacted topic is
@@ -23,6 +24,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+use super::registry::Pin;
 use super::{lock, ControlError, FeedHealth, State};
 
 /// Ignores end-of-partition events (expected: they mark "caught up").
@@ -46,6 +48,7 @@ type Feed = StreamConsumer<FeedContext>;
 enum Kind {
     Status,
     Models,
+    Pins,
 }
 
 impl Kind {
@@ -53,6 +56,7 @@ impl Kind {
         match self {
             Kind::Status => topics::KAFKA_STATUS,
             Kind::Models => topics::KAFKA_MODELS,
+            Kind::Pins => topics::KAFKA_PINS,
         }
     }
 
@@ -60,13 +64,14 @@ impl Kind {
         match self {
             Kind::Status => &state.status_feed,
             Kind::Models => &state.models_feed,
+            Kind::Pins => &state.pins_feed,
         }
     }
 }
 
-/// Starts both followers.
+/// Starts the followers.
 pub fn spawn(state: Arc<State>, shutdown: CancellationToken) -> Result<(), ControlError> {
-    for kind in [Kind::Status, Kind::Models] {
+    for kind in [Kind::Status, Kind::Models, Kind::Pins] {
         let consumer: Feed = state
             .kafka
             .client_config(&[
@@ -121,10 +126,15 @@ async fn assign(consumer: &Arc<Feed>, topic: &'static str) -> Result<HashMap<i32
 
 async fn follow(kind: Kind, consumer: Arc<Feed>, state: &State, shutdown: &CancellationToken) {
     let topic = kind.topic();
-    // Both topics are created by the broker; the processor may start first.
+    // The broker creates the status and models topics, but the processor
+    // may start first; the pins topic is the control API's own.
     if let Err(e) = edgeloop_kafka::ensure_compacted_topics(
         &state.kafka,
-        &[topics::KAFKA_STATUS, topics::KAFKA_MODELS],
+        &[
+            topics::KAFKA_STATUS,
+            topics::KAFKA_MODELS,
+            topics::KAFKA_PINS,
+        ],
     )
     .await
     {
@@ -228,6 +238,23 @@ fn apply(kind: Kind, state: &State, message: &BorrowedMessage<'_>) {
             Ok(update) => lock(&state.registry).insert(update, partition, offset),
             Err(e) => {
                 tracing::warn!(partition, offset, error = %e, "a model record that is not a ModelUpdate; skipped")
+            }
+        },
+        (Kind::Pins, None) => {
+            if let Some((task, profile)) = key.as_deref().and_then(|k| k.split_once('/')) {
+                lock(&state.registry)
+                    .pins
+                    .remove(&(task.to_string(), profile.to_string()));
+            }
+        }
+        (Kind::Pins, Some(payload)) => match serde_json::from_slice::<Pin>(payload) {
+            Ok(pin) => {
+                lock(&state.registry)
+                    .pins
+                    .insert((pin.task, pin.profile), pin.version);
+            }
+            Err(e) => {
+                tracing::warn!(partition, offset, error = %e, "a pin record that is not a pin; skipped")
             }
         },
     }

@@ -10,8 +10,8 @@
 //! fields and rule statistics of its own partitions only.
 //!
 //! - [`ControlConfig`]: listen address, bearer token, key files.
-//! - [`feed`]: follows `edgeloop.status` and `edgeloop.models` from their
-//!   beginning into [`State`].
+//! - [`feed`]: follows `edgeloop.status`, `edgeloop.models` and
+//!   `edgeloop.pins` from their beginning into [`State`].
 //! - [`registry`]: the model registry and rollback (republish as a new,
 //!   higher, signed version).
 //! - [`service`]: the four gRPC services and the token check.
@@ -165,6 +165,7 @@ pub struct State {
     pub registry: Mutex<registry::Registry>,
     pub status_feed: Mutex<FeedHealth>,
     pub models_feed: Mutex<FeedHealth>,
+    pub pins_feed: Mutex<FeedHealth>,
     pub signing_key: Option<SigningKey>,
     pub verify_key: Option<VerifyingKey>,
     /// Held while a rollback picks its version and publishes it.
@@ -215,6 +216,7 @@ impl State {
             registry: Mutex::default(),
             status_feed: Mutex::default(),
             models_feed: Mutex::default(),
+            pins_feed: Mutex::default(),
             signing_key,
             verify_key,
             publishing: tokio::sync::Mutex::new(()),

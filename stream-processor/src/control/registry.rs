@@ -6,7 +6,10 @@
 //!
 //! [`rollback`] publishes an earlier version's artifact again as a new
 //! version, one above the highest known, so devices (which refuse a lower
-//! version than the one they run) take it.
+//! version than the one they run) take it. [`pin`] records in the compacted
+//! topic `edgeloop.pins` that a (task, profile) keeps a version (the model
+//! publisher publishes no new version of it while the pin stands); [`unpin`]
+//! removes the pin.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -31,6 +34,17 @@ pub struct Entry {
 pub struct Registry {
     /// (task, profile) → version → entry.
     pub models: BTreeMap<(String, String), BTreeMap<u64, Entry>>,
+    /// (task, profile) → pinned version (`edgeloop.pins`).
+    pub pins: BTreeMap<(String, String), u64>,
+}
+
+/// The value of a record in `edgeloop.pins`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Pin {
+    pub task: String,
+    pub profile: String,
+    pub version: u64,
+    pub pinned_at_micros: i64,
 }
 
 impl Registry {
@@ -71,6 +85,15 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Whether `entry`'s version is the pinned one of its task and profile.
+    pub fn is_pinned(&self, entry: &Entry) -> bool {
+        self.pins
+            .get(&(entry.update.task.clone(), entry.update.profile.clone()))
+            .is_some_and(|v| *v == entry.update.version)
+    }
+}
+
 /// The API's view of one entry.
 pub fn describe(entry: &Entry, live: bool, key: Option<&VerifyingKey>) -> pb::ModelVersion {
     let u = &entry.update;
@@ -98,6 +121,7 @@ pub fn describe(entry: &Entry, live: bool, key: Option<&VerifyingKey>) -> pb::Mo
         live,
         kafka_partition: entry.partition,
         kafka_offset: entry.offset,
+        pinned: false,
     }
 }
 
@@ -108,6 +132,99 @@ fn now_micros() -> i64 {
         .unwrap_or(0)
 }
 
+fn check_names(task: &str, profile: &str) -> Result<(), Status> {
+    if topics::is_topic_level(task) && topics::is_topic_level(profile) {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(
+            "task and profile must be non-empty and contain no '/', '+' or '#'",
+        ))
+    }
+}
+
+/// (the entry of `version` (0: live), the live version) of (task, profile).
+fn find(state: &State, task: &str, profile: &str, version: u64) -> Result<(Entry, u64), Status> {
+    let registry = lock(&state.registry);
+    let live = registry.live(task, profile).ok_or_else(|| {
+        Status::not_found(format!(
+            "no model for task {task:?} and profile {profile:?}"
+        ))
+    })?;
+    let entry = registry.get(task, profile, version).cloned().ok_or_else(|| {
+        Status::not_found(format!(
+            "version {version} of {task}/{profile} is not in the registry (compacted away, or never published)"
+        ))
+    })?;
+    Ok((entry, live))
+}
+
+async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: Option<&[u8]>,
+) -> Result<(i32, i64), Status> {
+    let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic).key(key);
+    if let Some(p) = payload {
+        record = record.payload(p);
+    }
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map(|d| (d.partition, d.offset))
+        .map_err(|(e, _)| Status::unavailable(format!("publishing to {topic}: {e}")))
+}
+
+/// Publishes `source`'s artifact as version `live + 1`, signed; waits until
+/// Kafka has it (acks=all) and registers it. The caller holds
+/// `state.publishing`.
+async fn republish(
+    state: &State,
+    producer: &FutureProducer,
+    source: Entry,
+    live: u64,
+    why: &str,
+) -> Result<pb::ModelVersion, Status> {
+    let Some(key) = &state.signing_key else {
+        return Err(Status::failed_precondition(
+            "publishing an earlier version again needs a signing key: set control.signing_key_file in the processor's config (edgeloop keys generate writes one)",
+        ));
+    };
+    let version = live + 1;
+    let lineage = serde_json::json!({
+        why: {
+            "republishes_version": source.update.version,
+            "replaces_version": live,
+        },
+        "original_lineage": serde_json::from_str::<serde_json::Value>(&source.update.lineage_json)
+            .unwrap_or(serde_json::Value::String(source.update.lineage_json.clone())),
+    });
+    let from = source.update.version;
+    let mut update = ModelUpdate {
+        version,
+        published_at_micros: now_micros(),
+        lineage_json: lineage.to_string(),
+        ..source.update
+    };
+    signing::sign_update(&mut update, key);
+    let (partition, offset) = produce(
+        producer,
+        topics::KAFKA_MODELS,
+        &topics::model_key(&update.task, &update.profile),
+        Some(&update.encode_to_vec()),
+    )
+    .await?;
+    tracing::info!(task = %update.task, profile = %update.profile, version, from, why, "an earlier model republished as a new version");
+    let entry = Entry {
+        update,
+        partition,
+        offset,
+    };
+    let described = describe(&entry, true, state.verify_key.as_ref());
+    lock(&state.registry).insert(entry.update, partition, offset);
+    Ok(described)
+}
+
 /// Publishes version `to_version` of (task, profile) again as a new version
 /// above every known one, signed with the configured key; waits until
 /// Kafka has it (acks=all) and returns it as registered.
@@ -116,87 +233,88 @@ pub async fn rollback(
     producer: &FutureProducer,
     req: pb::RollbackRequest,
 ) -> Result<pb::ModelVersion, Status> {
-    let Some(key) = &state.signing_key else {
-        return Err(Status::failed_precondition(
-            "rollback needs a signing key: set control.signing_key_file in the processor's config (edgeloop keys generate writes one)",
-        ));
-    };
-    if !topics::is_topic_level(&req.task) || !topics::is_topic_level(&req.profile) {
-        return Err(Status::invalid_argument(
-            "task and profile must be non-empty and contain no '/', '+' or '#'",
-        ));
-    }
+    check_names(&req.task, &req.profile)?;
     if req.to_version == 0 {
         return Err(Status::invalid_argument(
             "to_version: name the earlier version to roll back to",
         ));
     }
     let _publishing = state.publishing.lock().await;
-    let (source, live) = {
-        let registry = lock(&state.registry);
-        let live = registry.live(&req.task, &req.profile).ok_or_else(|| {
-            Status::not_found(format!(
-                "no model for task {:?} and profile {:?}",
-                req.task, req.profile
-            ))
-        })?;
-        let source = registry
-            .get(&req.task, &req.profile, req.to_version)
-            .cloned()
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "version {} of {}/{} is not in the registry (compacted away, or never published)",
-                    req.to_version, req.task, req.profile
-                ))
-            })?;
-        (source, live)
-    };
+    let (source, live) = find(state, &req.task, &req.profile, req.to_version)?;
     if req.to_version == live {
         return Err(Status::failed_precondition(format!(
             "version {live} of {}/{} is already live",
             req.task, req.profile
         )));
     }
-    let version = live + 1;
-    let lineage = serde_json::json!({
-        "rollback": {
-            "republishes_version": req.to_version,
-            "replaces_version": live,
-        },
-        "original_lineage": serde_json::from_str::<serde_json::Value>(&source.update.lineage_json)
-            .unwrap_or(serde_json::Value::String(source.update.lineage_json.clone())),
-    });
-    let mut update = ModelUpdate {
-        version,
-        published_at_micros: now_micros(),
-        lineage_json: lineage.to_string(),
-        ..source.update
+    let mut published = republish(state, producer, source, live, "rollback").await?;
+    published.pinned = lock(&state.registry)
+        .pins
+        .get(&(req.task, req.profile))
+        .is_some_and(|v| *v == published.version);
+    Ok(published)
+}
+
+/// Pins a version (republishing it first if it is not the live one).
+pub async fn pin(
+    state: &State,
+    producer: &FutureProducer,
+    req: pb::PinRequest,
+) -> Result<pb::PinResponse, Status> {
+    check_names(&req.task, &req.profile)?;
+    let _publishing = state.publishing.lock().await;
+    let (entry, live) = find(state, &req.task, &req.profile, req.version)?;
+    let (mut model, republished) = if entry.update.version == live {
+        (describe(&entry, true, state.verify_key.as_ref()), false)
+    } else {
+        (republish(state, producer, entry, live, "pin").await?, true)
     };
-    signing::sign_update(&mut update, key);
-    let payload = update.encode_to_vec();
-    let key = topics::model_key(&update.task, &update.profile);
-    let (partition, offset) = producer
-        .send(
-            FutureRecord::to(topics::KAFKA_MODELS)
-                .key(&key)
-                .payload(&payload),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|(e, _)| {
-            Status::unavailable(format!("publishing to {}: {e}", topics::KAFKA_MODELS))
-        })
-        .map(|d| (d.partition, d.offset))?;
-    tracing::info!(task = %update.task, profile = %update.profile, version, from = req.to_version, "model rolled back: republished as a new version");
-    let entry = Entry {
-        update,
-        partition,
-        offset,
+    let pin = Pin {
+        task: req.task.clone(),
+        profile: req.profile.clone(),
+        version: model.version,
+        pinned_at_micros: now_micros(),
     };
-    let described = describe(&entry, true, state.verify_key.as_ref());
-    let mut registry = lock(&state.registry);
-    registry.insert(entry.update, partition, offset);
-    Ok(described)
+    let value = serde_json::to_vec(&pin).map_err(|e| Status::internal(e.to_string()))?;
+    produce(
+        producer,
+        topics::KAFKA_PINS,
+        &topics::model_key(&req.task, &req.profile),
+        Some(&value),
+    )
+    .await?;
+    tracing::info!(task = %req.task, profile = %req.profile, version = model.version, republished, "model pinned");
+    lock(&state.registry)
+        .pins
+        .insert((req.task, req.profile), model.version);
+    model.pinned = true;
+    Ok(pb::PinResponse {
+        pinned: Some(model),
+        republished,
+    })
+}
+
+/// Removes the pin of (task, profile): a tombstone in `edgeloop.pins`.
+pub async fn unpin(
+    state: &State,
+    producer: &FutureProducer,
+    req: pb::UnpinRequest,
+) -> Result<pb::UnpinResponse, Status> {
+    check_names(&req.task, &req.profile)?;
+    let _publishing = state.publishing.lock().await;
+    let was_pinned = lock(&state.registry)
+        .pins
+        .contains_key(&(req.task.clone(), req.profile.clone()));
+    produce(
+        producer,
+        topics::KAFKA_PINS,
+        &topics::model_key(&req.task, &req.profile),
+        None,
+    )
+    .await?;
+    tracing::info!(task = %req.task, profile = %req.profile, was_pinned, "model unpinned");
+    lock(&state.registry).pins.remove(&(req.task, req.profile));
+    Ok(pb::UnpinResponse { was_pinned })
 }
 
 #[cfg(test)]

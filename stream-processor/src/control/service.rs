@@ -235,9 +235,11 @@ impl models_server::Models for Api {
             })
             .flat_map(|(_, versions)| {
                 let live = versions.keys().next_back().copied();
-                versions
-                    .iter()
-                    .map(move |(v, e)| registry::describe(e, Some(*v) == live, key))
+                let registry = &registry;
+                versions.iter().map(move |(v, e)| pb::ModelVersion {
+                    pinned: registry.is_pinned(e),
+                    ..registry::describe(e, Some(*v) == live, key)
+                })
             })
             .collect();
         Ok(Response::new(pb::ListModelsResponse { models }))
@@ -265,11 +267,10 @@ impl models_server::Models for Api {
             })?;
         let live = registry.live(&req.task, &req.profile) == Some(entry.update.version);
         Ok(Response::new(pb::GetModelResponse {
-            model: Some(registry::describe(
-                entry,
-                live,
-                self.state.verify_key.as_ref(),
-            )),
+            model: Some(pb::ModelVersion {
+                pinned: registry.is_pinned(entry),
+                ..registry::describe(entry, live, self.state.verify_key.as_ref())
+            }),
             artifact: if req.include_artifact {
                 entry.update.artifact.to_vec()
             } else {
@@ -287,6 +288,24 @@ impl models_server::Models for Api {
         Ok(Response::new(pb::RollbackResponse {
             published: Some(published),
         }))
+    }
+
+    async fn pin(
+        &self,
+        request: Request<pb::PinRequest>,
+    ) -> Result<Response<pb::PinResponse>, Status> {
+        registry::pin(&self.state, &self.producer, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn unpin(
+        &self,
+        request: Request<pb::UnpinRequest>,
+    ) -> Result<Response<pb::UnpinResponse>, Status> {
+        registry::unpin(&self.state, &self.producer, request.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 
@@ -383,6 +402,12 @@ impl health_server::Health for Api {
             "models_feed",
             &lock(&state.models_feed),
             format!("{models} model versions"),
+        ));
+        let pins = lock(&state.registry).pins.len();
+        components.push(feed_health(
+            "pins_feed",
+            &lock(&state.pins_feed),
+            format!("{pins} pins"),
         ));
         Ok(Response::new(pb::GetHealthResponse {
             ready: components.iter().all(|c| c.ok),
