@@ -69,7 +69,7 @@ enum Command {
     #[command(subcommand)]
     Labels(LabelsCommand),
     /// Ask a running processor's control API (docs/control-api.md): devices,
-    /// rules, health, models (list, show, rollback). Tables, or --json.
+    /// rules, health, models (list, show, rollback, pin, unpin). Tables, or --json.
     Ctl(ctl::CtlArgs),
     /// Keys that sign model updates (Ed25519).
     #[command(subcommand)]
