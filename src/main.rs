@@ -3,6 +3,7 @@
 
 mod config_env;
 mod report;
+mod ctl;
 mod up;
 
 use std::net::SocketAddr;
@@ -74,6 +75,12 @@ enum Command {
     /// losses devices reported, as one SVG file (`edgeloop up` writes
     /// DIR/report.svg at the end of a run).
     Report(report::ReportArgs),
+    /// Ask a running processor's control API (docs/control-api.md): devices,
+    /// rules, health, models (list, show, rollback, pin, unpin). Tables, or --json.
+    Ctl(ctl::CtlArgs),
+    /// Keys that sign model updates (Ed25519).
+    #[command(subcommand)]
+    Keys(ctl::KeysCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -220,6 +227,16 @@ struct ProcessorArgs {
     /// Close a Parquet file (and commit its offsets) once it is this old, e.g. `10s`.
     #[arg(long, env = "EDGELOOP_SINK_MAX_AGE", value_parser = humantime::parse_duration)]
     max_age: Option<Duration>,
+    /// Serve the gRPC control API on this address (e.g. 0.0.0.0:9470);
+    /// needs a token (docs/control-api.md).
+    #[arg(long, env = "EDGELOOP_CONTROL_LISTEN")]
+    control_listen: Option<SocketAddr>,
+    /// The control API's bearer token (at least 16 characters).
+    #[arg(long, env = "EDGELOOP_CONTROL_TOKEN", hide_env_values = true)]
+    control_token: Option<String>,
+    /// A file holding the control API's token (e.g. a mounted Secret).
+    #[arg(long, env = "EDGELOOP_CONTROL_TOKEN_FILE")]
+    control_token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -449,11 +466,22 @@ async fn main() -> Result<()> {
             if let Some(age) = args.max_age {
                 config.sink.max_age = age;
             }
+            if let Some(listen) = args.control_listen {
+                config.control.listen = Some(listen);
+            }
+            if let Some(token) = args.control_token {
+                config.control.token = Some(token);
+            }
+            if let Some(file) = args.control_token_file {
+                config.control.token_file = Some(file);
+            }
             let stats = Arc::new(edgeloop_processor::ProcessorStats::default());
             edgeloop_processor::run(config, shutdown, stats).await?;
             Ok(())
         }
         Command::Report(args) => report::run(args),
+        Command::Ctl(args) => ctl::run(args).await,
+        Command::Keys(command) => ctl::keys(command),
         Command::Labels(LabelsCommand::Stats { parquet_root }) => {
             let summary = edgeloop_processor::labeller::stats::summarize(&parquet_root)?;
             print!("{}", edgeloop_processor::labeller::stats::table(&summary));

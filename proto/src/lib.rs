@@ -4,11 +4,14 @@
 //!   (`ReadingBatch`, `Ack`, `DeviceStatus`, `ModelUpdate`, `LossReport`).
 //! - [`topics`]: every MQTT topic and Kafka topic name, in one place.
 //! - [`device_id`]: what a device id may look like.
+//! - [`signing`]: Ed25519 signatures of model updates (`sign_update`,
+//!   `verify_update`) over the payload documented in docs/device-protocol.md.
 //!
 //! Code that both the device and the cloud run lives in this crate and
 //! nowhere else, so the two sides cannot drift apart.
 
 pub mod device_id;
+pub mod signing;
 pub mod topics;
 
 /// Generated protobuf types, package `edgeloop.v1`.

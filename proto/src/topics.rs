@@ -12,6 +12,7 @@
 //! | `edgeloop.readings` | bridge | device id | `ReadingBatch` | delete |
 //! | `edgeloop.status` | bridge | device id | `DeviceStatus` | compact |
 //! | `edgeloop.models` | model publisher | `task/profile` | `ModelUpdate` | compact |
+//! | `edgeloop.pins` | control API (`edgeloop ctl models pin`) | `task/profile` | JSON `{"task","profile","version","pinned_at_micros"}`; no value: unpinned | compact |
 //! | `edgeloop.acks` | bridge | device id | `Ack` (the watermark published on `ack/{device}`) | compact |
 //! | `edgeloop.deadletter` | processor | as received | original bytes, `reason` header | delete |
 
@@ -21,6 +22,10 @@ pub const KAFKA_READINGS: &str = "edgeloop.readings";
 pub const KAFKA_STATUS: &str = "edgeloop.status";
 /// Kafka topic of published models (compacted by `task/profile`).
 pub const KAFKA_MODELS: &str = "edgeloop.models";
+/// Kafka topic of model pins (compacted by `task/profile`): while a
+/// (task, profile) has a pin, the model publisher must not publish a new
+/// version of it; a tombstone removes the pin.
+pub const KAFKA_PINS: &str = "edgeloop.pins";
 /// Kafka topic of the ack watermarks the bridge published (compacted by
 /// device id): the bridge restores `ack/{device}` and its watermarks from it
 /// after a restart.

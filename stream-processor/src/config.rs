@@ -45,6 +45,8 @@ pub struct ProcessorConfig {
     /// the pod's `terminationGracePeriodSeconds`.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// The gRPC control API (docs/control-api.md).
+    pub control: crate::control::ControlConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -78,6 +80,7 @@ impl Default for ProcessorConfig {
             channels: Vec::new(),
             metrics_listen: None,
             shutdown_grace: Duration::from_secs(30),
+            control: Default::default(),
         }
     }
 }
@@ -119,7 +122,7 @@ impl ProcessorConfig {
         if self.sink.max_age.is_zero() {
             return Err("sink.max_age: must be longer than zero".into());
         }
-        Ok(())
+        self.control.validate()
     }
 }
 

@@ -9,9 +9,12 @@
 //!   hour and schema; written to a temporary name, fsynced, renamed.
 //! - [`labeller`]: labelling rules, the label model, rule statistics.
 //! - [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`control`]: the gRPC control API (fleet, labelling, models, health),
+//!   served on `control.listen`.
 //! - [`config`], [`stats`].
 
 pub mod config;
+pub mod control;
 pub mod deadletter;
 pub mod decode;
 pub mod dedup;
@@ -44,6 +47,8 @@ pub enum Error {
     ShutdownGrace(std::time::Duration),
     #[error("the processor thread failed: {0}")]
     Thread(String),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
 }
 
 /// Runs the processor until `shutdown`; then closes and commits every open
@@ -67,6 +72,16 @@ pub async fn run(
                 tracing::error!(%listen, error = %e, "the metrics endpoint stopped");
             }
         });
+    }
+    if config.control.listen.is_some() {
+        let state = control::State::new(
+            &config.control,
+            config.kafka.clone(),
+            stats.clone(),
+            rule_metrics.clone(),
+            config.rules_file.clone(),
+        )?;
+        control::start(&config.control, Arc::new(state), shutdown.clone()).await?;
     }
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let grace = config.shutdown_grace;

@@ -19,6 +19,9 @@ use crate::stats::ProcessorStats;
 #[derive(Debug, Default)]
 pub struct RuleMetrics {
     pub rules: BTreeMap<(String, String), (RuleCounts, Option<f64>)>,
+    /// The rules in force: version, and (name, label) of each rule in file
+    /// order (none: no rules file, or none accepted yet).
+    pub in_force: Option<(String, Vec<(String, String)>)>,
 }
 
 pub type SharedRuleMetrics = Arc<Mutex<RuleMetrics>>;

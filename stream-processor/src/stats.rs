@@ -1,6 +1,8 @@
 //! Counters of the stream processor.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 #[derive(Debug, Default)]
 pub struct ProcessorStats {
@@ -28,6 +30,22 @@ pub struct ProcessorStats {
     pub rules_refused: AtomicU64,
     /// Open files dropped because their partition was revoked.
     pub files_aborted: AtomicU64,
+    /// What this processor consumed per device (its partitions, since it
+    /// started): the control API's fleet view joins it with the status topic.
+    pub devices: Mutex<BTreeMap<String, DeviceSeen>>,
+}
+
+/// What the processor saw of one device in the readings topic.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeviceSeen {
+    pub profile: String,
+    /// Readings consumed, duplicates included.
+    pub readings: u64,
+    /// Timestamp of the newest reading (device clock), microseconds.
+    pub last_reading_ts_micros: i64,
+    /// Loss reports consumed, and the readings they cover.
+    pub loss_reports: u64,
+    pub readings_lost: u64,
 }
 
 impl ProcessorStats {
@@ -37,5 +55,25 @@ impl ProcessorStats {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Records a decoded batch of `device` in the per-device view.
+    pub fn saw_batch(&self, batch: &edgeloop_proto::v1::ReadingBatch) {
+        let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = match devices.get_mut(&batch.device_id) {
+            Some(seen) => seen,
+            None => devices.entry(batch.device_id.clone()).or_default(),
+        };
+        if !batch.profile.is_empty() {
+            seen.profile.clone_from(&batch.profile);
+        }
+        seen.readings += batch.readings.len() as u64;
+        if let Some(newest) = batch.readings.iter().map(|r| r.ts_micros).max() {
+            seen.last_reading_ts_micros = seen.last_reading_ts_micros.max(newest);
+        }
+        if let Some(loss) = &batch.loss {
+            seen.loss_reports += 1;
+            seen.readings_lost += loss.end_seq.saturating_sub(loss.first_seq);
+        }
     }
 }

@@ -517,6 +517,53 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     response.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The control API Service targets the port the processor's
+/// EDGELOOP_CONTROL_LISTEN serves, and the processor answers a gRPC call
+/// there with the token from the mounted Secret.
+async fn check_control_api(docs: &[Value], processor: &Pod) -> Result<()> {
+    use edgeloop_processor::control::pb;
+    let container = &find(docs, "Deployment", "edgeloop-processor")?["spec"]["template"]["spec"]
+        ["containers"][0];
+    let service = find(docs, "Service", "edgeloop-processor-control")?;
+    let target = container_port(container, &service["spec"]["ports"][0]["targetPort"])?;
+    let listen = container["env"]
+        .as_array()
+        .context("env")?
+        .iter()
+        .find(|e| e["name"] == "EDGELOOP_CONTROL_LISTEN")
+        .context("processor: EDGELOOP_CONTROL_LISTEN not set")?;
+    ensure!(
+        port_of(str_of(&listen["value"], "EDGELOOP_CONTROL_LISTEN")?)? == target,
+        "Service edgeloop-processor-control targets {target}, but EDGELOOP_CONTROL_LISTEN is {}",
+        listen["value"]
+    );
+    let env = |key: &str| {
+        processor
+            .env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .with_context(|| format!("processor: {key} not set"))
+    };
+    let token = std::fs::read_to_string(env("EDGELOOP_CONTROL_TOKEN_FILE")?)?;
+    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token.trim()).parse()?;
+    let channel = tonic::transport::Endpoint::from_shared(format!(
+        "http://{}",
+        env("EDGELOOP_CONTROL_LISTEN")?
+    ))?
+    .connect()
+    .await?;
+    let mut health = pb::health_client::HealthClient::with_interceptor(
+        channel,
+        move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", header.clone());
+            Ok(r)
+        },
+    );
+    health.get_health(pb::GetHealthRequest {}).await?;
+    Ok(())
+}
+
 async fn start_and_probe(pod: &Pod, dir: &Path) -> Result<Component> {
     let args: Vec<&str> = pod.args.iter().map(String::as_str).collect();
     let mut component =
@@ -625,6 +672,7 @@ async fn overlay_starts_the_real_components(overlay: &str) -> Result<()> {
 
     let mut broker_process = start_and_probe(&broker, dir.path()).await?;
     let mut processor_process = start_and_probe(&processor, dir.path()).await?;
+    check_control_api(&docs, &processor).await?;
     // SIGTERM, as the kubelet sends it: both stop cleanly within the pod's
     // terminationGracePeriodSeconds.
     processor_process.terminate(processor.grace).await?;

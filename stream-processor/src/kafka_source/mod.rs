@@ -147,6 +147,17 @@ impl Sink<'_> {
                     self.close(p)?;
                 }
                 tracing::info!(path = %path.display(), version = rules.version(), rules = rules.rules.len(), "labelling rules in force");
+                self.rule_metrics
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .in_force = Some((
+                    rules.version().to_string(),
+                    rules
+                        .rules
+                        .iter()
+                        .map(|r| (r.name.clone(), r.label.clone()))
+                        .collect(),
+                ));
                 self.rules = Some(Engine::new(rules));
                 ProcessorStats::add(&self.stats.rules_reloads, 1);
             }
@@ -347,6 +358,7 @@ impl Sink<'_> {
                 return self.commit_if_idle(partition, offset);
             }
         };
+        self.stats.saw_batch(&batch);
         let millis = message
             .timestamp()
             .to_millis()
