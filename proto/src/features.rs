@@ -99,7 +99,9 @@ impl FeatureSet {
                 )));
             }
             if self.channels[..i].contains(name) {
-                return Err(FeatureError::BadChannels(format!("channel `{name}` is listed twice")));
+                return Err(FeatureError::BadChannels(format!(
+                    "channel `{name}` is listed twice"
+                )));
             }
         }
         Ok(())
@@ -126,7 +128,11 @@ impl FeatureSet {
     /// Features from readings as the device sends them: `channels` are the
     /// batch's channel names (`ReadingBatch.channels`), `readings` are in
     /// time order, oldest first; only the last `window` are used.
-    pub fn extract(&self, channels: &[String], readings: &[Reading]) -> Result<Vec<f32>, FeatureError> {
+    pub fn extract(
+        &self,
+        channels: &[String],
+        readings: &[Reading],
+    ) -> Result<Vec<f32>, FeatureError> {
         self.validate()?;
         let start = readings.len().saturating_sub(self.window);
         let readings = &readings[start..];
@@ -154,7 +160,11 @@ impl FeatureSet {
     /// `columns[c]` holds channel `self.channels[c]`'s values for the same
     /// readings. Only the last `window` rows are used. This is the one
     /// function that computes features; [`FeatureSet::extract`] calls it.
-    pub fn extract_columns(&self, ts_micros: &[i64], columns: &[&[f64]]) -> Result<Vec<f32>, FeatureError> {
+    pub fn extract_columns(
+        &self,
+        ts_micros: &[i64],
+        columns: &[&[f64]],
+    ) -> Result<Vec<f32>, FeatureError> {
         self.validate()?;
         if columns.len() != self.channels.len() {
             return Err(FeatureError::Shape(format!(
@@ -178,7 +188,8 @@ impl FeatureSet {
                 )));
             }
             let values = &column[start..];
-            let features = channel_features(ts, values).ok_or_else(|| FeatureError::NoValues(name.clone()))?;
+            let features =
+                channel_features(ts, values).ok_or_else(|| FeatureError::NoValues(name.clone()))?;
             for (feature, value) in FEATURES_PER_CHANNEL.iter().zip(features) {
                 let value = value as f32;
                 if !value.is_finite() {
@@ -257,7 +268,13 @@ mod tests {
     fn features_of_a_linear_ramp_are_exact() -> Result<(), FeatureError> {
         // temp = 10 + 2 t over t = 0..4 s; hum constant 50, with one NaN.
         let readings: Vec<Reading> = (0..5)
-            .map(|t| reading(t, 10.0 + 2.0 * t as f64, if t == 2 { f64::NAN } else { 50.0 }))
+            .map(|t| {
+                reading(
+                    t,
+                    10.0 + 2.0 * t as f64,
+                    if t == 2 { f64::NAN } else { 50.0 },
+                )
+            })
             .collect();
         let channels = vec!["hum".to_string(), "temp".to_string()];
         let f = set(5).extract(&channels, &readings)?;
@@ -274,7 +291,10 @@ mod tests {
         let readings: Vec<Reading> = (0..10).map(|t| reading(t, t as f64, 1.0)).collect();
         let channels = vec!["hum".to_string(), "temp".to_string()];
         let f = set(3).extract(&channels, &readings)?;
-        assert_eq!(&f[..6], &[8.0, 7.0, 9.0, (2.0f64 / 3.0).sqrt() as f32, 1.0, 9.0]);
+        assert_eq!(
+            &f[..6],
+            &[8.0, 7.0, 9.0, (2.0f64 / 3.0).sqrt() as f32, 1.0, 9.0]
+        );
         Ok(())
     }
 
@@ -288,8 +308,14 @@ mod tests {
         );
         let channels = vec!["hum".to_string(), "temp".to_string()];
         let readings = vec![reading(0, f64::NAN, 2.0)];
-        assert_eq!(set(3).extract(&channels, &readings), Err(FeatureError::NoValues("temp".into())));
-        assert_eq!(set(3).extract(&channels, &[]), Err(FeatureError::EmptyWindow));
+        assert_eq!(
+            set(3).extract(&channels, &readings),
+            Err(FeatureError::NoValues("temp".into()))
+        );
+        assert_eq!(
+            set(3).extract(&channels, &[]),
+            Err(FeatureError::EmptyWindow)
+        );
     }
 
     #[test]
@@ -304,12 +330,20 @@ mod tests {
 
     #[test]
     fn invalid_feature_sets_are_rejected_with_the_field_named() {
-        assert!(set(0).validate().unwrap_err().to_string().contains("`window`"));
+        assert!(set(0)
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`window`"));
         let dup = FeatureSet {
             channels: vec!["a".into(), "a".into()],
             window: 3,
         };
-        assert!(dup.validate().unwrap_err().to_string().contains("`channels`"));
+        assert!(dup
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`channels`"));
     }
 
     #[test]
@@ -322,7 +356,8 @@ mod tests {
                 window: 16
             })
         );
-        let bad: Result<FeatureSet, _> = toml::from_str("channels = [\"temp\"]\nwindow = 16\nwindows = 3\n");
+        let bad: Result<FeatureSet, _> =
+            toml::from_str("channels = [\"temp\"]\nwindow = 16\nwindows = 3\n");
         assert!(bad.is_err());
     }
 }

@@ -41,7 +41,9 @@ pub enum CodecError {
     #[error("not an edgeloop model artifact (the magic bytes are missing)")]
     BadMagic,
     /// The bytes end before a field is complete.
-    #[error("model artifact is truncated: field `{field}` at byte {offset} needs {needed} more bytes")]
+    #[error(
+        "model artifact is truncated: field `{field}` at byte {offset} needs {needed} more bytes"
+    )]
     Truncated {
         /// The field being read.
         field: &'static str,
@@ -150,7 +152,9 @@ impl Artifact {
                 .iter()
                 .map(|b| *b as i8)
                 .collect();
-            let bias = (0..n_classes).map(|_| r.i32("bias")).collect::<Result<_, _>>()?;
+            let bias = (0..n_classes)
+                .map(|_| r.i32("bias"))
+                .collect::<Result<_, _>>()?;
             let multipliers = (0..n_classes)
                 .map(|_| Ok((r.i32("multipliers")?, i32::from(r.u8("multipliers")? as i8))))
                 .collect::<Result<_, CodecError>>()?;
@@ -193,7 +197,13 @@ impl Artifact {
 impl Int8Model {
     /// The `edgeloop-int8-v1` artifact.
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = header(INT8_FORMAT, &self.features, &self.classes, &self.mean, &self.std);
+        let mut w = header(
+            INT8_FORMAT,
+            &self.features,
+            &self.classes,
+            &self.mean,
+            &self.std,
+        );
         w.extend(self.input.scale.to_le_bytes());
         w.push(self.input.zero_point as i8 as u8);
         w.extend(self.output.scale.to_le_bytes());
@@ -227,7 +237,13 @@ impl Int8Model {
 impl FloatModel {
     /// The `edgeloop-f32-v1` artifact.
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = header(F32_FORMAT, &self.features, &self.classes, &self.mean, &self.std);
+        let mut w = header(
+            F32_FORMAT,
+            &self.features,
+            &self.classes,
+            &self.mean,
+            &self.std,
+        );
         for v in self.weights.iter().chain(&self.bias) {
             w.extend(v.to_le_bytes());
         }
@@ -248,7 +264,13 @@ impl FloatModel {
 
 // Lengths are bounded by validation (channels ≤ 64, names ≤ 255 bytes,
 // classes ≤ 256), so the narrowing casts below are exact for valid models.
-fn header(format: &str, features: &FeatureSet, classes: &[String], mean: &[f32], std: &[f32]) -> Vec<u8> {
+fn header(
+    format: &str,
+    features: &FeatureSet,
+    classes: &[String],
+    mean: &[f32],
+    std: &[f32],
+) -> Vec<u8> {
     let mut w = Vec::new();
     w.extend(MAGIC);
     put_str(&mut w, format);
@@ -314,7 +336,7 @@ impl<'a> Reader<'a> {
         Ok(f32::from_le_bytes(self.array(field)?))
     }
     fn f32s(&mut self, field: &'static str, n: usize) -> Result<Vec<f32>, CodecError> {
-        let bytes = self.take(field, n.checked_mul(4).unwrap_or(usize::MAX))?;
+        let bytes = self.take(field, n.saturating_mul(4))?;
         Ok(bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -338,7 +360,9 @@ mod tests {
             channels: vec!["temp".into(), "hum".into()],
             window: 8,
         };
-        let weights: Vec<f32> = (0..36).map(|i| ((i * 37) % 17) as f32 / 4.0 - 2.0).collect();
+        let weights: Vec<f32> = (0..36)
+            .map(|i| ((i * 37) % 17) as f32 / 4.0 - 2.0)
+            .collect();
         let float = FloatModel::new(
             features,
             vec!["normal".into(), "hot".into(), "wet".into()],
@@ -348,7 +372,11 @@ mod tests {
             vec![0.1, -0.2, 0.3],
         )?;
         let calibration: Vec<Vec<f32>> = (0..20)
-            .map(|k| (0..12).map(|i| (i as f32) + ((k * 5 + i) % 7) as f32 - 3.0).collect())
+            .map(|k| {
+                (0..12)
+                    .map(|i| (i as f32) + ((k * 5 + i) % 7) as f32 - 3.0)
+                    .collect()
+            })
             .collect();
         let int8 = quantize(&float, &calibration)?;
         Ok((float, int8))
@@ -368,11 +396,15 @@ mod tests {
     }
 
     #[test]
-    fn every_truncation_and_byte_flip_is_an_error_or_a_valid_model() -> Result<(), Box<dyn std::error::Error>> {
+    fn every_truncation_and_byte_flip_is_an_error_or_a_valid_model(
+    ) -> Result<(), Box<dyn std::error::Error>> {
         let (float, int8) = models()?;
         for bytes in [float.encode(), int8.encode()] {
             for cut in 0..bytes.len() {
-                assert!(Artifact::decode(&bytes[..cut]).is_err(), "prefix of {cut} bytes decoded");
+                assert!(
+                    Artifact::decode(&bytes[..cut]).is_err(),
+                    "prefix of {cut} bytes decoded"
+                );
             }
             let mut longer = bytes.clone();
             longer.push(0);

@@ -113,7 +113,11 @@ mod tests {
         assert_eq!(quantize_multiplier(0.25), (1 << 30, -1));
         assert_eq!(quantize_multiplier(0.125), (1 << 30, -2));
         assert_eq!(quantize_multiplier(2.0), (1 << 30, 2));
-        assert_eq!(quantize_multiplier(-1.0), (0, 0), "negative is rejected, not aborted");
+        assert_eq!(
+            quantize_multiplier(-1.0),
+            (0, 0),
+            "negative is rejected, not aborted"
+        );
         // 0.75 = 0.75 * 2^0 -> 0.75 * 2^31 = 1610612736.
         assert_eq!(quantize_multiplier(0.75), (1_610_612_736, 0));
         // Underflow: 2^-33 = 0.5 * 2^-32 is too small and becomes zero;
@@ -136,9 +140,18 @@ mod tests {
 
     #[test]
     fn saturating_rounding_doubling_high_mul_matches_gemmlowp() {
-        assert_eq!(saturating_rounding_doubling_high_mul(i32::MIN, i32::MIN), i32::MAX);
-        assert_eq!(saturating_rounding_doubling_high_mul(i32::MAX, i32::MAX), i32::MAX - 1);
-        assert_eq!(saturating_rounding_doubling_high_mul(1 << 30, 1 << 30), 1 << 29);
+        assert_eq!(
+            saturating_rounding_doubling_high_mul(i32::MIN, i32::MIN),
+            i32::MAX
+        );
+        assert_eq!(
+            saturating_rounding_doubling_high_mul(i32::MAX, i32::MAX),
+            i32::MAX - 1
+        );
+        assert_eq!(
+            saturating_rounding_doubling_high_mul(1 << 30, 1 << 30),
+            1 << 29
+        );
         // 2*a*b / 2^32 with a = 3, b = 2^30: 3 * 2^31 / 2^32 = 1.5 -> 2.
         assert_eq!(saturating_rounding_doubling_high_mul(3, 1 << 30), 2);
         // Positive ties round up, negative ties towards zero (gemmlowp's

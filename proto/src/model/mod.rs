@@ -193,10 +193,16 @@ pub struct QuantParams {
 impl QuantParams {
     fn validate(&self, field: &'static str) -> Result<(), ModelError> {
         if !(self.scale.is_finite() && self.scale > 0.0) {
-            return Err(invalid(field, format!("scale {} is not a positive finite number", self.scale)));
+            return Err(invalid(
+                field,
+                format!("scale {} is not a positive finite number", self.scale),
+            ));
         }
         if !(-128..=127).contains(&self.zero_point) {
-            return Err(invalid(field, format!("zero point {} is outside -128..=127", self.zero_point)));
+            return Err(invalid(
+                field,
+                format!("zero point {} is outside -128..=127", self.zero_point),
+            ));
         }
         Ok(())
     }
@@ -248,14 +254,21 @@ impl Int8Model {
         shape("weight_scales", self.weight_scales.len(), n_out)?;
         shape("bias", self.bias.len(), n_out)?;
         if self.weights.contains(&i8::MIN) {
-            return Err(invalid("weights", "-128 is not allowed in symmetric int8 weights".into()));
+            return Err(invalid(
+                "weights",
+                "-128 is not allowed in symmetric int8 weights".into(),
+            ));
         }
         for s in &self.weight_scales {
             if !(s.is_finite() && *s > 0.0) {
-                return Err(invalid("weight_scales", format!("{s} is not a positive finite number")));
+                return Err(invalid(
+                    "weight_scales",
+                    format!("{s} is not a positive finite number"),
+                ));
             }
         }
-        let expected = requant_multipliers(self.input.scale, &self.weight_scales, self.output.scale);
+        let expected =
+            requant_multipliers(self.input.scale, &self.weight_scales, self.output.scale);
         if self.multipliers != expected {
             return Err(invalid(
                 "multipliers",
@@ -284,6 +297,32 @@ impl Int8Model {
     /// Quantization of the output (logits) tensor.
     pub fn output_quantization(&self) -> QuantParams {
         self.output
+    }
+
+    /// Symmetric weight scales, one per class (output channel).
+    pub fn weight_scales(&self) -> &[f32] {
+        &self.weight_scales
+    }
+    /// `(quantized_multiplier, shift)` per class, as TFLM derives them.
+    pub fn multipliers(&self) -> &[(i32, i32)] {
+        &self.multipliers
+    }
+
+    /// The int32 accumulators (`Σ (q - zp) * w + bias`) per class, before
+    /// requantization: for tests and diagnostics.
+    pub fn accumulators(&self, input: &[i8]) -> Result<Vec<i32>, ModelError> {
+        if input.len() != self.n_inputs() {
+            return Err(ModelError::InputLength {
+                got: input.len(),
+                expected: self.n_inputs(),
+            });
+        }
+        Ok(kernel::accumulators(
+            input,
+            self.input.zero_point,
+            &self.weights,
+            &self.bias,
+        ))
     }
 
     /// Standardizes and quantizes raw features to the int8 input tensor:
@@ -330,11 +369,17 @@ impl Int8Model {
 /// per-channel int8 FULLY_CONNECTED: per output channel,
 /// `QuantizeMultiplier((double)input_scale * (double)weight_scale[c] /
 /// (double)output_scale)` (`PopulateConvolutionQuantizationParams`).
-pub fn requant_multipliers(input_scale: f32, weight_scales: &[f32], output_scale: f32) -> Vec<(i32, i32)> {
+pub fn requant_multipliers(
+    input_scale: f32,
+    weight_scales: &[f32],
+    output_scale: f32,
+) -> Vec<(i32, i32)> {
     weight_scales
         .iter()
         .map(|ws| {
-            fixed_point::quantize_multiplier(f64::from(input_scale) * f64::from(*ws) / f64::from(output_scale))
+            fixed_point::quantize_multiplier(
+                f64::from(input_scale) * f64::from(*ws) / f64::from(output_scale),
+            )
         })
         .collect()
 }
@@ -372,19 +417,33 @@ fn standardize(x: &[f32], mean: &[f32], std: &[f32]) -> Result<Vec<f32>, ModelEr
         .collect()
 }
 
-fn validate_common(n_in: usize, classes: &[String], mean: &[f32], std: &[f32]) -> Result<(), ModelError> {
+fn validate_common(
+    n_in: usize,
+    classes: &[String],
+    mean: &[f32],
+    std: &[f32],
+) -> Result<(), ModelError> {
     if n_in > MAX_INPUTS {
-        return Err(invalid("features", format!("{n_in} inputs; at most {MAX_INPUTS} are allowed")));
+        return Err(invalid(
+            "features",
+            format!("{n_in} inputs; at most {MAX_INPUTS} are allowed"),
+        ));
     }
     if classes.len() < 2 || classes.len() > MAX_CLASSES {
         return Err(invalid(
             "classes",
-            format!("{} classes; between 2 and {MAX_CLASSES} are allowed", classes.len()),
+            format!(
+                "{} classes; between 2 and {MAX_CLASSES} are allowed",
+                classes.len()
+            ),
         ));
     }
     for (i, c) in classes.iter().enumerate() {
         if c.is_empty() || c.len() > 255 || classes[..i].contains(c) {
-            return Err(invalid("classes", format!("class {i} (`{c}`) is empty, too long or repeated")));
+            return Err(invalid(
+                "classes",
+                format!("class {i} (`{c}`) is empty, too long or repeated"),
+            ));
         }
     }
     shape("mean", mean.len(), n_in)?;
@@ -392,7 +451,10 @@ fn validate_common(n_in: usize, classes: &[String], mean: &[f32], std: &[f32]) -
     all_finite("mean", mean)?;
     for s in std {
         if !(s.is_finite() && *s > 0.0) {
-            return Err(invalid("std", format!("{s} is not a positive finite number")));
+            return Err(invalid(
+                "std",
+                format!("{s} is not a positive finite number"),
+            ));
         }
     }
     Ok(())
@@ -402,7 +464,11 @@ fn shape(field: &'static str, got: usize, expected: usize) -> Result<(), ModelEr
     if got == expected {
         Ok(())
     } else {
-        Err(ModelError::Shape { field, got, expected })
+        Err(ModelError::Shape {
+            field,
+            got,
+            expected,
+        })
     }
 }
 

@@ -24,7 +24,11 @@ pub fn choose_quantization_params(rmin: f32, rmax: f32) -> QuantParams {
     let zp_from_max = qmax - rmax / scale;
     let err_min = qmin.abs() + (rmin / scale).abs();
     let err_max = qmax.abs() + (rmax / scale).abs();
-    let zp = if err_min < err_max { zp_from_min } else { zp_from_max };
+    let zp = if err_min < err_max {
+        zp_from_min
+    } else {
+        zp_from_max
+    };
     let nudged = if zp < qmin {
         qmin
     } else if zp > qmax {
@@ -79,7 +83,10 @@ pub fn quantize(model: &FloatModel, calibration: &[Vec<f32>]) -> Result<Int8Mode
     for (row, b) in model.weights.chunks(n_in.max(1)).zip(&model.bias) {
         let max_abs = row.iter().fold(0.0f32, |m, w| m.max(w.abs()));
         let scale = if max_abs > 0.0 { max_abs / 127.0 } else { 1.0 };
-        weights.extend(row.iter().map(|w| (w / scale).round().clamp(-127.0, 127.0) as i8));
+        weights.extend(
+            row.iter()
+                .map(|w| (w / scale).round().clamp(-127.0, 127.0) as i8),
+        );
         weight_scales.push(scale);
         let bias_scale = f64::from(input.scale) * f64::from(scale);
         let q = (f64::from(*b) / bias_scale).round();
@@ -150,7 +157,11 @@ mod tests {
     fn quantized_model_follows_the_float_model() -> Result<(), ModelError> {
         let model = model()?;
         let calibration: Vec<Vec<f32>> = (0..50)
-            .map(|k| (0..6).map(|i| ((k * 7 + i * 3) % 11) as f32 / 5.0 - 1.0).collect())
+            .map(|k| {
+                (0..6)
+                    .map(|i| ((k * 7 + i * 3) % 11) as f32 / 5.0 - 1.0)
+                    .collect()
+            })
             .collect();
         let q = quantize(&model, &calibration)?;
         assert!(q.weights.iter().all(|w| *w >= -127));
@@ -164,7 +175,10 @@ mod tests {
             let i = q.predict(x)?;
             let deq: Vec<f32> = i.logits.iter().map(|l| q.output.dequantize(*l)).collect();
             for (a, b) in f.logits.iter().zip(&deq) {
-                assert!((a - b).abs() < 4.0 * q.output.scale, "float {a} vs int8 {b}");
+                assert!(
+                    (a - b).abs() < 4.0 * q.output.scale,
+                    "float {a} vs int8 {b}"
+                );
             }
             agree += usize::from(f.class == i.class);
         }

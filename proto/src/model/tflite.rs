@@ -102,7 +102,8 @@ impl Int8Model {
     pub fn to_tflite(&self) -> Vec<u8> {
         let n_in = self.n_inputs() as i32;
         let n_out = self.classes.len() as i32;
-        let mut fbb = FlatBufferBuilder::with_capacity(1024 + self.weights.len() + 8 * self.bias.len());
+        let mut fbb =
+            FlatBufferBuilder::with_capacity(1024 + self.weights.len() + 8 * self.bias.len());
 
         // Buffers: 0 is the empty sentinel every .tflite starts with; 1 the
         // weights, 2 the bias; the input and output tensors use buffer 0.
@@ -127,7 +128,11 @@ impl Int8Model {
             })
             .collect();
 
-        let bias_scales: Vec<f32> = self.weight_scales.iter().map(|s| self.input.scale * s).collect();
+        let bias_scales: Vec<f32> = self
+            .weight_scales
+            .iter()
+            .map(|s| self.input.scale * s)
+            .collect();
         let zeros = vec![0i64; self.weight_scales.len()];
         let specs = [
             TensorSpec {
@@ -163,7 +168,10 @@ impl Int8Model {
                 zero_points: vec![i64::from(self.output.zero_point)],
             },
         ];
-        let tensors: Vec<_> = specs.iter().map(|spec| write_tensor(&mut fbb, spec)).collect();
+        let tensors: Vec<_> = specs
+            .iter()
+            .map(|spec| write_tensor(&mut fbb, spec))
+            .collect();
 
         let options = {
             let start = fbb.start_table();
@@ -178,7 +186,10 @@ impl Int8Model {
             fbb.push_slot_always::<u32>(slot(operator::OPCODE_INDEX), 0);
             fbb.push_slot_always(slot(operator::INPUTS), op_inputs);
             fbb.push_slot_always(slot(operator::OUTPUTS), op_outputs);
-            fbb.push_slot_always::<u8>(slot(operator::BUILTIN_OPTIONS_TYPE), OPTIONS_FULLY_CONNECTED);
+            fbb.push_slot_always::<u8>(
+                slot(operator::BUILTIN_OPTIONS_TYPE),
+                OPTIONS_FULLY_CONNECTED,
+            );
             fbb.push_slot_always(slot(operator::BUILTIN_OPTIONS), options);
             fbb.end_table(start)
         };
@@ -200,7 +211,10 @@ impl Int8Model {
 
         let opcode = {
             let start = fbb.start_table();
-            fbb.push_slot_always::<i8>(slot(operator_code::DEPRECATED_BUILTIN_CODE), OP_FULLY_CONNECTED as i8);
+            fbb.push_slot_always::<i8>(
+                slot(operator_code::DEPRECATED_BUILTIN_CODE),
+                OP_FULLY_CONNECTED as i8,
+            );
             // FULLY_CONNECTED version 4 is the int8 (per-channel capable) kernel.
             fbb.push_slot_always::<i32>(slot(operator_code::VERSION), 4);
             fbb.push_slot_always::<i32>(slot(operator_code::BUILTIN_CODE), OP_FULLY_CONNECTED);
