@@ -328,8 +328,24 @@ impl Int8Model {
     /// Standardizes and quantizes raw features to the int8 input tensor:
     /// the only float arithmetic on the device's inference path.
     pub fn quantize_input(&self, x: &[f32]) -> Result<Vec<i8>, ModelError> {
-        let z = standardize(x, &self.mean, &self.std)?;
-        Ok(z.iter().map(|v| self.input.quantize(*v)).collect())
+        // One pass, the same arithmetic as `standardize` then `quantize`.
+        if x.len() != self.mean.len() {
+            return Err(ModelError::InputLength {
+                got: x.len(),
+                expected: self.mean.len(),
+            });
+        }
+        x.iter()
+            .zip(self.mean.iter().zip(&self.std))
+            .enumerate()
+            .map(|(index, (v, (m, s)))| {
+                if v.is_finite() {
+                    Ok(self.input.quantize((v - m) / s))
+                } else {
+                    Err(ModelError::InputNotFinite { index })
+                }
+            })
+            .collect()
     }
 
     /// The integer-only kernel on an already quantized input: int8 logits.
