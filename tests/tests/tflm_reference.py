@@ -14,6 +14,36 @@ import sys
 
 import numpy as np
 from tflite_micro.python.tflite_micro import runtime
+from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
+
+
+def structure(model):
+    """The model as TFLite's own generated schema code reads it."""
+    m = schema.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    graph = m.subgraphs[0]
+
+    def tensor(t):
+        q = t.quantization
+        return {
+            "name": t.name.decode(),
+            "type": int(t.type),
+            "shape": [int(x) for x in t.shape],
+            "scales": len(q.scale) if q is not None and q.scale is not None else 0,
+            "quantized_dimension": int(q.quantizedDimension) if q is not None else None,
+        }
+
+    metadata = {}
+    for entry in m.metadata or []:
+        data = m.buffers[entry.buffer].data
+        raw = bytes(bytearray(data)) if data is not None else b""
+        metadata[entry.name.decode()] = list(np.frombuffer(raw[4:], dtype="<f4").astype(float))
+    return {
+        "version": int(m.version),
+        "identifier_ok": bool(schema.Model.ModelBufferHasIdentifier(model, 0)),
+        "operators": [int(m.operatorCodes[op.opcodeIndex].builtinCode) for op in graph.operators],
+        "tensors": [tensor(t) for t in graph.tensors],
+        "metadata": metadata,
+    }
 
 
 def main():
@@ -47,6 +77,7 @@ def main():
 
     print(json.dumps({
         "rows": int(rows.shape[0]),
+        "structure": structure(model),
         "input": details(interpreter.get_input_details(0)),
         "output": details(interpreter.get_output_details(0)),
     }))

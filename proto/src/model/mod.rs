@@ -154,6 +154,11 @@ impl FloatModel {
         self.features.len()
     }
 
+    /// The standardization: per-feature `(mean, std)`.
+    pub fn standardization(&self) -> (&[f32], &[f32]) {
+        (&self.mean, &self.std)
+    }
+
     /// `(x - mean) / std`, per feature, in f32.
     pub fn standardize(&self, x: &[f32]) -> Result<Vec<f32>, ModelError> {
         standardize(x, &self.mean, &self.std)

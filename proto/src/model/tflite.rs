@@ -14,9 +14,11 @@
 //! ```
 //!
 //! Standardization and input quantization are *not* in the graph: firmware
-//! applies `q = clamp(round(((x - mean) / std) / scale) + zero_point)` with
-//! the values stored in the edgeloop artifact (`docs/models.md`), exactly as
-//! [`Int8Model::quantize_input`] does.
+//! applies `q = clamp(round(((x - mean) / std) / scale) + zero_point)`,
+//! exactly as [`Int8Model::quantize_input`] does, with `scale` and
+//! `zero_point` from the input tensor and `mean`/`std` from the model's
+//! metadata entry [`STANDARDIZATION_METADATA`] (also in the edgeloop
+//! artifact; `docs/models.md`).
 //!
 //! The flatbuffer is written with the `flatbuffers` crate's builder, field by
 //! field, following TensorFlow's `schema.fbs` (schema version 3, file
@@ -47,6 +49,11 @@ mod model {
     pub const SUBGRAPHS: u16 = 2;
     pub const DESCRIPTION: u16 = 3;
     pub const BUFFERS: u16 = 4;
+    pub const METADATA: u16 = 6;
+}
+mod metadata {
+    pub const NAME: u16 = 0;
+    pub const BUFFER: u16 = 1;
 }
 mod operator_code {
     pub const DEPRECATED_BUILTIN_CODE: u16 = 0;
@@ -95,7 +102,21 @@ struct TensorSpec<'a> {
     zero_points: Vec<i64>,
 }
 
+/// Name of the `.tflite` metadata entry holding the input standardization:
+/// `u32 n_in`, then `n_in` f32 means, then `n_in` f32 standard deviations,
+/// little-endian. TFLM ignores it; firmware may read it instead of the
+/// edgeloop artifact.
+pub const STANDARDIZATION_METADATA: &str = "edgeloop.standardization";
+
 impl Int8Model {
+    fn standardization_metadata(&self) -> Vec<u8> {
+        let mut out = (self.mean.len() as u32).to_le_bytes().to_vec();
+        for v in self.mean.iter().chain(&self.std) {
+            out.extend(v.to_le_bytes());
+        }
+        out
+    }
+
     /// The model as a `.tflite` file (int8 input → FULLY_CONNECTED → int8
     /// output), runnable by TensorFlow Lite Micro with bit-identical
     /// outputs to [`Int8Model::logits_quantized`].
@@ -106,27 +127,34 @@ impl Int8Model {
             FlatBufferBuilder::with_capacity(1024 + self.weights.len() + 8 * self.bias.len());
 
         // Buffers: 0 is the empty sentinel every .tflite starts with; 1 the
-        // weights, 2 the bias; the input and output tensors use buffer 0.
+        // weights, 2 the bias, 3 the standardization metadata; the input and
+        // output tensors use buffer 0.
         let weight_bytes: Vec<u8> = self.weights.iter().map(|w| *w as u8).collect();
         let bias_bytes: Vec<u8> = self.bias.iter().flat_map(|b| b.to_le_bytes()).collect();
-        let buffers: Vec<_> = [&[][..], &weight_bytes[..], &bias_bytes[..]]
-            .iter()
-            .map(|data| {
-                let data = if data.is_empty() {
-                    None
-                } else {
-                    // A vector's payload follows its 4-byte length, so it is
-                    // 4-byte aligned: enough for the int32 bias TFLM reads
-                    // in place.
-                    Some(fbb.create_vector(data))
-                };
-                let start = fbb.start_table();
-                if let Some(data) = data {
-                    fbb.push_slot_always(slot(buffer::DATA), data);
-                }
-                fbb.end_table(start)
-            })
-            .collect();
+        let standardization = self.standardization_metadata();
+        let buffers: Vec<_> = [
+            &[][..],
+            &weight_bytes[..],
+            &bias_bytes[..],
+            &standardization[..],
+        ]
+        .iter()
+        .map(|data| {
+            let data = if data.is_empty() {
+                None
+            } else {
+                // A vector's payload follows its 4-byte length, so it is
+                // 4-byte aligned: enough for the int32 bias TFLM reads
+                // in place.
+                Some(fbb.create_vector(data))
+            };
+            let start = fbb.start_table();
+            if let Some(data) = data {
+                fbb.push_slot_always(slot(buffer::DATA), data);
+            }
+            fbb.end_table(start)
+        })
+        .collect();
 
         let bias_scales: Vec<f32> = self
             .weight_scales
@@ -230,6 +258,14 @@ impl Int8Model {
             self.classes.join(",")
         ));
         let buffers = fbb.create_vector(&buffers);
+        let metadata_name = fbb.create_string(STANDARDIZATION_METADATA);
+        let metadata_entry = {
+            let start = fbb.start_table();
+            fbb.push_slot_always(slot(metadata::NAME), metadata_name);
+            fbb.push_slot_always::<u32>(slot(metadata::BUFFER), 3);
+            fbb.end_table(start)
+        };
+        let metadata = fbb.create_vector(&[metadata_entry]);
         let root = {
             let start = fbb.start_table();
             fbb.push_slot_always::<u32>(slot(model::VERSION), SCHEMA_VERSION);
@@ -237,6 +273,7 @@ impl Int8Model {
             fbb.push_slot_always(slot(model::SUBGRAPHS), subgraphs);
             fbb.push_slot_always(slot(model::DESCRIPTION), description);
             fbb.push_slot_always(slot(model::BUFFERS), buffers);
+            fbb.push_slot_always(slot(model::METADATA), metadata);
             fbb.end_table(start)
         };
         fbb.finish(root, Some("TFL3"));
@@ -266,4 +303,34 @@ fn write_tensor<'a>(
     fbb.push_slot_always(slot(tensor::NAME), name);
     fbb.push_slot_always(slot(tensor::QUANTIZATION), quant);
     fbb.end_table(start)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::features::FeatureSet;
+    use crate::model::{quantize, FloatModel, ModelError};
+
+    #[test]
+    fn export_is_a_tfl3_flatbuffer_and_deterministic() -> Result<(), ModelError> {
+        let features = FeatureSet {
+            channels: vec!["x".into()],
+            window: 4,
+        };
+        let float = FloatModel::new(
+            features,
+            vec!["a".into(), "b".into()],
+            vec![0.0; 6],
+            vec![1.0; 6],
+            (0..12).map(|i| i as f32 / 6.0 - 1.0).collect(),
+            vec![0.0, 0.5],
+        )?;
+        let int8 = quantize(&float, &[vec![1.0; 6], vec![-1.0; 6]])?;
+        let a = int8.to_tflite();
+        assert_eq!(&a[4..8], b"TFL3", "file identifier");
+        assert_eq!(a, int8.to_tflite(), "same model, same bytes");
+        // The weights appear verbatim in one buffer.
+        let weights: Vec<u8> = int8.weights.iter().map(|w| *w as u8).collect();
+        assert!(a.windows(weights.len()).any(|w| w == weights.as_slice()));
+        Ok(())
+    }
 }
