@@ -97,16 +97,14 @@ pub fn multiply_by_quantized_multiplier(x: i32, quantized_multiplier: i32, shift
 mod tests {
     use super::*;
 
-    // Expected values: the powers of two are those of TFLite's
-    // quantization_util_test.cc (QuantizeMultiplier, Underflow); the rest
-    // are worked out by hand from the C++ definitions, including the
+    // Expected values are worked out by hand from TFLite's and gemmlowp's
+    // C++ definitions (quantization_util.cc, fixedpoint.h), including the
     // asymmetric tie rule of SaturatingRoundingDoublingHighMul (its nudge
     // for a negative product is 1 - 2^30, so a negative tie goes to zero).
     // The end-to-end check against TFLM itself is tests/tests/tflite.rs.
 
     #[test]
-    fn quantize_multiplier_matches_tflite_test_values() {
-        // quantization_util_test.cc, QuantizeMultiplier:
+    fn quantize_multiplier_splits_like_tflite() {
         assert_eq!(quantize_multiplier(0.0), (0, 0));
         assert_eq!(quantize_multiplier(1.0), (1 << 30, 1));
         assert_eq!(quantize_multiplier(0.5), (1 << 30, 0));
