@@ -286,6 +286,38 @@ mod tests {
         Ok(())
     }
 
+    /// Pins the feature bits: the device and every deployed model depend on
+    /// them, so a change here is a change of the model contract. The values
+    /// were computed independently in Python (IEEE f64, the order documented
+    /// above, then rounded to f32).
+    #[test]
+    fn feature_bits_are_pinned() -> Result<(), FeatureError> {
+        let ts = [0, 1_000_000, 2_500_000, 4_000_000, 4_100_000];
+        let temp = [21.3, 21.9, f64::NAN, 22.8, 22.75];
+        let hum = [40.1, 39.7, 41.2, 40.0, 38.9];
+        let f = set(8).extract_columns(&ts, &[&temp, &hum])?;
+        let bits: Vec<u32> = f.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(
+            bits,
+            vec![
+                0x41b1_8000,
+                0x41aa_6666,
+                0x41b6_6666,
+                0x3f1f_f7cf,
+                0x3eae_8e7a,
+                0x41b6_0000, // temp
+                0x421f_eb85,
+                0x421b_999a,
+                0x4224_cccd,
+                0x3f3d_c91f,
+                0xbdf5_cc21,
+                0x421b_999a, // hum
+            ],
+            "features: {f:?}"
+        );
+        Ok(())
+    }
+
     #[test]
     fn only_the_last_window_readings_count() -> Result<(), FeatureError> {
         let readings: Vec<Reading> = (0..10).map(|t| reading(t, t as f64, 1.0)).collect();

@@ -194,6 +194,33 @@ impl Artifact {
     }
 }
 
+impl Artifact {
+    /// The feature set the model reads.
+    pub fn features(&self) -> &FeatureSet {
+        match self {
+            Artifact::Int8(m) => m.features(),
+            Artifact::F32(m) => m.features(),
+        }
+    }
+
+    /// Class labels, in logit order.
+    pub fn classes(&self) -> &[String] {
+        match self {
+            Artifact::Int8(m) => m.classes(),
+            Artifact::F32(m) => m.classes(),
+        }
+    }
+
+    /// The predicted class index for raw features, in the artifact's own
+    /// numerics (the integer kernel for int8, f32 otherwise).
+    pub fn predict_class(&self, x: &[f32]) -> Result<usize, ModelError> {
+        match self {
+            Artifact::Int8(m) => Ok(m.predict(x)?.class),
+            Artifact::F32(m) => Ok(m.predict(x)?.class),
+        }
+    }
+}
+
 impl Int8Model {
     /// The `edgeloop-int8-v1` artifact.
     pub fn encode(&self) -> Vec<u8> {
@@ -387,7 +414,15 @@ mod tests {
         let (float, int8) = models()?;
         assert_eq!(FloatModel::decode(&float.encode())?, float);
         assert_eq!(Int8Model::decode(&int8.encode())?, int8);
-        assert_eq!(Artifact::decode(&int8.encode())?.format(), INT8_FORMAT);
+        let artifact = Artifact::decode(&int8.encode())?;
+        assert_eq!(artifact.format(), INT8_FORMAT);
+        let x: Vec<f32> = (0..12).map(|i| i as f32 * 1.5).collect();
+        assert_eq!(artifact.predict_class(&x)?, int8.predict(&x)?.class);
+        assert_eq!(
+            Artifact::F32(float.clone()).predict_class(&x)?,
+            float.predict(&x)?.class
+        );
+        assert_eq!(artifact.classes()[1], "hot");
         assert!(matches!(
             Int8Model::decode(&float.encode()),
             Err(CodecError::WrongFormat { .. })
@@ -418,6 +453,47 @@ mod tests {
                         let _ = m.predict(&vec![1.0; m.n_inputs()]);
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Random models of random shapes (seeded): each quantizes, round-trips
+    /// through its artifact unchanged, and predicts the same afterwards.
+    #[test]
+    fn random_models_round_trip_and_predict_the_same() -> Result<(), Box<dyn std::error::Error>> {
+        let mut state = 0x0006_1e7e_u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0 // in [-1, 1)
+        };
+        for case in 0..200 {
+            let channels = 1 + case % 5;
+            let classes = 2 + case % 7;
+            let n_in = channels * 6;
+            let scale = 10f32.powi((case % 5) as i32 - 2);
+            let float = FloatModel::new(
+                FeatureSet {
+                    channels: (0..channels).map(|c| format!("c{c}")).collect(),
+                    window: 1 + case,
+                },
+                (0..classes).map(|c| format!("k{c}")).collect(),
+                (0..n_in).map(|_| next() * 10.0).collect(),
+                (0..n_in).map(|_| next().abs() + 0.1).collect(),
+                (0..n_in * classes).map(|_| next() * scale).collect(),
+                (0..classes).map(|_| next() * scale).collect(),
+            )?;
+            let inputs: Vec<Vec<f32>> = (0..20)
+                .map(|_| (0..n_in).map(|_| next() * 20.0).collect())
+                .collect();
+            let int8 = quantize(&float, &inputs)?;
+            let back = Int8Model::decode(&int8.encode())?;
+            assert_eq!(back, int8, "case {case}");
+            assert_eq!(FloatModel::decode(&float.encode())?, float, "case {case}");
+            for x in &inputs {
+                assert_eq!(back.predict(x)?, int8.predict(x)?);
             }
         }
         Ok(())
