@@ -201,6 +201,95 @@ fn run_tflm(
     Ok((outputs, report))
 }
 
+/// What a corpus exercised.
+struct Stats {
+    outputs: usize,
+    saturated: usize,
+    rounding_edges: usize,
+}
+
+/// Runs `corpus` through edgeloop's kernel and through TFLM on the exported
+/// `.tflite`; fails unless every output is identical and the file reads back
+/// as intended with TFLite's own schema code.
+fn compare_with_tflm(int8: &Int8Model, corpus: &[Vec<i8>]) -> Result<Stats> {
+    let n_in = int8.n_inputs();
+    let n_out = int8.classes().len();
+    // Our outputs, and where they sit: saturated, or where single rounding
+    // (XNNPACK) would differ from TFLM's double rounding.
+    let out_zp = int8.output_quantization().zero_point;
+    let mut ours: Vec<i8> = Vec::new();
+    let (mut saturated, mut rounding_edges) = (0usize, 0usize);
+    for row in corpus {
+        let logits = int8.logits_quantized(row)?;
+        let accs = int8.accumulators(row)?;
+        for ((logit, acc), (m, s)) in logits.iter().zip(&accs).zip(int8.multipliers()) {
+            saturated += usize::from(*logit == -128 || *logit == 127);
+            rounding_edges += usize::from(single_rounding(*acc, *m, *s, out_zp) != *logit);
+        }
+        ours.extend(logits);
+    }
+
+    let dir = tempfile::tempdir()?;
+    let (theirs, report) = run_tflm(dir.path(), &int8.to_tflite(), corpus, n_in)?;
+
+    // The file as TFLite's own generated schema code reads it.
+    let structure = &report["structure"];
+    ensure!(
+        structure["version"] == 3 && structure["identifier_ok"] == true,
+        "schema version 3, identifier TFL3: {structure}"
+    );
+    ensure!(
+        structure["operators"] == serde_json::json!([9]),
+        "one FULLY_CONNECTED: {structure}"
+    );
+    let weights = &structure["tensors"][1];
+    ensure!(
+        weights["type"] == 9 && weights["scales"] == n_out && weights["quantized_dimension"] == 0,
+        "int8 weights with one scale per class on dimension 0: {structure}"
+    );
+    ensure!(
+        structure["tensors"][2]["type"] == 2,
+        "int32 bias: {structure}"
+    );
+    let standardization: Vec<f64> =
+        serde_json::from_value(structure["metadata"]["edgeloop.standardization"].clone())?;
+    let (mean, std) = int8.standardization();
+    let expected: Vec<f64> = mean.iter().chain(std).map(|v| f64::from(*v)).collect();
+    ensure!(
+        standardization == expected,
+        "standardization metadata: {standardization:?}"
+    );
+    ensure!(
+        report["input"]["zero_points"][0] == int8.input_quantization().zero_point
+            && report["output"]["zero_points"][0] == int8.output_quantization().zero_point,
+        "TFLM read other zero points: {report}"
+    );
+
+    ensure!(
+        theirs.len() == ours.len(),
+        "TFLM gave {} outputs for our {}",
+        theirs.len(),
+        ours.len()
+    );
+    let mismatches: Vec<usize> = (0..ours.len()).filter(|i| ours[*i] != theirs[*i]).collect();
+    if let Some(first) = mismatches.first() {
+        let row = first / n_out;
+        anyhow::bail!(
+            "{} of {} int8 outputs differ from TFLM; first: input row {row} {:?}: ours {:?}, TFLM {:?}",
+            mismatches.len(),
+            ours.len(),
+            corpus[row],
+            &ours[row * n_out..(row + 1) * n_out],
+            &theirs[row * n_out..(row + 1) * n_out]
+        );
+    }
+    Ok(Stats {
+        outputs: ours.len(),
+        saturated,
+        rounding_edges,
+    })
+}
+
 #[test]
 fn int8_kernel_matches_tflite_micro_bit_for_bit_and_stays_close_to_f32() -> Result<()> {
     let mut rng = Rng(0x5eed_0006);
@@ -296,61 +385,91 @@ fn int8_kernel_matches_tflite_micro_bit_for_bit_and_stays_close_to_f32() -> Resu
         }
     }
 
-    // Our outputs, and where they sit: saturated, or where single rounding
-    // (XNNPACK) would differ from TFLM's double rounding.
-    let out_zp = int8.output_quantization().zero_point;
-    let mut ours: Vec<i8> = Vec::new();
-    let (mut saturated, mut rounding_edges) = (0usize, 0usize);
-    for row in &corpus {
-        let logits = int8.logits_quantized(row)?;
-        let accs = int8.accumulators(row)?;
-        for ((logit, acc), (m, s)) in logits.iter().zip(&accs).zip(int8.multipliers()) {
-            saturated += usize::from(*logit == -128 || *logit == 127);
-            rounding_edges += usize::from(single_rounding(*acc, *m, *s, out_zp) != *logit);
-        }
-        ours.extend(logits);
-    }
+    let stats = compare_with_tflm(&int8, &corpus)?;
     println!(
-        "corpus: {} inputs, {} outputs, {} saturated, {} where single rounding would differ",
+        "corpus: {} inputs, {} outputs, {} saturated, {} where single rounding would differ; all identical to TFLM",
         corpus.len(),
-        ours.len(),
-        saturated,
-        rounding_edges
-    );
-    let dir = tempfile::tempdir()?;
-    let tflite = int8.to_tflite();
-    let (theirs, report) = run_tflm(dir.path(), &tflite, &corpus, n_in)?;
-    println!("TFLM read: {report}");
-    ensure!(
-        report["input"]["zero_points"][0] == int8.input_quantization().zero_point,
-        "TFLM read another input zero point: {report}"
+        stats.outputs,
+        stats.saturated,
+        stats.rounding_edges
     );
     ensure!(
-        theirs.len() == ours.len(),
-        "TFLM gave {} outputs for our {}",
-        theirs.len(),
-        ours.len()
+        stats.saturated > 100,
+        "the corpus must exercise saturation ({})",
+        stats.saturated
     );
-    let n_out = int8.classes().len();
-    let mismatches: Vec<usize> = (0..ours.len()).filter(|i| ours[*i] != theirs[*i]).collect();
-    if let Some(first) = mismatches.first() {
-        let row = first / n_out;
-        anyhow::bail!(
-            "{} of {} int8 outputs differ from TFLM; first: input row {row} {:?}: ours {:?}, TFLM {:?}",
-            mismatches.len(),
-            ours.len(),
-            corpus[row],
-            &ours[row * n_out..(row + 1) * n_out],
-            &theirs[row * n_out..(row + 1) * n_out]
-        );
+    ensure!(
+        stats.rounding_edges >= 300,
+        "the corpus must include rounding-edge cases ({})",
+        stats.rounding_edges
+    );
+    Ok(())
+}
+
+/// A model whose requantization multipliers are above one (positive shift,
+/// the left-shift path of MultiplyByQuantizedMultiplier): its rows sum to
+/// (nearly) zero and it is calibrated on inputs along the all-equal
+/// diagonal, so the calibrated logit range is tiny while the input range is
+/// wide. Inputs on the diagonal with one or two values nudged give
+/// mid-range outputs; random inputs saturate.
+#[test]
+fn int8_kernel_matches_tflite_micro_when_multipliers_exceed_one() -> Result<()> {
+    let n_in = feature_set().len();
+    let mut rng = Rng(0x5eed_0106);
+    let mut weights = Vec::new();
+    for _ in 0..CLASSES.len() {
+        let row: Vec<f64> = (0..n_in).map(|_| rng.uniform() * 2.0 - 1.0).collect();
+        let mean = row.iter().sum::<f64>() / n_in as f64;
+        weights.extend(row.iter().map(|w| (w - mean) as f32));
     }
+    let float = FloatModel::new(
+        feature_set(),
+        CLASSES.iter().map(|c| c.to_string()).collect(),
+        vec![0.0; n_in],
+        vec![1.0; n_in],
+        weights,
+        vec![0.008, -0.005, 0.003],
+    )?;
+    let calibration: Vec<Vec<f32>> = (-20..=20).map(|t| vec![t as f32 / 10.0; n_in]).collect();
+    let int8 = Int8Model::decode(&quantize(&float, &calibration)?.encode())?;
+    let shifts: Vec<i32> = int8.multipliers().iter().map(|(_, s)| *s).collect();
+    println!("multipliers: {:?}", int8.multipliers());
     ensure!(
-        saturated > 100,
-        "the corpus must exercise saturation ({saturated})"
+        shifts.iter().all(|s| *s > 0),
+        "the model must have multipliers above one: {shifts:?}"
+    );
+    let mut corpus: Vec<Vec<i8>> = vec![vec![-128; n_in], vec![127; n_in]];
+    for _ in 0..4000 {
+        let base = rng.int8();
+        let mut row = vec![base; n_in];
+        for _ in 0..1 + rng.below(2) {
+            let i = rng.below(n_in);
+            let nudge = rng.below(5) as i32 - 2;
+            row[i] = (i32::from(row[i]) + nudge).clamp(-128, 127) as i8;
+        }
+        corpus.push(row);
+    }
+    for _ in 0..1000 {
+        corpus.push((0..n_in).map(|_| rng.int8()).collect());
+    }
+    let stats = compare_with_tflm(&int8, &corpus)?;
+    let mid = stats.outputs - stats.saturated;
+    println!(
+        "corpus: {} inputs, {} outputs, {} saturated, {} mid-range, {} where single rounding would differ; all identical to TFLM",
+        corpus.len(),
+        stats.outputs,
+        stats.saturated,
+        mid,
+        stats.rounding_edges
     );
     ensure!(
-        rounding_edges >= 300,
-        "the corpus must include rounding-edge cases ({rounding_edges})"
+        mid > 1000,
+        "too few mid-range outputs ({mid}) to test the rounding"
+    );
+    ensure!(
+        stats.saturated > 1000,
+        "too few saturated outputs ({})",
+        stats.saturated
     );
     Ok(())
 }

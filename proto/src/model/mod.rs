@@ -295,6 +295,11 @@ impl Int8Model {
     pub fn n_inputs(&self) -> usize {
         self.features.len()
     }
+    /// The standardization applied before input quantization: per-feature
+    /// `(mean, std)`.
+    pub fn standardization(&self) -> (&[f32], &[f32]) {
+        (&self.mean, &self.std)
+    }
     /// Quantization of the (standardized) input tensor.
     pub fn input_quantization(&self) -> QuantParams {
         self.input
