@@ -213,9 +213,11 @@ impl QuantParams {
     }
 
     /// TFLite's QUANTIZE: `clamp(round(x / scale) + zero_point, -128, 127)`,
-    /// `round` halving away from zero (`std::round`).
+    /// `round` halving away from zero (`std::round`). A quotient beyond the
+    /// integer range (or infinite) saturates; NaN gives the zero point.
     pub fn quantize(&self, x: f32) -> i8 {
-        let q = (x / self.scale).round() as i64 + i64::from(self.zero_point);
+        // `as i64` saturates, so the sum must too (found by fuzzing).
+        let q = ((x / self.scale).round() as i64).saturating_add(i64::from(self.zero_point));
         q.clamp(-128, 127) as i8
     }
 

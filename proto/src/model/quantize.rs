@@ -187,6 +187,18 @@ mod tests {
     }
 
     #[test]
+    fn quantize_saturates_instead_of_overflowing() {
+        let p = QuantParams {
+            scale: f32::MIN_POSITIVE,
+            zero_point: 127,
+        };
+        assert_eq!(p.quantize(1e30), 127);
+        assert_eq!(p.quantize(f32::MAX), 127);
+        assert_eq!(p.quantize(-1e30), -128);
+        assert_eq!(p.quantize(f32::NAN), 127);
+    }
+
+    #[test]
     fn no_calibration_data_is_an_error() -> Result<(), ModelError> {
         assert_eq!(quantize(&model()?, &[]), Err(ModelError::NoCalibrationData));
         Ok(())
