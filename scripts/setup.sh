@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what edgeloop needs beyond cargo's own dependencies, once:
 # the Tansu Kafka-API broker that `edgeloop up` and the tests start, the
-# Python readers (DuckDB, pyarrow) the tests check the data set with, and
+# Python readers (DuckDB, pyarrow) the tests check the data set with,
+# TensorFlow Lite Micro's interpreter (tflite-micro) for the int8 model test, and
 # kubernetes-validate for the offline checks of k8s/ (tests/tests/k8s.rs;
 # they also need kubectl, which this script does not install).
 # Skipped when tansu is already installed. Building it from scratch takes
@@ -40,3 +41,6 @@ pip_pinned paho-mqtt 2.2.0
 pip_pinned kubernetes-validate 1.37.0
 # A real SVG renderer: the report test renders `edgeloop report`'s picture.
 pip_pinned resvg-cli 0.44.0
+# tflite-micro: TensorFlow Lite Micro's interpreter, the reference the int8
+# kernel must match bit for bit on the exported .tflite (tests/tests/tflite.rs).
+pip_pinned tflite-micro 0.dev20261023182759
