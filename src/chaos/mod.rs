@@ -42,7 +42,8 @@ use verify::{Counts, DeviceCounts, DeviceRecord};
                   `edgeloop agent` per device, every device reaching the broker through a link \
                   proxy of its own. For --duration it injects faults at random times from a \
                   seeded RNG (the seed is printed; --seed replays the schedule): SIGKILL and \
-                  restart of the broker, the processor, Tansu or a random agent; a device's link \
+                  restart of the broker, the processor, Tansu, all three at once, or a random agent; \
+                  a device's link \
                   cut for a while; and the small spool of device 0 filled by a long cut, so that \
                   it evicts and reports the loss.\n\n\
                   Then it stops the faults, stops the agents cleanly (each sends what it holds \
@@ -114,15 +115,17 @@ enum Fault {
     KillAgent,
     CutLink,
     FillSpool,
+    KillCloud,
 }
 
-const FAULTS: [Fault; 6] = [
+const FAULTS: [Fault; 7] = [
     Fault::KillBroker,
     Fault::KillProcessor,
     Fault::KillKafka,
     Fault::KillAgent,
     Fault::CutLink,
     Fault::FillSpool,
+    Fault::KillCloud,
 ];
 
 #[derive(Debug, Clone, Serialize)]
@@ -530,6 +533,18 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
                     stack.agents[i].kill9().await;
                     tokio::time::sleep(downtime).await;
                     stack.agents[i].start()?;
+                }
+                Fault::KillCloud => {
+                    // The whole cloud side at once (a power cut of its
+                    // host); back in dependency order.
+                    downtime = down(&mut rng, args.max_down);
+                    stack.processor.kill9().await;
+                    stack.broker.kill9().await;
+                    stack.kafka.kill_keeping_storage().await;
+                    tokio::time::sleep(downtime).await;
+                    stack.start_kafka().await;
+                    stack.start_broker().await;
+                    stack.processor.start()?;
                 }
                 Fault::CutLink | Fault::FillSpool => {
                     let i = if fault == Fault::FillSpool {

@@ -96,6 +96,7 @@ async fn chaos_soak_lands_every_fsynced_reading_once_or_reports_it_lost() -> Res
         "kill_agent",
         "cut_link",
         "fill_spool",
+        "kill_cloud",
     ] {
         ensure!(
             report["faults"][fault].as_u64().unwrap_or(0) >= 1,
