@@ -691,6 +691,13 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
 
     let data = verify::read_dataset(&parquet)?;
     let (counts, per_device) = verify::verify(&records, &data);
+    if shutdown.is_cancelled() {
+        stack.problems.push(
+            "interrupted by a signal before --duration ended (Tansu, in the soak's process \
+             group, may have been stopped by it too)"
+                .into(),
+        );
+    }
     let mut failures = counts.failures();
     failures.extend(stack.problems.iter().cloned());
     let mut faults: BTreeMap<Fault, u64> = FAULTS.iter().map(|f| (*f, 0)).collect();

@@ -47,6 +47,10 @@ impl Proc {
                 command.env_remove(key);
             }
         }
+        // A process group of its own: a Ctrl-C meant for the soak does not
+        // reach it (the soak stops it in order itself).
+        #[cfg(unix)]
+        command.process_group(0);
         let child = command
             .args(&self.args)
             .env("EDGELOOP_LOG", "info")
