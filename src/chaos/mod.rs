@@ -804,7 +804,7 @@ fn print_counts(c: &Counts, per_device: &[DeviceCounts]) {
     println!(
         "readings offered {}  landed {}  duplicated {}  lost-and-reported {}  lost-unexplained {}  \
          still spooled {}  (reported but landed {}, unexpected rows {}, pending loss reports {}, \
-         spool problems {})",
+         spool problems {}, undrained devices {})",
         c.offered,
         c.landed,
         c.duplicated,
@@ -814,7 +814,8 @@ fn print_counts(c: &Counts, per_device: &[DeviceCounts]) {
         c.reported_but_landed,
         c.unexpected_rows,
         c.pending_loss_reports,
-        c.spool_problems
+        c.spool_problems,
+        c.undrained_devices
     );
     for d in per_device {
         println!(

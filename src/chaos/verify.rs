@@ -182,6 +182,9 @@ pub struct Counts {
     pub pending_loss_reports: u64,
     /// Problems found in the devices' spools. Must be 0.
     pub spool_problems: u64,
+    /// Devices whose ack watermark stayed below their next seq (the spool
+    /// did not drain, even if the readings landed). Must be 0.
+    pub undrained_devices: u64,
 }
 
 impl Counts {
@@ -196,6 +199,7 @@ impl Counts {
         self.unexpected_rows += o.unexpected_rows;
         self.pending_loss_reports += o.pending_loss_reports;
         self.spool_problems += o.spool_problems;
+        self.undrained_devices += o.undrained_devices;
     }
 
     /// The invariants that failed, as sentences (empty: all hold).
@@ -224,6 +228,10 @@ impl Counts {
             "loss reports still unacknowledged on their device",
         );
         check(self.spool_problems, "problems in the devices' spools");
+        check(
+            self.undrained_devices,
+            "devices whose ack watermark stayed below their next seq",
+        );
         out
     }
 }
@@ -264,6 +272,7 @@ pub fn verify(devices: &[DeviceRecord], data: &Dataset) -> (Counts, Vec<DeviceCo
             offered: d.next_seq,
             pending_loss_reports: d.pending_loss_reports as u64,
             spool_problems: d.spool_problems as u64,
+            undrained_devices: u64::from(d.acked < d.next_seq),
             ..Counts::default()
         };
         let mut first_unexplained = Vec::new();
@@ -343,7 +352,8 @@ mod tests {
         assert_eq!(total.unexpected_rows, 2); // seq 7 and the ghost device
         assert_eq!(per[0].first_unexplained, vec![4]);
         assert_eq!(per[0].first_duplicated, vec![2]);
-        assert_eq!(total.failures().len(), 4);
+        assert_eq!(total.undrained_devices, 1);
+        assert_eq!(total.failures().len(), 5);
     }
 
     #[test]

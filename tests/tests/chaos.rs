@@ -85,6 +85,7 @@ async fn chaos_soak_lands_every_fsynced_reading_once_or_reports_it_lost() -> Res
         "unexpected_rows",
         "pending_loss_reports",
         "spool_problems",
+        "undrained_devices",
     ] {
         ensure!(count(&report, key)? == 0, "{key} is not 0; {}", context());
     }
