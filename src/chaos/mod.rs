@@ -232,10 +232,11 @@ impl Stack {
             self.problems.push(format!("{e:#}"));
             return;
         }
-        if !wait_listening(self.mqtt, Duration::from_secs(90)).await {
+        // It waits up to 2 minutes for Kafka to answer at start-up.
+        if !wait_listening(self.mqtt, Duration::from_secs(150)).await {
             self.broker.note_exit();
             self.problems
-                .push("the broker did not listen within 90 s of a restart".into());
+                .push("the broker did not listen within 150 s of a restart".into());
         }
     }
 
@@ -256,8 +257,10 @@ impl Stack {
             })
     }
 
-    /// Records parts that exited by themselves and starts them again.
-    async fn revive(&mut self) {
+    /// Records parts that exited by themselves and starts every part that
+    /// is not running again (the agents too unless `agents` is false: at the
+    /// end they are stopped on purpose).
+    async fn revive(&mut self, agents: bool) {
         let kafka_addr = self.kafka.bootstrap().parse::<SocketAddr>();
         if let Ok(addr) = kafka_addr {
             if tokio::net::TcpStream::connect(addr).await.is_err() {
@@ -267,18 +270,20 @@ impl Stack {
                 self.start_kafka().await;
             }
         }
-        if self.broker.note_exit() {
+        if self.broker.note_exit() || !self.broker.running() {
             self.start_broker().await;
         }
-        if self.processor.note_exit() {
+        if self.processor.note_exit() || !self.processor.running() {
             if let Err(e) = self.processor.start() {
                 self.problems.push(format!("{e:#}"));
             }
         }
-        for agent in &mut self.agents {
-            if agent.note_exit() {
-                if let Err(e) = agent.start() {
-                    self.problems.push(format!("{e:#}"));
+        if agents {
+            for agent in &mut self.agents {
+                if agent.note_exit() || !agent.running() {
+                    if let Err(e) = agent.start() {
+                        self.problems.push(format!("{e:#}"));
+                    }
                 }
             }
         }
@@ -499,7 +504,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
             next_progress = now + Duration::from_secs(10);
         }
         if now >= next_fault {
-            stack.revive().await;
+            stack.revive(true).await;
             let fault = match first_round.pop() {
                 Some(f) => f,
                 None => FAULTS[rng.gen_range(0..FAULTS.len())],
@@ -618,7 +623,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
     for link in &stack.links {
         link.restore();
     }
-    stack.revive().await;
+    stack.revive(true).await;
     out.line(&format!(
         "{:>7.1}s  faults over ({} injected); links restored, agents stopping: they send what they hold",
         start.elapsed().as_secs_f64(),
@@ -653,7 +658,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
     let dataset_deadline = dataset_start + args.recovery_timeout;
     let parquet = dir.join("parquet");
     loop {
-        stack.revive().await;
+        stack.revive(false).await;
         let data = verify::read_dataset(&parquet)?;
         let (counts, _) = verify::verify(&records, &data);
         if counts.lost_unexplained == 0 || Instant::now() >= dataset_deadline {
