@@ -4,6 +4,7 @@
 mod config_env;
 mod report;
 mod ctl;
+mod chaos;
 mod up;
 
 use std::net::SocketAddr;
@@ -50,6 +51,10 @@ enum Command {
     /// broker and its Kafka bridge, the stream processor, and a fleet of
     /// simulated devices. Prints progress; Ctrl-C stops everything in order.
     Up(up::UpArgs),
+    /// The chaos soak: a whole stack as child processes, killed, restarted
+    /// and cut off at random (seeded) for a while, then checked: every reading
+    /// a device fsynced is in Parquet exactly once or reported lost.
+    Chaos(chaos::ChaosArgs),
     /// Run the MQTT broker and its bridge to Kafka.
     ///
     /// Devices publish readings on telemetry/{device}; the bridge produces
@@ -371,6 +376,7 @@ async fn main() -> Result<()> {
     let shutdown = shutdown_signal();
     match cli.command {
         Command::Up(args) => up::run(args, shutdown).await,
+        Command::Chaos(args) => chaos::run(args, shutdown).await,
         Command::Broker(args) => {
             if let Some(BrokerCommand::AddDevice {
                 id,

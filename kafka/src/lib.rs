@@ -66,6 +66,9 @@ pub enum Error {
     },
     #[error("could not create Kafka topic {topic}: {reason}")]
     CreateTopic { topic: String, reason: String },
+    /// The creation request got no answer (retried by [`ensure_topics`]).
+    #[error("Kafka did not answer the creation of topic {topic}: {reason}")]
+    Unanswered { topic: String, reason: String },
 }
 
 impl KafkaConfig {
@@ -135,14 +138,60 @@ fn admin(config: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, Erro
         })
 }
 
+/// How long [`ensure_topics`] keeps trying while Kafka does not answer (it
+/// is down, or starting, or too slow to answer within the admin request's
+/// 30 s): a broker or processor started while Kafka restarts waits for it
+/// instead of exiting at once. Found by `edgeloop chaos`: a broker restarted
+/// just after Tansu exited at start-up with `OperationTimedOut`.
+pub const CREATE_TOPICS_RETRY_FOR: Duration = Duration::from_secs(120);
+
 async fn create_topics(
     config: &KafkaConfig,
     topics: &[&str],
     topic_config: &[(&str, &str)],
 ) -> Result<(), Error> {
+    create_topics_within(config, topics, topic_config, CREATE_TOPICS_RETRY_FOR).await
+}
+
+/// [`create_topics`], retrying a request that fails as a whole (no answer,
+/// time-out) with a growing pause (1 s, 2 s, … 5 s) for up to `retry_for`.
+/// A per-topic refusal is final.
+async fn create_topics_within(
+    config: &KafkaConfig,
+    topics: &[&str],
+    topic_config: &[(&str, &str)],
+    retry_for: Duration,
+) -> Result<(), Error> {
     if !config.create_topics {
         return Ok(());
     }
+    let deadline = tokio::time::Instant::now() + retry_for;
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match create_topics_once(config, topics, topic_config).await {
+            Err(Error::Unanswered { topic, reason })
+                if tokio::time::Instant::now() + pause < deadline =>
+            {
+                tracing::warn!(%topic, %reason, retry_in = ?pause, "Kafka did not answer the topic creation; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(Error::Unanswered { topic, reason }) => {
+                return Err(Error::CreateTopic {
+                    topic,
+                    reason: format!("{reason} (Kafka did not answer for {retry_for:?})"),
+                })
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn create_topics_once(
+    config: &KafkaConfig,
+    topics: &[&str],
+    topic_config: &[(&str, &str)],
+) -> Result<(), Error> {
     let admin = admin(config)?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
@@ -161,7 +210,7 @@ async fn create_topics(
     let results = admin
         .create_topics(new_topics.iter(), &options)
         .await
-        .map_err(|e| Error::CreateTopic {
+        .map_err(|e| Error::Unanswered {
             topic: topics.join(","),
             reason: e.to_string(),
         })?;
@@ -215,5 +264,35 @@ async fn warn_unless_compacted(config: &KafkaConfig, topics: &[&str]) {
                 tracing::debug!(%topic, error = %e, "could not describe the topic's config")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn topic_creation_retries_while_kafka_does_not_answer_then_names_the_topic(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        // A port nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let config = KafkaConfig {
+            bootstrap_servers: format!("127.0.0.1:{port}"),
+            librdkafka_options: [("socket.timeout.ms".to_string(), "2000".to_string())]
+                .into_iter()
+                .collect(),
+            ..KafkaConfig::default()
+        };
+        let started = std::time::Instant::now();
+        let result = create_topics_within(&config, &["t1"], &[], Duration::from_secs(4)).await;
+        let Err(Error::CreateTopic { topic, reason }) = result else {
+            return Err(format!("expected CreateTopic, got {result:?}").into());
+        };
+        assert_eq!(topic, "t1");
+        assert!(reason.contains("did not answer"), "{reason}");
+        assert!(started.elapsed() >= Duration::from_secs(1), "no retry");
+        Ok(())
     }
 }
