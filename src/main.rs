@@ -1,6 +1,7 @@
 //! `edgeloop`: one binary, a subcommand per component. Each subcommand only
 //! parses its config and calls a library's `run(config, shutdown, …)`.
 
+mod bench;
 mod up;
 
 use std::net::SocketAddr;
@@ -47,6 +48,10 @@ enum Command {
     /// broker and its Kafka bridge, the stream processor, and a fleet of
     /// simulated devices. Prints progress; Ctrl-C stops everything in order.
     Up(up::UpArgs),
+    /// Load-test a stack with a simulated fleet (thousands of devices, each
+    /// its own MQTT connection and spool) and report throughput, latency,
+    /// CPU, memory and spool backlogs; `--local DIR` starts the stack too.
+    Bench(bench::BenchArgs),
     /// Run the MQTT broker and its bridge to Kafka.
     ///
     /// Devices publish readings on telemetry/{device}; the bridge produces
@@ -352,6 +357,7 @@ async fn main() -> Result<()> {
     let shutdown = shutdown_signal();
     match cli.command {
         Command::Up(args) => up::run(args, shutdown).await,
+        Command::Bench(args) => bench::run(args, shutdown).await,
         Command::Broker(args) => {
             if let Some(BrokerCommand::AddDevice {
                 id,
