@@ -126,6 +126,12 @@ pub struct BenchArgs {
     /// Print the final report as JSON on stdout (progress stays on stderr).
     #[arg(long)]
     json: bool,
+    /// Also run one device as its own `edgeloop agent` process (id
+    /// `{prefix}.probe`, same rate and batch size, the simulator's 3
+    /// channels), watched as `agent-probe`: the resident memory of a real
+    /// agent under this load. Its readings are not in the fleet's counts.
+    #[arg(long)]
+    probe_agent: bool,
     /// With --local: Tansu's storage in memory instead of SQLite (not durable).
     #[arg(long, requires = "local")]
     tansu_memory: bool,
@@ -494,7 +500,7 @@ async fn bench(
     broker_metrics: Option<SocketAddr>,
     credentials: Option<PathBuf>,
     spool_default: PathBuf,
-    watched: &mut [Watched],
+    watched: &mut Vec<Watched>,
     stack: &mut Option<local::LocalStack>,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -513,7 +519,10 @@ async fn bench(
     let passwords = match &credentials {
         Some(file) => {
             let file = file.clone();
-            let ids = ids.to_vec();
+            let mut ids = ids.to_vec();
+            if args.probe_agent {
+                ids.push(format!("{prefix}.probe"));
+            }
             eprintln!(
                 "provisioning {} device credentials in {}",
                 ids.len(),
@@ -542,7 +551,7 @@ async fn bench(
         std::thread::Builder::new()
             .name("bench-parquet".into())
             .spawn(move || {
-                let mut scan = ParquetScan::new(&root, &prefix, bench_start_wall);
+                let mut scan = ParquetScan::new(&root, &format!("{prefix}-"), bench_start_wall);
                 loop {
                     let done = stop.is_cancelled();
                     let result = scan.scan();
@@ -608,6 +617,32 @@ async fn bench(
         if credentials.is_some() { ", with credentials" } else { ", anonymous" },
     );
 
+    let mut probe = None;
+    if args.probe_agent {
+        let id = format!("{prefix}.probe");
+        let exe = std::env::current_exe().context("finding the edgeloop binary")?;
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.args(["agent", "--device-id", &id, "--mqtt"])
+            .arg(format!("{host}:{port}"))
+            .arg("--rate")
+            .arg(args.rate.to_string())
+            .arg("--batch-size")
+            .arg(args.batch_size.to_string())
+            .arg("--spool-dir")
+            .arg(spool_root.join(&id))
+            .env("EDGELOOP_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if let Some(password) = passwords.get(&id) {
+            cmd.env("EDGELOOP_MQTT_PASSWORD", password);
+        }
+        let child = cmd.spawn().context("starting the probe agent")?;
+        if let Some(pid) = child.id() {
+            watched.push(Watched::new("agent-probe", pid));
+        }
+        probe = Some(child);
+    }
     let step_micros = 1e6 / args.rate;
     let start = Instant::now();
     let warm_at = args.duration.as_secs_f64() * args.warmup;
@@ -803,6 +838,9 @@ async fn bench(
             Ok(Err(e)) => failures.push(format!("a device failed: {e}")),
             Err(e) => failures.push(format!("a device task failed: {e}")),
         }
+    }
+    if let Some(mut p) = probe {
+        let _ = p.kill().await;
     }
     scan_stop.cancel();
     if let Some(t) = scanner {
