@@ -919,7 +919,9 @@ async fn bench(
             "devices_with_acknowledged_readings_not_landed": has_parquet.then_some(not_landed.len()),
             "all_acknowledged_landed": has_parquet.then_some(not_landed.is_empty()),
             "drained_after_s": drained_at.map(|d| round1(d - run_end.at)),
-            "spool_backlog_sum": final_totals.backlog_sum,
+            // Readings the devices took but never saw acknowledged: they
+            // stay in the spools (a device sends them on its next start).
+            "unacknowledged_left_in_spools": final_totals.offered.saturating_sub(final_totals.acked),
         },
         "latency": {
             "reading_to_ack": quantiles_json(ack_all.quantiles()),
@@ -931,7 +933,7 @@ async fn bench(
         "spool_backlog": {
             "peak_sum": backlog_peak_sum,
             "peak_device_max": backlog_peak_max,
-            "end_sum": final_totals.backlog_sum,
+            "end_of_run_sum": run_end.backlog_sum,
         },
         "readings_lost_by_spools": lost,
         "reconnects": reconnects,
@@ -977,7 +979,7 @@ fn summary_text(r: &serde_json::Value) -> String {
          after drain    acknowledged {}  landed {}  all acknowledged landed: {}  (drained {} s after the run)\n\
          reading→ack    {}  [steady: {}]\n\
          reading→Parquet {}  [steady: {}]\n\
-         spool backlog  peak sum {}  peak per device {}  end {}\n",
+         spool backlog  peak sum {}  peak per device {}  at end of run {}  unacknowledged left in spools {}\n",
         r["config"]["devices"],
         r["config"]["rate_per_device"],
         r["config"]["batch_size"],
@@ -1002,7 +1004,8 @@ fn summary_text(r: &serde_json::Value) -> String {
         q(&r["latency"]["reading_to_parquet_steady"]),
         r["spool_backlog"]["peak_sum"],
         r["spool_backlog"]["peak_device_max"],
-        r["spool_backlog"]["end_sum"],
+        r["spool_backlog"]["end_of_run_sum"],
+        r["after_drain"]["unacknowledged_left_in_spools"],
     );
     if let Some(procs) = r["processes"].as_array() {
         for p in procs {

@@ -165,7 +165,7 @@ async fn bench_with_provisioned_credentials_reports_every_acknowledged_reading_l
         "{drained}"
     );
     ensure!(
-        u(&report, &["after_drain", "spool_backlog_sum"])? == 0,
+        u(&report, &["after_drain", "unacknowledged_left_in_spools"])? == 0,
         "{drained}"
     );
     // Latencies: one per acknowledged and per landed reading.
