@@ -51,6 +51,13 @@ enum Command {
     /// Load-test a stack with a simulated fleet (thousands of devices, each
     /// its own MQTT connection and spool) and report throughput, latency,
     /// CPU, memory and spool backlogs; `--local DIR` starts the stack too.
+    ///
+    /// Against a running stack: --mqtt HOST:PORT; --parquet-root (a local
+    /// data set) and/or --processor-metrics for what landed; --pid NAME=PID
+    /// for CPU and memory; --provision-credentials FILE unless the broker
+    /// allows anonymous devices. Progress goes to stderr every few seconds,
+    /// the final report to stdout (--json for machines). How it measures:
+    /// docs/benchmarks.md, "Fleet benchmark".
     Bench(bench::BenchArgs),
     /// Run the MQTT broker and its bridge to Kafka.
     ///

@@ -39,17 +39,6 @@ use latency::{Histogram, Quantiles};
 use parquet_scan::ParquetScan;
 
 #[derive(clap::Args, Debug)]
-#[command(
-    long_about = "Runs a simulated fleet against a running stack and reports, every few seconds \
-                  and at the end: readings per second offered (taken by the devices), \
-                  acknowledged (end-to-end ack) and landed in Parquet; reading-to-ack and \
-                  reading-to-Parquet latency (p50/p99/max); CPU and memory of the stack's \
-                  processes; the devices' spool backlogs. --json prints the final report as JSON \
-                  on stdout. See docs/benchmarks.md (\"Fleet benchmark\").\n\n\
-                  Against a running stack: --mqtt HOST:PORT, and --parquet-root (local data set) \
-                  and/or --processor-metrics for what landed, --pid NAME=PID for CPU and memory. \
-                  With --local DIR it starts Tansu, the broker and the processor itself."
-)]
 pub struct BenchArgs {
     /// Start the whole stack here (Tansu, `edgeloop broker`, `edgeloop
     /// processor`, each its own process) with its data and logs under DIR,
