@@ -5,6 +5,7 @@ mod config_env;
 mod report;
 mod ctl;
 mod chaos;
+mod bench;
 mod up;
 
 use std::net::SocketAddr;
@@ -55,6 +56,17 @@ enum Command {
     /// and cut off at random (seeded) for a while, then checked: every reading
     /// a device fsynced is in Parquet exactly once or reported lost.
     Chaos(chaos::ChaosArgs),
+    /// Load-test a stack with a simulated fleet (thousands of devices, each
+    /// its own MQTT connection and spool) and report throughput, latency,
+    /// CPU, memory and spool backlogs; `--local DIR` starts the stack too.
+    ///
+    /// Against a running stack: --mqtt HOST:PORT; --parquet-root (a local
+    /// data set) and/or --processor-metrics for what landed; --pid NAME=PID
+    /// for CPU and memory; --provision-credentials FILE unless the broker
+    /// allows anonymous devices. Progress goes to stderr every few seconds,
+    /// the final report to stdout (--json for machines). How it measures:
+    /// docs/benchmarks.md, "Fleet benchmark".
+    Bench(bench::BenchArgs),
     /// Run the MQTT broker and its bridge to Kafka.
     ///
     /// Devices publish readings on telemetry/{device}; the bridge produces
@@ -377,6 +389,7 @@ async fn main() -> Result<()> {
     match cli.command {
         Command::Up(args) => up::run(args, shutdown).await,
         Command::Chaos(args) => chaos::run(args, shutdown).await,
+        Command::Bench(args) => bench::run(args, shutdown).await,
         Command::Broker(args) => {
             if let Some(BrokerCommand::AddDevice {
                 id,

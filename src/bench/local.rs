@@ -1,0 +1,188 @@
+//! `edgeloop bench --local DIR`: the whole stack on this machine, each part
+//! its own process so that its CPU and memory can be told apart: a Tansu
+//! Kafka-API broker, `edgeloop broker` (MQTT broker, gate and Kafka bridge)
+//! and `edgeloop processor`, on free loopback ports, with their data and
+//! logs under DIR.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use edgeloop_kafka::local::LocalKafka;
+use tokio::process::{Child, Command};
+
+pub struct LocalStack {
+    pub kafka: LocalKafka,
+    pub broker: Child,
+    pub processor: Child,
+    pub mqtt: SocketAddr,
+    pub broker_metrics: SocketAddr,
+    pub processor_metrics: SocketAddr,
+    pub parquet_root: PathBuf,
+    pub credentials: PathBuf,
+}
+
+/// Options of the local stack.
+pub struct LocalOptions {
+    pub dir: PathBuf,
+    pub tansu_bin: Option<PathBuf>,
+    pub tansu_memory: bool,
+    pub channels: Vec<String>,
+    pub file_max_age: Duration,
+    /// Whether the shipped labelling rules apply (they name the default
+    /// simulator channels).
+    pub rules: bool,
+}
+
+fn free_addr() -> Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?)
+}
+
+fn spawn(name: &str, args: &[String], dir: &Path) -> Result<Child> {
+    let exe = std::env::current_exe().context("finding the edgeloop binary")?;
+    let log = dir.join(format!("logs/{name}.log"));
+    let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    Command::new(&exe)
+        .args(args)
+        .env("EDGELOOP_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {} {name}", exe.display()))
+}
+
+impl LocalStack {
+    pub async fn start(opts: &LocalOptions) -> Result<LocalStack> {
+        let dir = std::path::absolute(&opts.dir)
+            .with_context(|| format!("resolving {}", opts.dir.display()))?;
+        for sub in ["kafka", "logs", "broker"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+        }
+        let bin = opts
+            .tansu_bin
+            .clone()
+            .or_else(|| {
+                let home = std::env::var_os("HOME").map(PathBuf::from);
+                edgeloop_kafka::local::find_tansu(
+                    std::env::var_os("PATH").as_deref(),
+                    home.as_deref(),
+                )
+            })
+            .unwrap_or_else(|| PathBuf::from("tansu"));
+        let storage = if opts.tansu_memory {
+            "memory://tansu/".to_string()
+        } else {
+            // Tansu reads the URL path as relative; one more slash makes it absolute.
+            format!("sqlite:///{}", dir.join("kafka/tansu.db").display())
+        };
+        let kafka = LocalKafka::start(&bin, free_addr()?, &storage, &dir.join("kafka/tansu.log"))
+            .await
+            .with_context(|| format!("starting Tansu ({})", bin.display()))?;
+        let bootstrap = kafka.bootstrap();
+        eprintln!("Kafka-API broker (Tansu, {storage}) on {bootstrap}");
+
+        let mqtt = free_addr()?;
+        let broker_metrics = free_addr()?;
+        let processor_metrics = free_addr()?;
+        let credentials = dir.join("broker/credentials.toml");
+        if !credentials.exists() {
+            edgeloop_broker::gate::credentials::CredentialsFile::default().write(&credentials)?;
+        }
+        let s = |v: &str| v.to_string();
+        let mut broker = spawn(
+            "broker",
+            &[
+                s("broker"),
+                s("--listen"),
+                mqtt.to_string(),
+                s("--kafka"),
+                bootstrap.clone(),
+                s("--credentials"),
+                credentials.display().to_string(),
+                s("--metrics-listen"),
+                broker_metrics.to_string(),
+            ],
+            &dir,
+        )?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while tokio::net::TcpStream::connect(mqtt).await.is_err() {
+            if let Some(status) = broker.try_wait()? {
+                bail!(
+                    "the broker exited ({status}) during start-up; see {}",
+                    dir.join("logs/broker.log").display()
+                );
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the broker's MQTT listener {mqtt} did not open within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!("MQTT broker on {mqtt}, metrics on {broker_metrics}");
+
+        let parquet_root = dir.join("parquet");
+        let mut args = vec![
+            s("processor"),
+            s("--kafka"),
+            bootstrap,
+            s("--parquet-root"),
+            parquet_root.display().to_string(),
+            s("--group-id"),
+            s("edgeloop-bench"),
+            s("--instance-id"),
+            s("edgeloop-bench-0"),
+            s("--metrics-listen"),
+            processor_metrics.to_string(),
+            s("--max-age"),
+            humantime::format_duration(opts.file_max_age).to_string(),
+            s("--channels"),
+            opts.channels.join(","),
+        ];
+        if opts.rules {
+            let rules = dir.join("rules.toml");
+            if !rules.exists() {
+                std::fs::write(&rules, include_str!("../../config/rules.example.toml"))
+                    .with_context(|| format!("writing {}", rules.display()))?;
+            }
+            args.extend([s("--rules"), rules.display().to_string()]);
+        }
+        let processor = spawn("processor", &args, &dir)?;
+        eprintln!(
+            "Stream processor writing Parquet under {}, metrics on {processor_metrics}",
+            parquet_root.display()
+        );
+        Ok(LocalStack {
+            kafka,
+            broker,
+            processor,
+            mqtt,
+            broker_metrics,
+            processor_metrics,
+            parquet_root,
+            credentials,
+        })
+    }
+
+    /// Fails if the broker or the processor has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.broker.try_wait()? {
+            bail!("the broker exited ({status}); see its log under logs/broker.log");
+        }
+        if let Some(status) = self.processor.try_wait()? {
+            bail!("the processor exited ({status}); see its log under logs/processor.log");
+        }
+        Ok(())
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.broker.kill().await;
+        let _ = self.processor.kill().await;
+        self.kafka.stop(Duration::from_secs(5)).await;
+    }
+}
