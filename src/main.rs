@@ -1,11 +1,11 @@
 //! `edgeloop`: one binary, a subcommand per component. Each subcommand only
 //! parses its config and calls a library's `run(config, shutdown, …)`.
 
-mod config_env;
-mod report;
-mod ctl;
-mod chaos;
 mod bench;
+mod chaos;
+mod config_env;
+mod ctl;
+mod report;
 mod up;
 
 use std::net::SocketAddr;

@@ -15,9 +15,9 @@
 //! nowhere else, so the two sides cannot drift apart.
 
 pub mod device_id;
-pub mod signing;
 pub mod features;
 pub mod model;
+pub mod signing;
 pub mod topics;
 
 /// Generated protobuf types, package `edgeloop.v1`.
