@@ -38,3 +38,6 @@ pip_pinned paho-mqtt 2.2.0
 # kubernetes-validate: validates the rendered k8s/ overlays offline (it ships
 # the Kubernetes schemas), in tests/tests/k8s.rs.
 pip_pinned kubernetes-validate 1.37.0
+# tflite-micro: TensorFlow Lite Micro's interpreter, the reference the int8
+# kernel must match bit for bit on the exported .tflite (tests/tests/tflite.rs).
+pip_pinned tflite-micro 0.dev20261023182759

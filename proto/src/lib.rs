@@ -4,11 +4,17 @@
 //!   (`ReadingBatch`, `Ack`, `DeviceStatus`, `ModelUpdate`, `LossReport`).
 //! - [`topics`]: every MQTT topic and Kafka topic name, in one place.
 //! - [`device_id`]: what a device id may look like.
+//! - [`features`]: the features a model sees, computed from a window of
+//!   readings (one function for trainer and device).
+//! - [`model`]: the float model, its int8 quantization the TFLite way, the
+//!   integer-only kernel, the artifact formats and the `.tflite` export.
 //!
 //! Code that both the device and the cloud run lives in this crate and
 //! nowhere else, so the two sides cannot drift apart.
 
 pub mod device_id;
+pub mod features;
+pub mod model;
 pub mod topics;
 
 /// Generated protobuf types, package `edgeloop.v1`.
