@@ -213,6 +213,13 @@ struct ProcessorArgs {
     /// Close a Parquet file (and commit its offsets) once it is this old, e.g. `10s`.
     #[arg(long, env = "EDGELOOP_SINK_MAX_AGE", value_parser = humantime::parse_duration)]
     max_age: Option<Duration>,
+    /// Train models on the labelled readings (config `trainer.enabled`; needs
+    /// rules and `[[trainer.profiles]]`, see docs/training.md).
+    #[arg(long, env = "EDGELOOP_TRAINER", num_args = 0..=1, default_missing_value = "true")]
+    trainer: Option<bool>,
+    /// Where the trainer writes decisions.jsonl and models/{task}/{profile}/v{N}.bin.
+    #[arg(long, env = "EDGELOOP_TRAINER_DIR")]
+    trainer_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -445,6 +452,12 @@ async fn main() -> Result<()> {
             }
             if let Some(age) = args.max_age {
                 config.sink.max_age = age;
+            }
+            if let Some(enabled) = args.trainer {
+                config.trainer.enabled = enabled;
+            }
+            if let Some(dir) = args.trainer_dir {
+                config.trainer.dir = dir;
             }
             let stats = Arc::new(edgeloop_processor::ProcessorStats::default());
             edgeloop_processor::run(config, shutdown, stats).await?;

@@ -38,6 +38,8 @@ pub struct ProcessorConfig {
     pub channels: Vec<String>,
     /// Where to serve `/metrics`, `/healthz` and `/readyz` (none: not served).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Training, device profiles and the quality gate (docs/training.md).
+    pub trainer: crate::trainer::TrainerConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -70,6 +72,7 @@ impl Default for ProcessorConfig {
             rules_check_interval: Duration::from_secs(2),
             channels: Vec::new(),
             metrics_listen: None,
+            trainer: crate::trainer::TrainerConfig::default(),
         }
     }
 }
@@ -111,6 +114,12 @@ impl ProcessorConfig {
         if self.sink.max_age.is_zero() {
             return Err("sink.max_age: must be longer than zero".into());
         }
+        self.trainer.validate()?;
+        if self.trainer.enabled && self.rules_file.is_none() {
+            return Err(
+                "trainer.enabled: the trainer learns the rules' labels; set rules_file too".into(),
+            );
+        }
         Ok(())
     }
 }
@@ -124,6 +133,26 @@ mod tests {
         let text = include_str!("../../config/processor.example.toml");
         let config: ProcessorConfig = toml::from_str(text).expect("example parses");
         config.validate().expect("example validates");
+        let t = &config.trainer;
+        let numerics: Vec<_> = t.profiles.iter().map(|p| p.numerics).collect();
+        assert!(numerics.contains(&crate::trainer::Numerics::Int8));
+        assert!(numerics.contains(&crate::trainer::Numerics::F32));
+        let mut enabled = config.clone();
+        enabled.trainer.enabled = true;
+        enabled.rules_file = Some("rules.toml".into());
+        enabled
+            .validate()
+            .expect("example trainer validates when enabled");
+    }
+
+    #[test]
+    fn trainer_without_rules_is_refused_naming_the_field() {
+        let mut config = ProcessorConfig::default();
+        config.trainer = crate::trainer::TrainerConfig::simulator(&["a".into()], "t".into());
+        assert!(config
+            .validate()
+            .expect_err("refused")
+            .starts_with("trainer.enabled"));
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - [`parquet_sink`]: open files per partition, rolled by rows, bytes, age,
 //!   hour and schema; written to a temporary name, fsynced, renamed.
 //! - [`labeller`]: labelling rules, the label model, rule statistics.
+//! - [`trainer`]: device profiles, training per (task, profile) on its own
+//!   thread, the quality gate and the model publisher.
 //! - [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`config`], [`stats`].
 
@@ -20,6 +22,7 @@ pub mod labeller;
 pub mod metrics;
 pub mod parquet_sink;
 pub mod stats;
+pub mod trainer;
 
 use std::sync::Arc;
 
@@ -62,11 +65,19 @@ pub async fn run(
             }
         });
     }
+    // The trainer's thread stops once the processor thread drops its handle.
+    let trainer = if config.trainer.enabled {
+        let (handle, _join) = trainer::spawn(config.trainer.clone(), stats.trainer.clone())
+            .map_err(|e| Error::Thread(e.to_string()))?;
+        Some(handle)
+    } else {
+        None
+    };
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("processor".into())
         .spawn(move || {
-            let result = kafka_source::run(&config, &shutdown, &stats, &rule_metrics);
+            let result = kafka_source::run(&config, &shutdown, &stats, &rule_metrics, trainer);
             let _ = done_tx.send(result);
         })
         .map_err(|e| Error::Thread(e.to_string()))?;

@@ -28,6 +28,8 @@ pub struct ProcessorStats {
     pub rules_refused: AtomicU64,
     /// Open files dropped because their partition was revoked.
     pub files_aborted: AtomicU64,
+    /// The trainer's counters.
+    pub trainer: std::sync::Arc<crate::trainer::TrainerStats>,
 }
 
 impl ProcessorStats {
