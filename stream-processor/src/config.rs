@@ -147,8 +147,10 @@ mod tests {
 
     #[test]
     fn trainer_without_rules_is_refused_naming_the_field() {
-        let mut config = ProcessorConfig::default();
-        config.trainer = crate::trainer::TrainerConfig::simulator(&["a".into()], "t".into());
+        let config = ProcessorConfig {
+            trainer: crate::trainer::TrainerConfig::simulator(&["a".into()], "t".into()),
+            ..ProcessorConfig::default()
+        };
         assert!(config
             .validate()
             .expect_err("refused")
