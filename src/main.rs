@@ -254,6 +254,13 @@ struct ProcessorArgs {
     /// A file holding the control API's token (e.g. a mounted Secret).
     #[arg(long, env = "EDGELOOP_CONTROL_TOKEN_FILE")]
     control_token_file: Option<PathBuf>,
+    /// Train models on the labelled readings (config `trainer.enabled`; needs
+    /// rules and `[[trainer.profiles]]`, see docs/training.md).
+    #[arg(long, env = "EDGELOOP_TRAINER", num_args = 0..=1, default_missing_value = "true")]
+    trainer: Option<bool>,
+    /// Where the trainer writes decisions.jsonl and models/{task}/{profile}/v{N}.bin.
+    #[arg(long, env = "EDGELOOP_TRAINER_DIR")]
+    trainer_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -493,6 +500,12 @@ async fn main() -> Result<()> {
             }
             if let Some(file) = args.control_token_file {
                 config.control.token_file = Some(file);
+            }
+            if let Some(enabled) = args.trainer {
+                config.trainer.enabled = enabled;
+            }
+            if let Some(dir) = args.trainer_dir {
+                config.trainer.dir = dir;
             }
             let stats = Arc::new(edgeloop_processor::ProcessorStats::default());
             edgeloop_processor::run(config, shutdown, stats).await?;

@@ -155,6 +155,12 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         .iter()
         .map(|c| c.name.clone())
         .collect();
+    // Training (docs/training.md): the shipped `mcu8` (int8) and `gateway`
+    // (f32) profiles, models and decisions under DIR/trainer/.
+    processor_config.trainer = edgeloop_processor::trainer::TrainerConfig::simulator(
+        &processor_config.channels,
+        data_dir.join("trainer"),
+    );
     let mut agent = AgentConfig::default();
     agent.mqtt.host = args.mqtt_listen.ip().to_string();
     if args.mqtt_listen.ip().is_unspecified() {

@@ -47,6 +47,8 @@ pub struct ProcessorConfig {
     pub shutdown_grace: Duration,
     /// The gRPC control API (docs/control-api.md).
     pub control: crate::control::ControlConfig,
+    /// Training, device profiles and the quality gate (docs/training.md).
+    pub trainer: crate::trainer::TrainerConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -81,6 +83,7 @@ impl Default for ProcessorConfig {
             metrics_listen: None,
             shutdown_grace: Duration::from_secs(30),
             control: Default::default(),
+            trainer: crate::trainer::TrainerConfig::default(),
         }
     }
 }
@@ -122,7 +125,14 @@ impl ProcessorConfig {
         if self.sink.max_age.is_zero() {
             return Err("sink.max_age: must be longer than zero".into());
         }
-        self.control.validate()
+        self.control.validate()?;
+        self.trainer.validate()?;
+        if self.trainer.enabled && self.rules_file.is_none() {
+            return Err(
+                "trainer.enabled: the trainer learns the rules' labels; set rules_file too".into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -135,6 +145,28 @@ mod tests {
         let text = include_str!("../../config/processor.example.toml");
         let config: ProcessorConfig = toml::from_str(text).expect("example parses");
         config.validate().expect("example validates");
+        let t = &config.trainer;
+        let numerics: Vec<_> = t.profiles.iter().map(|p| p.numerics).collect();
+        assert!(numerics.contains(&crate::trainer::Numerics::Int8));
+        assert!(numerics.contains(&crate::trainer::Numerics::F32));
+        let mut enabled = config.clone();
+        enabled.trainer.enabled = true;
+        enabled.rules_file = Some("rules.toml".into());
+        enabled
+            .validate()
+            .expect("example trainer validates when enabled");
+    }
+
+    #[test]
+    fn trainer_without_rules_is_refused_naming_the_field() {
+        let config = ProcessorConfig {
+            trainer: crate::trainer::TrainerConfig::simulator(&["a".into()], "t".into()),
+            ..ProcessorConfig::default()
+        };
+        assert!(config
+            .validate()
+            .expect_err("refused")
+            .starts_with("trainer.enabled"));
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - [`parquet_sink`]: open files per partition, rolled by rows, bytes, age,
 //!   hour and schema; written to a temporary name, fsynced, renamed.
 //! - [`labeller`]: labelling rules, the label model, rule statistics.
+//! - [`trainer`]: device profiles, training per (task, profile) on its own
+//!   thread, the quality gate and the model publisher.
 //! - [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`control`]: the gRPC control API (fleet, labelling, models, health),
 //!   served on `control.listen`.
@@ -24,6 +26,7 @@ pub mod metrics;
 pub mod parquet_sink;
 pub mod report;
 pub mod stats;
+pub mod trainer;
 
 use std::sync::Arc;
 
@@ -83,13 +86,21 @@ pub async fn run(
         )?;
         control::start(&config.control, Arc::new(state), shutdown.clone()).await?;
     }
+    // The trainer's thread stops once the processor thread drops its handle.
+    let trainer = if config.trainer.enabled {
+        let (handle, _join) = trainer::spawn(config.trainer.clone(), stats.trainer.clone())
+            .map_err(|e| Error::Thread(e.to_string()))?;
+        Some(handle)
+    } else {
+        None
+    };
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let grace = config.shutdown_grace;
     let stop = shutdown.clone();
     std::thread::Builder::new()
         .name("processor".into())
         .spawn(move || {
-            let result = kafka_source::run(&config, &stop, &stats, &rule_metrics);
+            let result = kafka_source::run(&config, &stop, &stats, &rule_metrics, trainer);
             let _ = done_tx.send(result);
         })
         .map_err(|e| Error::Thread(e.to_string()))?;

@@ -137,6 +137,54 @@ fn render(stats: &ProcessorStats, rules: &RuleMetrics) -> String {
             );
         }
     }
+    let t = &stats.trainer;
+    let trainer_counters = [
+        (
+            "edgeloop_trainer_examples_total",
+            "Labelled readings added to a (task, profile) training buffer",
+            &t.examples,
+        ),
+        (
+            "edgeloop_trainer_examples_dropped_total",
+            "Labelled readings not given to the trainer because its queue was full",
+            &t.dropped,
+        ),
+        (
+            "edgeloop_trainer_low_confidence_total",
+            "Labelled readings left out of training for a confidence below trainer.min_confidence",
+            &t.low_confidence,
+        ),
+        (
+            "edgeloop_trainer_drift_detections_total",
+            "Times Page-Hinkley detected a rise of the live model's disagreement with the rules",
+            &t.drifts,
+        ),
+        (
+            "edgeloop_trainer_failures_total",
+            "Candidates that could not be trained, quantized or published",
+            &t.failures,
+        ),
+    ];
+    for (name, help, value) in trainer_counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}.\n# TYPE {name} counter\n{name} {}",
+            value.load(Ordering::Relaxed)
+        );
+    }
+    let name = "edgeloop_trainer_gate_decisions_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Quality gate decisions per task, device profile and decision (published or rejected).\n# TYPE {name} counter"
+    );
+    for ((task, profile, decision), n) in
+        t.decisions.lock().unwrap_or_else(|p| p.into_inner()).iter()
+    {
+        let _ = writeln!(
+            out,
+            "{name}{{task=\"{task}\",profile=\"{profile}\",decision=\"{decision}\"}} {n}"
+        );
+    }
     let name = "edgeloop_rule_estimated_accuracy";
     let _ = writeln!(out, "# HELP {name} The label model's estimated accuracy of a labelling rule.\n# TYPE {name} gauge");
     for ((version, rule), (_, accuracy)) in &rules.rules {

@@ -33,6 +33,8 @@ pub struct ProcessorStats {
     /// What this processor consumed per device (its partitions, since it
     /// started): the control API's fleet view joins it with the status topic.
     pub devices: Mutex<BTreeMap<String, DeviceSeen>>,
+    /// The trainer's counters.
+    pub trainer: std::sync::Arc<crate::trainer::TrainerStats>,
 }
 
 /// What the processor saw of one device in the readings topic.

@@ -36,6 +36,7 @@ use crate::labeller::{Engine, Labelled, RulesFile};
 use crate::metrics::SharedRuleMetrics;
 use crate::parquet_sink::{losses, rule_stats, Bucket, OpenFile, SinkError};
 use crate::stats::ProcessorStats;
+use crate::trainer::{LabelledBatch, TrainerHandle};
 use edgeloop_proto::v1::ReadingBatch;
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +106,8 @@ struct Sink<'a> {
     rules: Option<Engine>,
     rule_metrics: &'a SharedRuleMetrics,
     rules_file: RulesWatch,
+    /// The trainer's queue, when training is enabled.
+    trainer: Option<TrainerHandle>,
 }
 
 /// Watches the rules file for changes (hot reload).
@@ -443,6 +446,17 @@ impl Sink<'_> {
             if let Some(file) = self.open.get_mut(&partition) {
                 file.append(part, offset, &labels, version.as_deref())?;
             }
+            if let Some(trainer) = &self.trainer {
+                if !labels.is_empty() {
+                    trainer.offer(LabelledBatch {
+                        batch: part.clone(),
+                        labels,
+                        rules_version: version,
+                        partition,
+                        offset,
+                    });
+                }
+            }
         }
         self.mark_seen(partition, &parts[0].device_id, &unseen);
         let Some(file) = self.open.get(&partition) else {
@@ -519,6 +533,7 @@ pub fn run(
     shutdown: &CancellationToken,
     stats: &ProcessorStats,
     rule_metrics: &SharedRuleMetrics,
+    trainer: Option<TrainerHandle>,
 ) -> Result<(), SourceError> {
     let session = config.session_timeout.as_millis().to_string();
     let mut settings = vec![
@@ -559,6 +574,7 @@ pub fn run(
             modified: None,
             checked: std::time::Instant::now(),
         },
+        trainer,
     };
     sink.reload_rules()?;
     while !shutdown.is_cancelled() {

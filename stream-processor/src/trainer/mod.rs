@@ -1,0 +1,499 @@
+//! The trainer: labelled readings → per (task, device profile) candidate
+//! models → the quality gate → a [`Publisher`]. It runs on its own thread
+//! (`trainer`), fed through a bounded queue by the Kafka source after the
+//! labeller; see `docs/training.md`.
+//!
+//! - [`config`]: device profiles, tasks, buffers, triggers, drift, gate.
+//! - [`buffer`]: bounded memory: sliding window + reservoir sample.
+//! - [`drift`]: Page-Hinkley on the live model's disagreement with the rules.
+//! - [`fit`]: smartcore logistic regression → `proto` float model → the
+//!   profile's numerics (int8 through `proto::model::quantize`); metrics.
+//! - [`gate`]: time-based split, the gate's rule, the decision log.
+//! - [`publish`]: the [`Publisher`] seam and [`DirPublisher`].
+//!
+//! Per device, the trainer keeps the last readings (the longest profile
+//! window); each labelled reading becomes, for every profile whose channels
+//! the device sends and every task of that profile whose classes the label
+//! maps to, an example: the profile's features (`proto::features`, the code
+//! the device runs) over the device's window ending at that reading.
+
+pub mod buffer;
+pub mod config;
+pub mod drift;
+pub mod fit;
+pub mod gate;
+pub mod publish;
+#[cfg(test)]
+mod quality;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use edgeloop_proto::model::Artifact;
+use edgeloop_proto::v1::ReadingBatch;
+
+pub use config::{DeviceProfile, Numerics, TaskConfig, TrainerConfig};
+pub use publish::{DirPublisher, PublishError, Publisher};
+
+use crate::labeller::Labelled;
+use buffer::{Example, ExampleBuffer};
+use drift::PageHinkley;
+use gate::{Decision, DecisionLog, Verdict};
+
+/// The trainer's counters, exported on `/metrics`.
+#[derive(Debug, Default)]
+pub struct TrainerStats {
+    /// Examples added to a (task, profile) buffer.
+    pub examples: AtomicU64,
+    /// Labelled readings not given to the trainer because its queue was full.
+    pub dropped: AtomicU64,
+    /// Labelled readings left out for a confidence below `min_confidence`.
+    pub low_confidence: AtomicU64,
+    /// Drift detections.
+    pub drifts: AtomicU64,
+    /// Candidates that failed to train, quantize or publish.
+    pub failures: AtomicU64,
+    /// Gate decisions per (task, profile, decision).
+    pub decisions: Mutex<BTreeMap<(String, String, &'static str), u64>>,
+}
+
+/// Labelled readings of one batch, as the trainer receives them.
+#[derive(Debug, Clone)]
+pub struct LabelledBatch {
+    pub batch: ReadingBatch,
+    pub labels: Vec<Labelled>,
+    pub rules_version: Option<String>,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// The Kafka source's end of the trainer's queue.
+#[derive(Debug, Clone)]
+pub struct TrainerHandle {
+    tx: SyncSender<LabelledBatch>,
+    stats: Arc<TrainerStats>,
+}
+
+impl TrainerHandle {
+    /// Queues a batch without blocking the data path: when the queue is
+    /// full the batch is counted and left out of training (the data set has
+    /// it; training sees a sample of the stream anyway).
+    pub fn offer(&self, batch: LabelledBatch) {
+        let n = batch.labels.len() as u64;
+        match self.tx.try_send(batch) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                crate::ProcessorStats::add(&self.stats.dropped, n)
+            }
+        }
+    }
+}
+
+/// Starts the trainer thread; it stops when every handle is dropped.
+pub fn spawn(
+    config: TrainerConfig,
+    stats: Arc<TrainerStats>,
+) -> std::io::Result<(TrainerHandle, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(config.queue);
+    let publisher = DirPublisher::new(&config.dir);
+    let thread_stats = stats.clone();
+    let join = std::thread::Builder::new()
+        .name("trainer".into())
+        .spawn(move || {
+            let mut trainer = Trainer::new(config, publisher, thread_stats);
+            run(&mut trainer, &rx);
+        })?;
+    Ok((TrainerHandle { tx, stats }, join))
+}
+
+fn run<P: Publisher>(trainer: &mut Trainer<P>, rx: &Receiver<LabelledBatch>) {
+    let tick = std::time::Duration::from_millis(500);
+    loop {
+        match rx.recv_timeout(tick) {
+            Ok(batch) => trainer.ingest(&batch),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        trainer.maybe_retrain(Instant::now());
+    }
+}
+
+/// Why a (task, profile) retrains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Examples,
+    Time,
+    Drift,
+    RulesChanged,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Examples => "examples",
+            Trigger::Time => "time",
+            Trigger::Drift => "drift",
+            Trigger::RulesChanged => "rules_changed",
+        }
+    }
+}
+
+/// One (task, profile).
+struct Lane {
+    task: usize,
+    profile: usize,
+    buffer: ExampleBuffer,
+    new_examples: u64,
+    last_train: Instant,
+    drift: PageHinkley,
+    /// A trigger that fired (drift, rules change) and waits for enough data.
+    pending: Option<Trigger>,
+    live: Option<(u64, Artifact)>,
+}
+
+/// A device's recent readings: timestamps and values per channel.
+struct History {
+    channels: Vec<String>,
+    readings: VecDeque<(i64, Vec<f64>)>,
+}
+
+/// The trainer's state (its thread owns it; tests drive it directly).
+pub struct Trainer<P: Publisher> {
+    config: TrainerConfig,
+    lanes: Vec<Lane>,
+    devices: HashMap<String, History>,
+    max_window: usize,
+    rules_version: Option<String>,
+    publisher: P,
+    log: DecisionLog,
+    stats: Arc<TrainerStats>,
+}
+
+impl<P: Publisher> Trainer<P> {
+    /// A trainer over validated `config`; the live model of each (task,
+    /// profile) is read from the publisher.
+    pub fn new(config: TrainerConfig, publisher: P, stats: Arc<TrainerStats>) -> Self {
+        let now = Instant::now();
+        let mut lanes = Vec::new();
+        for (p, profile) in config.profiles.iter().enumerate() {
+            for name in &profile.tasks {
+                let Some(t) = config.tasks.iter().position(|t| &t.name == name) else {
+                    continue;
+                };
+                let live = match publisher.live(name, &profile.name) {
+                    Ok(live) => live,
+                    Err(e) => {
+                        tracing::error!(task = %name, profile = %profile.name, error = %e, "cannot read the live model; starting without one");
+                        None
+                    }
+                };
+                lanes.push(Lane {
+                    task: t,
+                    profile: p,
+                    buffer: ExampleBuffer::new(
+                        config.window_examples,
+                        config.reservoir_examples,
+                        config.seed ^ (lanes.len() as u64),
+                    ),
+                    new_examples: 0,
+                    last_train: now,
+                    drift: PageHinkley::new(
+                        config.drift.delta,
+                        config.drift.threshold,
+                        config.drift.min_examples,
+                    ),
+                    pending: None,
+                    live,
+                });
+            }
+        }
+        let max_window = config
+            .profiles
+            .iter()
+            .map(|p| p.features.window)
+            .max()
+            .unwrap_or(1);
+        let log = DecisionLog::new(&config.dir);
+        Trainer {
+            config,
+            lanes,
+            devices: HashMap::new(),
+            max_window,
+            rules_version: None,
+            publisher,
+            log,
+            stats,
+        }
+    }
+
+    /// The live model of (task, profile).
+    pub fn live(&self, task: &str, profile: &str) -> Option<&(u64, Artifact)> {
+        self.lanes
+            .iter()
+            .find(|l| {
+                self.config.tasks[l.task].name == task
+                    && self.config.profiles[l.profile].name == profile
+            })
+            .and_then(|l| l.live.as_ref())
+    }
+
+    /// Buffered examples of (task, profile).
+    pub fn buffered(&self, task: &str, profile: &str) -> usize {
+        self.lanes
+            .iter()
+            .find(|l| {
+                self.config.tasks[l.task].name == task
+                    && self.config.profiles[l.profile].name == profile
+            })
+            .map_or(0, |l| l.buffer.len())
+    }
+
+    /// Takes a labelled batch into the device histories and the buffers.
+    pub fn ingest(&mut self, input: &LabelledBatch) {
+        if let Some(v) = &input.rules_version {
+            if self.rules_version.as_ref().is_some_and(|old| old != v) {
+                // New rules: old labels mean something else. Start the
+                // buffers afresh and retrain once there is enough data.
+                tracing::info!(rules_version = %v, "rules changed: the trainer starts its buffers afresh");
+                for lane in &mut self.lanes {
+                    lane.buffer.clear();
+                    lane.new_examples = 0;
+                    lane.drift.reset();
+                    lane.pending = Some(Trigger::RulesChanged);
+                }
+            }
+            self.rules_version = Some(v.clone());
+        }
+        let rules_version: Arc<str> = Arc::from(input.rules_version.as_deref().unwrap_or(""));
+        let batch = &input.batch;
+        let history = self
+            .devices
+            .entry(batch.device_id.clone())
+            .or_insert_with(|| History {
+                channels: batch.channels.clone(),
+                readings: VecDeque::new(),
+            });
+        if history.channels != batch.channels {
+            history.channels = batch.channels.clone();
+            history.readings.clear();
+        }
+        for (i, reading) in batch.readings.iter().enumerate() {
+            history
+                .readings
+                .push_back((reading.ts_micros, reading.values.clone()));
+            while history.readings.len() > self.max_window {
+                history.readings.pop_front();
+            }
+            let Some(labelled) = input.labels.get(i) else {
+                continue;
+            };
+            let Some(label) = &labelled.label else {
+                continue;
+            };
+            if labelled.confidence.unwrap_or(1.0) < self.config.min_confidence {
+                crate::ProcessorStats::add(&self.stats.low_confidence, 1);
+                continue;
+            }
+            for lane in &mut self.lanes {
+                let task = &self.config.tasks[lane.task];
+                let profile = &self.config.profiles[lane.profile];
+                let Some(class) = task.class_of(label) else {
+                    continue;
+                };
+                let Some(features) = features(profile, history) else {
+                    continue;
+                };
+                if let Some((_, live)) = &lane.live {
+                    if self.config.drift.enabled {
+                        let predicted = fit::predict(live, &features)
+                            .ok()
+                            .and_then(|c| fit::classes(live).get(c));
+                        let disagree = predicted != task.classes.get(class);
+                        if lane.drift.update(f64::from(u8::from(disagree))) {
+                            tracing::info!(task = %task.name, profile = %profile.name, "drift: the live model disagrees more often with the rules");
+                            crate::ProcessorStats::add(&self.stats.drifts, 1);
+                            lane.pending.get_or_insert(Trigger::Drift);
+                        }
+                    }
+                }
+                lane.buffer.push(Example {
+                    features,
+                    class,
+                    ts_micros: reading.ts_micros,
+                    partition: input.partition,
+                    offset: input.offset,
+                    rules_version: rules_version.clone(),
+                });
+                lane.new_examples += 1;
+                crate::ProcessorStats::add(&self.stats.examples, 1);
+            }
+        }
+    }
+
+    /// Retrains every (task, profile) whose trigger fired and that has
+    /// enough data; returns the decisions made.
+    pub fn maybe_retrain(&mut self, now: Instant) -> Vec<Decision> {
+        let mut decisions = Vec::new();
+        for i in 0..self.lanes.len() {
+            let lane = &self.lanes[i];
+            if lane.new_examples == 0 {
+                continue;
+            }
+            let trigger = if let Some(t) = lane.pending {
+                t
+            } else if lane.new_examples >= self.config.retrain_every_examples {
+                Trigger::Examples
+            } else if now.duration_since(lane.last_train) >= self.config.retrain_every {
+                Trigger::Time
+            } else {
+                continue;
+            };
+            let enough = (lane.buffer.len() as f64 * self.config.gate.holdout_fraction).floor()
+                as usize
+                >= self.config.gate.min_holdout;
+            if !enough {
+                continue;
+            }
+            if let Some(d) = self.retrain(i, trigger, now) {
+                decisions.push(d);
+            }
+        }
+        decisions
+    }
+
+    /// Trains a candidate for lane `i`, gates it and publishes it if it
+    /// passes. `None` when no candidate could be built (logged, counted).
+    fn retrain(&mut self, i: usize, trigger: Trigger, now: Instant) -> Option<Decision> {
+        let started = Instant::now();
+        let config = &self.config;
+        let lane = &mut self.lanes[i];
+        lane.new_examples = 0;
+        lane.last_train = now;
+        lane.pending = None;
+        let task = &config.tasks[lane.task];
+        let profile = &config.profiles[lane.profile];
+        let split = gate::split(lane.buffer.examples(), config.gate.holdout_fraction)?;
+        let built = fit::fit(&profile.features, &task.classes, &split.train, config.l2)
+            .and_then(|float| fit::build(float, profile.numerics, &split.train));
+        let candidate = match built {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(task = %task.name, profile = %profile.name, error = %e, "no candidate");
+                crate::ProcessorStats::add(&self.stats.failures, 1);
+                return None;
+            }
+        };
+        let fit_millis = started.elapsed().as_millis() as u64;
+        let cand_metrics = fit::evaluate(&candidate, &task.classes, &split.held_out);
+        let live_metrics = lane
+            .live
+            .as_ref()
+            .map(|(_, m)| fit::evaluate(m, &task.classes, &split.held_out));
+        let bytes = candidate.encode().len();
+        let (mut verdict, mut reason) = gate::judge(
+            &config.gate,
+            &cand_metrics,
+            live_metrics.as_ref(),
+            bytes,
+            profile.max_model_bytes,
+        );
+        let (train_offsets, train_window) = gate::lineage(&split.train);
+        let (held_out_offsets, held_out_window) = gate::lineage(&split.held_out);
+        let mut rules_versions: Vec<String> = split
+            .train
+            .iter()
+            .chain(&split.held_out)
+            .map(|e| e.rules_version.to_string())
+            .collect();
+        rules_versions.sort();
+        rules_versions.dedup();
+        let mut decision = Decision {
+            at: chrono::Utc::now().to_rfc3339(),
+            task: task.name.clone(),
+            profile: profile.name.clone(),
+            numerics: profile.numerics.as_str(),
+            decision: verdict,
+            reason: String::new(),
+            trigger: trigger.as_str(),
+            metric: config.gate.metric,
+            margin: config.gate.margin,
+            candidate: cand_metrics,
+            live: live_metrics,
+            live_version: lane.live.as_ref().map(|(v, _)| *v),
+            version: None,
+            model_bytes: bytes,
+            classes: fit::classes(&candidate).to_vec(),
+            train_examples: split.train.len(),
+            held_out_examples: split.held_out.len(),
+            train_window,
+            held_out_window,
+            train_offsets,
+            held_out_offsets,
+            rules_versions,
+            min_confidence: config.min_confidence,
+            fit_millis,
+        };
+        if verdict == Verdict::Published {
+            decision.reason = reason.clone();
+            let lineage = serde_json::to_value(&decision).unwrap_or_default();
+            match self
+                .publisher
+                .publish(&task.name, &profile.name, &candidate, &lineage)
+            {
+                Ok(v) => {
+                    decision.version = Some(v);
+                    lane.live = Some((v, candidate));
+                    lane.drift.reset();
+                }
+                Err(e) => {
+                    crate::ProcessorStats::add(&self.stats.failures, 1);
+                    verdict = Verdict::Rejected;
+                    reason = format!("{reason}; but publishing failed: {e}");
+                }
+            }
+        }
+        decision.decision = verdict;
+        decision.reason = reason;
+        tracing::info!(task = %decision.task, profile = %decision.profile, decision = verdict.as_str(), version = ?decision.version, reason = %decision.reason, "gate decision");
+        if let Err(e) = self.log.append(&decision) {
+            tracing::error!(path = %self.log.path().display(), error = %e, "cannot append to the decision log");
+        }
+        let mut counts = self
+            .stats
+            .decisions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *counts
+            .entry((
+                decision.task.clone(),
+                decision.profile.clone(),
+                verdict.as_str(),
+            ))
+            .or_default() += 1;
+        Some(decision)
+    }
+}
+
+/// The profile's features over the device's window ending now, if the
+/// device sends every channel the profile needs.
+fn features(profile: &DeviceProfile, history: &History) -> Option<Vec<f32>> {
+    let window = profile.features.window;
+    let start = history.readings.len().saturating_sub(window);
+    let recent = history.readings.range(start..);
+    let ts: Vec<i64> = recent.clone().map(|(t, _)| *t).collect();
+    let mut columns = Vec::with_capacity(profile.features.channels.len());
+    for name in &profile.features.channels {
+        let index = history.channels.iter().position(|c| c == name)?;
+        columns.push(
+            recent
+                .clone()
+                .map(|(_, v)| v.get(index).copied().unwrap_or(f64::NAN))
+                .collect::<Vec<f64>>(),
+        );
+    }
+    let columns: Vec<&[f64]> = columns.iter().map(Vec::as_slice).collect();
+    profile.features.extract_columns(&ts, &columns).ok()
+}
