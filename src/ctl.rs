@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use edgeloop_processor::control::pb;
+use edgeloop_processor::control::{pb, Bearer};
 use edgeloop_proto::signing;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -111,22 +111,6 @@ pub enum KeysCommand {
     },
 }
 
-/// Adds `authorization: Bearer TOKEN` to every request.
-#[derive(Clone)]
-struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            request.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(request)
-    }
-}
-
 type Authed = InterceptedService<Channel, Bearer>;
 
 async fn connect(args: &CtlArgs) -> Result<(Channel, Bearer)> {
@@ -142,15 +126,8 @@ async fn connect(args: &CtlArgs) -> Result<(Channel, Bearer)> {
         .connect()
         .await
         .with_context(|| format!("connecting to the control API at {url}"))?;
-    let bearer = match &args.token {
-        Some(t) => Some(
-            format!("Bearer {t}")
-                .parse()
-                .context("--token: not valid in an HTTP header")?,
-        ),
-        None => None,
-    };
-    Ok((channel, Bearer(bearer)))
+    let bearer = Bearer::new(args.token.as_deref()).map_err(|e| anyhow::anyhow!("--token: {e}"))?;
+    Ok((channel, bearer))
 }
 
 fn status_error(e: tonic::Status) -> anyhow::Error {

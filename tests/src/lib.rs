@@ -461,6 +461,23 @@ pub fn read_topic_drained(
     Ok(out)
 }
 
+/// Produces one record and waits for Kafka to take it.
+pub async fn produce(kafka: &LocalKafka, topic: &str, key: &str, payload: &[u8]) -> Result<()> {
+    let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .create()?;
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(topic)
+                .key(key)
+                .payload(payload),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    Ok(())
+}
+
 /// A plain HTTP GET on loopback; the whole response.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -12,10 +12,10 @@ use edgeloop_agent::config::SourceConfig;
 use edgeloop_agent::source::simulator::SimulatorConfig;
 use edgeloop_agent::{AgentConfig, AgentStats};
 use edgeloop_kafka::local::LocalKafka;
-use edgeloop_processor::control::pb;
+use edgeloop_processor::control::{pb, Bearer};
 use edgeloop_proto::v1::ModelUpdate;
 use edgeloop_proto::{signing, topics, Message as _};
-use edgeloop_tests::{free_addr, read_topic, start_kafka, wait_for, Component};
+use edgeloop_tests::{free_addr, produce, read_topic, start_kafka, wait_for, Component};
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -28,26 +28,10 @@ fn edgeloop_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_edgeloop")))
 }
 
-/// Sends `authorization: Bearer TOKEN` (none: no authorization metadata).
-#[derive(Clone)]
-struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            request.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(request)
-    }
-}
-
 type Authed = InterceptedService<Channel, Bearer>;
 
 fn bearer(token: Option<&str>) -> Bearer {
-    Bearer(token.and_then(|t| format!("Bearer {t}").parse().ok()))
+    Bearer::new(token).unwrap_or_default()
 }
 
 async fn channel(addr: std::net::SocketAddr) -> Result<Channel> {
@@ -449,22 +433,6 @@ fn model(version: u64, artifact: &[u8], key: &signing::SigningKey) -> ModelUpdat
     };
     signing::sign_update(&mut update, key);
     update
-}
-
-async fn produce(kafka: &LocalKafka, topic: &str, key: &str, payload: &[u8]) -> Result<()> {
-    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap())
-        .create()?;
-    producer
-        .send(
-            rdkafka::producer::FutureRecord::to(topic)
-                .key(key)
-                .payload(payload),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|(e, _)| e)?;
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,8 +16,8 @@ use edgeloop_kafka::local::LocalKafka;
 use edgeloop_proto::v1::{Ack, DeviceStatus, ModelUpdate, ReadingBatch};
 use edgeloop_proto::{topics, Message as _};
 use edgeloop_tests::{
-    batch, check_exactly_once, http_get, metric, parquet_files, read_rows, read_topic, start_kafka,
-    wait_for, Component,
+    batch, check_exactly_once, http_get, metric, parquet_files, produce, read_rows, read_topic,
+    start_kafka, wait_for, Component,
 };
 use rdkafka::message::Headers;
 use rdkafka::Message;
@@ -1161,23 +1161,6 @@ async fn processor_killed_twice_while_devices_resend_loses_and_duplicates_nothin
 async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     let response = http_get(addr, path).await.ok()?;
     response.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Produces one record and waits for Kafka to take it.
-async fn produce(kafka: &LocalKafka, topic: &str, key: &str, payload: &[u8]) -> Result<()> {
-    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap())
-        .create()?;
-    producer
-        .send(
-            rdkafka::producer::FutureRecord::to(topic)
-                .key(key)
-                .payload(payload),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|(e, _)| e)?;
-    Ok(())
 }
 
 /// A fresh MQTT client `id` subscribed with QoS 1 to `filters`; the

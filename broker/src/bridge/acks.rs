@@ -44,6 +44,17 @@ struct Device {
 }
 
 impl Device {
+    /// Raises the watermark to `to` (never lowers it) and moves on over the
+    /// delivered batches from there; whether it rose.
+    fn lift(&mut self, to: u64) -> bool {
+        if to <= self.watermark {
+            return false;
+        }
+        self.watermark = to;
+        self.advance();
+        true
+    }
+
     /// Moves the watermark over every delivered batch that starts at or below
     /// it, and forgets batches entirely below it.
     fn advance(&mut self) {
@@ -84,9 +95,7 @@ impl AckTracker {
                 watermark,
                 ..Device::default()
             });
-        if watermark > d.watermark {
-            d.watermark = watermark;
-            d.advance();
+        if d.lift(watermark) {
             // Published already (it was read back from Kafka).
             d.dirty = false;
         }
@@ -104,11 +113,9 @@ impl AckTracker {
         let Some(d) = self.devices.get_mut(device) else {
             return false;
         };
-        if acked <= d.watermark {
+        if !d.lift(acked) {
             return false;
         }
-        d.watermark = acked;
-        d.advance();
         // The device holds `acked`; anything past it is news to it.
         d.dirty = d.watermark > acked;
         true

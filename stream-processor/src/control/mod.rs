@@ -48,6 +48,38 @@ pub mod pb {
 /// The shortest bearer token accepted.
 pub const MIN_TOKEN_LEN: usize = 16;
 
+/// The client side of the token check: adds `authorization: Bearer TOKEN`
+/// to every request (none: no authorization metadata). Used by `edgeloop
+/// ctl` and the tests, with `*Client::with_interceptor`.
+#[derive(Clone, Debug, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    /// `None` for no token; an error if the token cannot be an HTTP header.
+    pub fn new(token: Option<&str>) -> Result<Bearer, String> {
+        token
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| "the token is not valid in an HTTP header".to_string())
+            })
+            .transpose()
+            .map(Bearer)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// `[control]` of the processor's config.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
