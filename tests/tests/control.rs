@@ -646,17 +646,29 @@ async fn models_are_listed_from_kafka_and_rollback_and_pin_republish_signed_as_a
     )
     .await?;
     ensure!(json["was_pinned"] == true, "{json}");
-    let shown = models
-        .get_model(pb::GetModelRequest {
-            task: "anomaly".into(),
-            profile: "int8".into(),
-            version: 0,
-            include_artifact: false,
-        })
-        .await?
-        .into_inner()
-        .model
-        .context("no model")?;
+    // The registry follows edgeloop.pins: the unpin shows once it has read
+    // the tombstone.
+    let mut shown = None;
+    for _ in 0..50 {
+        let m = models
+            .get_model(pb::GetModelRequest {
+                task: "anomaly".into(),
+                profile: "int8".into(),
+                version: 0,
+                include_artifact: false,
+            })
+            .await?
+            .into_inner()
+            .model
+            .context("no model")?;
+        let done = !m.pinned;
+        shown = Some(m);
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let shown = shown.context("no model")?;
     ensure!(shown.version == 4 && !shown.pinned, "{shown:?}");
     let records = read_topic(&kafka, topics::KAFKA_PINS)?;
     ensure!(
