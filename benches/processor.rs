@@ -80,6 +80,7 @@ async fn main() {
                             ts_micros: 1_800_000_000_000_000 + s as i64 * 100_000,
                             values: r.values,
                             true_label: r.label.into(),
+                            predictions: Vec::new(),
                         }
                     })
                     .collect(),

@@ -30,6 +30,7 @@ fn readings(n: usize) -> Vec<Reading> {
             ts_micros: 1_800_000_000_000_000 + i as i64 * 100_000,
             values: sim.next_reading().values,
             true_label: String::new(),
+            predictions: Vec::new(),
         })
         .collect()
 }

@@ -63,6 +63,7 @@ fn run(channels: usize, classes: usize, window: usize) {
                 .map(|c| (t as f64 * 0.1 + c as f64).sin())
                 .collect(),
             true_label: String::new(),
+            predictions: Vec::new(),
         })
         .collect();
     let x = features.extract(&names, &readings).unwrap();

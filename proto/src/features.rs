@@ -261,6 +261,7 @@ mod tests {
             ts_micros: 1_700_000_000_000_000 + ts_s * 1_000_000,
             values: vec![hum, temp],
             true_label: String::new(),
+            predictions: Vec::new(),
         }
     }
 

@@ -55,11 +55,13 @@ mod golden {
                     ts_micros: 1_700_000_000_000_000,
                     values: vec![21.5, 40.0],
                     true_label: "normal".into(),
+                    predictions: Vec::new(),
                 },
                 Reading {
                     ts_micros: 1_700_000_000_100_000,
                     values: vec![-1.25, f64::NAN],
                     true_label: String::new(),
+                    predictions: Vec::new(),
                 },
             ],
             loss: None,

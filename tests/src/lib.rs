@@ -510,6 +510,7 @@ pub fn batch(device: &str, first_seq: u64, n: u64) -> Vec<u8> {
                 ts_micros: 1_800_000_000_000_000 + s as i64,
                 values: vec![s as f64],
                 true_label: String::new(),
+                predictions: Vec::new(),
             })
             .collect(),
         loss: None,

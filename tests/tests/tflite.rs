@@ -75,6 +75,7 @@ fn sample(rng: &mut Rng, class: usize) -> Result<Vec<f32>> {
                 hum0 + 2.0 * rng.normal(),
             ],
             true_label: CLASSES[class].into(),
+            predictions: Vec::new(),
         })
         .collect();
     let channels = vec!["temp".to_string(), "hum".to_string()];

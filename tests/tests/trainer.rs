@@ -107,6 +107,7 @@ async fn trainer_processor_trains_gates_and_writes_a_model_per_profile_from_a_si
                         ts_micros: 1_800_000_000_000_000 + seq as i64 * 100_000,
                         values: r.values,
                         true_label: r.label.to_string(),
+                        predictions: Vec::new(),
                     }
                 })
                 .collect();

@@ -224,6 +224,7 @@ impl LineParser {
                     ts_micros: ts,
                     values,
                     true_label: String::new(),
+                    predictions: Vec::new(),
                 })
             }
             LineFormat::JsonLines => {
@@ -253,6 +254,7 @@ impl LineParser {
                     ts_micros: ts,
                     values,
                     true_label: String::new(),
+                    predictions: Vec::new(),
                 })
             }
         }

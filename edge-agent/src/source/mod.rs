@@ -121,6 +121,7 @@ async fn run_simulator(
                 ts_micros: start_micros + (generated as f64 * step_micros) as i64,
                 values: r.values,
                 true_label: r.label.to_string(),
+                predictions: Vec::new(),
             });
             generated += 1;
         }

@@ -183,6 +183,7 @@ pub async fn run(
                 .unwrap_or(0),
             values,
             true_label: String::new(),
+            predictions: Vec::new(),
         };
         if !spool.append_waiting(vec![reading], &shutdown).await? {
             break;

@@ -1134,6 +1134,7 @@ mod tests {
             ts_micros: now_micros() + seq as i64,
             values: vec![seq as f64, -(seq as f64)],
             true_label: String::new(),
+            predictions: Vec::new(),
         }
     }
 

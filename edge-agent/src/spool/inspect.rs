@@ -243,6 +243,7 @@ mod tests {
                 ts_micros: 1_700_000_000_000_000 + i,
                 values: vec![i as f64],
                 true_label: String::new(),
+                predictions: Vec::new(),
             })
             .collect();
         spool.append(&mut readings)?;

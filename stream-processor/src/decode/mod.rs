@@ -126,6 +126,7 @@ mod tests {
                 ts_micros: 1,
                 values: vec![1.0],
                 true_label: String::new(),
+                predictions: Vec::new(),
             }],
             loss: None,
         }

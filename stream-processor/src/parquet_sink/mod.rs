@@ -452,6 +452,7 @@ mod tests {
                     } else {
                         String::new()
                     },
+                    predictions: Vec::new(),
                 })
                 .collect(),
             loss: None,

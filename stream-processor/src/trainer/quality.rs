@@ -79,6 +79,7 @@ fn simulate(devices: u64, per_device: u64, seed: u64) -> Sim {
                         ts_micros: ts,
                         values: r.values.clone(),
                         true_label: String::new(),
+                        predictions: Vec::new(),
                     }],
                     loss: None,
                 },
