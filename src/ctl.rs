@@ -30,6 +30,15 @@ pub struct CtlArgs {
         hide_env_values = true
     )]
     token: Option<String>,
+    /// A file holding the bearer token (surrounding whitespace ignored);
+    /// `edgeloop up` writes DIR/control.token.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGELOOP_CONTROL_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
     /// Print the response as JSON (one document) instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -126,7 +135,17 @@ async fn connect(args: &CtlArgs) -> Result<(Channel, Bearer)> {
         .connect()
         .await
         .with_context(|| format!("connecting to the control API at {url}"))?;
-    let bearer = Bearer::new(args.token.as_deref()).map_err(|e| anyhow::anyhow!("--token: {e}"))?;
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--token-file: reading {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    let bearer = Bearer::new(token.as_deref()).map_err(|e| anyhow::anyhow!("--token: {e}"))?;
     Ok((channel, bearer))
 }
 
@@ -550,6 +569,19 @@ fn models_table(models: &[pb::ModelVersion]) -> String {
 /// `edgeloop keys generate`.
 pub fn keys(command: KeysCommand) -> Result<()> {
     let KeysCommand::Generate { out } = command;
+    let (private, public) = generate_key_files(&out)?;
+    println!(
+        "wrote {} (private: the processor's control.signing_key_file and trainer.signing_key_file) and {} (public: provision devices with it, agent models.verify_key_file)",
+        private.display(),
+        public.display()
+    );
+    Ok(())
+}
+
+/// Writes a new Ed25519 key pair as `out/signing.key` (the seed, mode 0600)
+/// and `out/signing.pub`, in hex; refuses to overwrite either. Returns
+/// (private, public).
+pub fn generate_key_files(out: &Path) -> Result<(PathBuf, PathBuf)> {
     let private = out.join("signing.key");
     let public = out.join("signing.pub");
     for p in [&private, &public] {
@@ -559,7 +591,7 @@ pub fn keys(command: KeysCommand) -> Result<()> {
             p.display()
         );
     }
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut seed = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
     let key = signing::SigningKey::from_bytes(&seed);
@@ -569,12 +601,7 @@ pub fn keys(command: KeysCommand) -> Result<()> {
         format!("{}\n", signing::to_hex(key.verifying_key().as_bytes())),
     )
     .with_context(|| format!("writing {}", public.display()))?;
-    println!(
-        "wrote {} (private: the processor's control.signing_key_file) and {} (public: provision devices with it)",
-        private.display(),
-        public.display()
-    );
-    Ok(())
+    Ok((private, public))
 }
 
 fn write_private(path: &Path, text: &str) -> Result<()> {

@@ -51,6 +51,14 @@ pub struct UpArgs {
     /// Close Parquet files (and commit their offsets) at this age at the latest.
     #[arg(long, env = "EDGELOOP_SINK_MAX_AGE", default_value = "10s", value_parser = humantime::parse_duration)]
     file_max_age: Duration,
+    /// Where the processor serves the gRPC control API (`edgeloop ctl`); its
+    /// bearer token is in DIR/control.token.
+    #[arg(
+        long,
+        env = "EDGELOOP_CONTROL_LISTEN",
+        default_value = "127.0.0.1:9470"
+    )]
+    control_listen: std::net::SocketAddr,
     /// How often progress is printed.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     progress_every: Duration,
@@ -150,6 +158,21 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
             .with_context(|| format!("writing {}", rules.display()))?;
     }
     processor_config.rules_file = Some(rules);
+    // Model signing: one key pair per data directory, made on the first run
+    // (DIR/keys/signing.key signs, the devices check with signing.pub).
+    let keys = data_dir.join("keys");
+    let (signing_key, verify_key) = (keys.join("signing.key"), keys.join("signing.pub"));
+    if !signing_key.exists() && !verify_key.exists() {
+        crate::ctl::generate_key_files(&keys)?;
+    }
+    // The control API, with a token made on the first run.
+    let token_file = data_dir.join("control.token");
+    if !token_file.exists() {
+        write_token(&token_file)?;
+    }
+    processor_config.control.listen = Some(args.control_listen);
+    processor_config.control.token_file = Some(token_file.clone());
+    processor_config.control.signing_key_file = Some(signing_key.clone());
     processor_config.channels = edgeloop_agent::source::simulator::SimulatorConfig::default()
         .channels
         .iter()
@@ -161,6 +184,10 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         &processor_config.channels,
         data_dir.join("trainer"),
     );
+    // A demonstration run is short: a first model once 2,000 labelled
+    // readings are in, then a retrain every 2,000 more (or every minute).
+    processor_config.trainer.retrain_every_examples = 2_000;
+    processor_config.trainer.retrain_every = Duration::from_secs(60);
     let mut agent = AgentConfig::default();
     agent.mqtt.host = args.mqtt_listen.ip().to_string();
     if args.mqtt_listen.ip().is_unspecified() {
@@ -213,8 +240,11 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         counters.processor.clone(),
     ));
     println!(
-        "Stream processor writing Parquet under {}",
-        data_dir.join("parquet").display()
+        "Stream processor writing Parquet under {}; control API on {} (edgeloop ctl --addr {} --token-file {} fleet)",
+        data_dir.join("parquet").display(),
+        args.control_listen,
+        args.control_listen,
+        token_file.display()
     );
 
     let fleet_stop = CancellationToken::new();
@@ -319,11 +349,30 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         );
     }
     let report = data_dir.join("report.svg");
-    match crate::report::write(&data_dir.join("parquet"), &report) {
+    let decisions = data_dir.join("trainer/decisions.jsonl");
+    match crate::report::write(&data_dir.join("parquet"), Some(&decisions), &report) {
         Ok(_) => println!("report: {}", report.display()),
         Err(e) => println!("report: not written: {e:#}"),
     }
     Ok(())
+}
+
+/// A random bearer token for the control API, written with mode 0600.
+fn write_token(path: &std::path::Path) -> Result<()> {
+    use std::io::Write as _;
+    let mut bytes = [0u8; 24];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+    let token = edgeloop_proto::signing::to_hex(&bytes);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(format!("{token}\n").as_bytes())
+        .and_then(|_| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Credentials for the simulated devices `{prefix}-0000…`: the broker's

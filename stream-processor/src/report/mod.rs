@@ -1,12 +1,17 @@
 //! `edgeloop report`: a picture of the loop, drawn from the Parquet data set
-//! as one SVG file: readings per device over time, the labels over time, how
-//! each labelling rule votes, and the losses devices reported.
+//! and the trainer's decision log as one SVG file: readings per device over
+//! time, the labels over time, how each labelling rule votes, the model
+//! versions the gate published or rejected with their metrics, the model
+//! version each device ran over time, and the losses devices reported.
 //!
-//! It reads only the columns it draws (`device_id`, `ts`, `label` of
-//! `readings`; `losses`; `rule_stats`), in two passes over `readings` (the
-//! time range, then the counts), so its memory is bounded by the number of
-//! devices and labels, not of readings. A file it cannot read is left out
-//! and named in the report and in the result, never fatal.
+//! It reads only the columns it draws (`device_id`, `ts`, `label`,
+//! `predictions` of `readings`; `losses`; `rule_stats`), in two passes over
+//! `readings` (the time range, then the counts), so its memory is bounded by
+//! the number of devices and labels, not of readings. The model version a
+//! device ran is the one its own predictions name (`predictions`), so it is
+//! what the device applied, as it reported it with its readings. A file (or
+//! decision-log line) it cannot read is left out and named in the report and
+//! in the result, never fatal.
 
 pub mod svg;
 
@@ -14,7 +19,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use arrow_array::{Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow_array::{
+    Array, Int64Array, ListArray, RecordBatch, StringArray, StructArray, TimestampMicrosecondArray,
+};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
@@ -49,6 +56,13 @@ pub struct Summary {
     pub last_ts_micros: Option<i64>,
     pub lost_readings: u64,
     pub rules: usize,
+    /// Gate decisions drawn, and how many of them published a version.
+    pub decisions: usize,
+    pub published: usize,
+    /// Devices whose readings carry a prediction, and the highest model
+    /// version any of them ran.
+    pub devices_with_model: usize,
+    pub highest_applied_version: Option<u64>,
     /// Files left out because they could not be read, and why.
     pub skipped: Vec<(PathBuf, String)>,
 }
@@ -90,11 +104,18 @@ fn read_columns(
     let file = File::open(path).map_err(|e| e.to_string())?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| e.to_string())?;
     let schema = builder.parquet_schema();
+    // By top-level column, so a nested column (`predictions`) is read
+    // whole and a nested field never matches a flat column's name.
     let leaves: Vec<usize> = schema
         .columns()
         .iter()
         .enumerate()
-        .filter(|(_, c)| columns.contains(&c.name()))
+        .filter(|(_, c)| {
+            c.path()
+                .parts()
+                .first()
+                .is_some_and(|top| columns.contains(&top.as_str()))
+        })
         .map(|(i, _)| i)
         .collect();
     let mask = ProjectionMask::leaves(schema, leaves);
@@ -129,6 +150,29 @@ struct Timeline {
     per_device: HashMap<String, Vec<u64>>,
     /// Per label (`None`: unlabelled).
     per_label: BTreeMap<Option<String>, Vec<u64>>,
+    /// Per device, the highest model version its predictions name in each
+    /// bucket (0: none).
+    per_device_model: HashMap<String, Vec<u64>>,
+}
+
+/// The highest `model_version` among the predictions of row `r`.
+fn highest_version(predictions: &ListArray, r: usize) -> Option<u64> {
+    if predictions.is_null(r) {
+        return None;
+    }
+    let entries = predictions.value(r);
+    let versions = entries
+        .as_any()
+        .downcast_ref::<StructArray>()?
+        .column_by_name("model_version")?
+        .as_any()
+        .downcast_ref::<Int64Array>()?;
+    versions
+        .iter()
+        .flatten()
+        .filter(|v| *v > 0)
+        .map(|v| v as u64)
+        .max()
 }
 
 impl Timeline {
@@ -179,12 +223,16 @@ fn read_timeline(root: &Path, summary: &mut Summary) -> Option<Timeline> {
     let mut timeline = timeline;
     let buckets = timeline.buckets;
     for path in readable {
-        let result = read_columns(&path, &["device_id", "ts", "label"], &mut |batch| {
+        let columns = ["device_id", "ts", "label", "predictions"];
+        let result = read_columns(&path, &columns, &mut |batch| {
             let (Some(device), Some(ts)) = (strings(batch, "device_id"), micros(batch, "ts"))
             else {
                 return;
             };
             let label = strings(batch, "label");
+            let predictions = batch
+                .column_by_name("predictions")
+                .and_then(|c| c.as_any().downcast_ref::<ListArray>());
             for r in 0..batch.num_rows() {
                 if ts.is_null(r) || device.is_null(r) {
                     continue;
@@ -195,6 +243,13 @@ fn read_timeline(root: &Path, summary: &mut Summary) -> Option<Timeline> {
                     .entry(device.value(r).to_string())
                     .or_insert_with(|| vec![0; buckets]);
                 counts[b] += 1;
+                if let Some(v) = predictions.and_then(|p| highest_version(p, r)) {
+                    let versions = timeline
+                        .per_device_model
+                        .entry(device.value(r).to_string())
+                        .or_insert_with(|| vec![0; buckets]);
+                    versions[b] = versions[b].max(v);
+                }
                 let l = label
                     .filter(|l| !l.is_null(r))
                     .map(|l| l.value(r).to_string());
@@ -211,6 +266,12 @@ fn read_timeline(root: &Path, summary: &mut Summary) -> Option<Timeline> {
         }
     }
     summary.devices = timeline.per_device.len();
+    summary.devices_with_model = timeline.per_device_model.len();
+    summary.highest_applied_version = timeline
+        .per_device_model
+        .values()
+        .flat_map(|v| v.iter().copied())
+        .max();
     summary.first_ts_micros = Some(first_ts);
     summary.last_ts_micros = Some(last);
     Some(timeline)
@@ -249,6 +310,79 @@ fn read_losses(root: &Path, summary: &mut Summary) -> BTreeMap<String, BTreeMap<
             summary.skipped.push((path, reason));
         }
     }
+    out
+}
+
+/// One gate decision, as the report draws it.
+#[derive(Debug, Clone, PartialEq)]
+struct GateDecision {
+    at_micros: i64,
+    /// `task/profile`.
+    lane: String,
+    /// `published`, `rejected`, …
+    decision: String,
+    version: Option<u64>,
+    /// The gate's metric (`macro_f1` or `accuracy`) of the candidate and of
+    /// the live model on the same held-out data.
+    metric: String,
+    candidate: f64,
+    live: Option<f64>,
+}
+
+fn parse_decision(line: &str) -> Result<GateDecision, String> {
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    let text = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_str())
+            .ok_or_else(|| format!("no {k}"))
+    };
+    let at_micros = chrono::DateTime::parse_from_rfc3339(text("at")?)
+        .map_err(|e| format!("at: {e}"))?
+        .timestamp_micros();
+    let metric = text("metric")?.to_string();
+    let value = |m: Option<&serde_json::Value>| m.and_then(|m| m.get(&metric)?.as_f64());
+    Ok(GateDecision {
+        at_micros,
+        lane: format!("{}/{}", text("task")?, text("profile")?),
+        decision: text("decision")?.to_string(),
+        version: v.get("version").and_then(|x| x.as_u64()),
+        candidate: value(v.get("candidate")).ok_or("no candidate metric")?,
+        live: value(v.get("live")),
+        metric,
+    })
+}
+
+/// The trainer's decision log (`decisions.jsonl`); a line that cannot be
+/// read is left out and the first such line named.
+fn read_decisions(path: &Path, summary: &mut Summary) -> Vec<GateDecision> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            summary.skipped.push((path.to_path_buf(), e.to_string()));
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match parse_decision(line) {
+            Ok(d) => out.push(d),
+            Err(e) => bad.push(format!("line {}: {e}", i + 1)),
+        }
+    }
+    if let Some(first) = bad.first() {
+        summary.skipped.push((
+            path.to_path_buf(),
+            format!("{} unreadable line(s), first {first}", bad.len()),
+        ));
+    }
+    out.sort_by_key(|d| d.at_micros);
+    summary.decisions = out.len();
+    summary.published = out.iter().filter(|d| d.decision == "published").count();
     out
 }
 
@@ -404,6 +538,109 @@ fn draw_rules(svg: &mut Svg, rules: &BTreeMap<(String, String), RuleSummary>) {
     svg.bars(area, &bars, max, svg::colour(0));
 }
 
+fn draw_gate(svg: &mut Svg, decisions: &[GateDecision]) {
+    let note = "every retrain: the candidate's held-out metric; filled: published (its version above), hollow: refused by the gate; × the live model's metric it was compared with";
+    let area = svg.panel("Models and the quality gate", note, 300.0);
+    let (Some(first), Some(last)) = (decisions.first(), decisions.last()) else {
+        svg.empty(
+            area,
+            "no gate decision yet (no trainer log, or not enough labelled data)",
+        );
+        return;
+    };
+    let (from, to) = (first.at_micros, last.at_micros);
+    let span = (to - from).max(1) as f64;
+    let at = |t: i64| {
+        if to > from {
+            (t - from) as f64 / span
+        } else {
+            0.5
+        }
+    };
+    let mut lanes: Vec<&str> = decisions.iter().map(|d| d.lane.as_str()).collect();
+    lanes.sort_unstable();
+    lanes.dedup();
+    let metric = first.metric.replace('_', "-");
+    let ticks: Vec<(f64, String)> = if to > from {
+        (0..=4)
+            .map(|i| (i as f64 / 4.0, clock(from + (to - from) * i / 4)))
+            .collect()
+    } else {
+        vec![(0.5, clock(from))]
+    };
+    svg.axes(area, &ticks, 1.0, &metric);
+    for d in decisions {
+        let Some(i) = lanes.iter().position(|l| *l == d.lane) else {
+            continue;
+        };
+        let colour = svg::colour(i);
+        if let Some(live) = d.live {
+            svg.cross(area, at(d.at_micros), live, 1.0, colour);
+        }
+        let published = d.decision == "published";
+        let label = match (published, d.version) {
+            (true, Some(v)) => format!("v{v}"),
+            _ => String::new(),
+        };
+        svg.dot(
+            area,
+            at(d.at_micros),
+            d.candidate,
+            1.0,
+            colour,
+            published,
+            &label,
+        );
+    }
+    svg.legend(
+        area,
+        &lanes.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
+    );
+}
+
+fn draw_applied(svg: &mut Svg, t: Option<&Timeline>) {
+    let rows = t.map_or(1, |t| t.per_device_model.len().clamp(1, DEVICE_ROWS));
+    let note = "the model version each device ran, as its own predictions name it (the darker the newer; blank: no model yet)";
+    let area = svg.panel(
+        "Model versions on devices",
+        note,
+        110.0 + 14.0 * rows as f64,
+    );
+    let Some(t) = t.filter(|t| !t.per_device_model.is_empty()) else {
+        svg.empty(area, "no device has sent a prediction yet");
+        return;
+    };
+    let mut devices: Vec<(&String, &Vec<u64>)> = t.per_device_model.iter().collect();
+    devices.sort_by(|a, b| a.0.cmp(b.0));
+    let shown = devices.len().min(DEVICE_ROWS);
+    let rows: Vec<(String, Vec<f64>)> = devices
+        .iter()
+        .take(DEVICE_ROWS)
+        .map(|(d, v)| ((*d).clone(), v.iter().map(|x| *x as f64).collect()))
+        .collect();
+    let max = t
+        .per_device_model
+        .values()
+        .flat_map(|v| v.iter().copied())
+        .max()
+        .unwrap_or(0);
+    svg.heat(area, &rows, max as f64);
+    svg.x_axis(area, &x_ticks(t, true));
+    let latest: usize = t
+        .per_device_model
+        .values()
+        .filter(|v| v.iter().copied().max() == Some(max))
+        .count();
+    let mut legend = vec![
+        format!("darkest: v{max}"),
+        format!("{latest} of {} devices ran v{max}", t.per_device.len()),
+    ];
+    if devices.len() > shown {
+        legend.push(format!("first {shown} of {} devices", devices.len()));
+    }
+    svg.notes(area, &legend);
+}
+
 fn draw_losses(svg: &mut Svg, losses: &BTreeMap<String, BTreeMap<String, u64>>) {
     let note =
         "readings devices lost before they reached the cloud, as they reported them (LossReport)";
@@ -438,8 +675,15 @@ fn draw_losses(svg: &mut Svg, losses: &BTreeMap<String, BTreeMap<String, u64>>) 
     svg.bars(area, &bars, max, svg::colour(3));
 }
 
-/// Draws the report of the data set under `root`.
+/// Draws the report of the data set under `root` (no gate decisions).
 pub fn build(root: &Path) -> Result<Report, ReportError> {
+    build_with_decisions(root, None)
+}
+
+/// Draws the report of the data set under `root`, with the trainer's
+/// decision log `decisions` (`{trainer.dir}/decisions.jsonl`; a missing
+/// file draws an empty panel).
+pub fn build_with_decisions(root: &Path, decisions: Option<&Path>) -> Result<Report, ReportError> {
     if !root.join("readings").is_dir() {
         return Err(ReportError::NotADataSet(root.to_path_buf()));
     }
@@ -456,6 +700,7 @@ pub fn build(root: &Path) -> Result<Report, ReportError> {
         }
     };
     summary.rules = rules.len();
+    let decisions = decisions.map_or_else(Vec::new, |p| read_decisions(p, &mut summary));
 
     let mut svg = Svg::new(1100.0);
     let span = match (summary.first_ts_micros, summary.last_ts_micros) {
@@ -480,6 +725,8 @@ pub fn build(root: &Path) -> Result<Report, ReportError> {
     draw_devices(&mut svg, timeline.as_ref());
     draw_labels(&mut svg, timeline.as_ref());
     draw_rules(&mut svg, &rules);
+    draw_gate(&mut svg, &decisions);
+    draw_applied(&mut svg, timeline.as_ref());
     draw_losses(&mut svg, &losses);
     if !summary.skipped.is_empty() {
         let y = svg.height + 24.0;

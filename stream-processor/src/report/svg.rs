@@ -282,6 +282,63 @@ impl Svg {
         }
     }
 
+    /// A dot at `at` (share of the width) and `v` (on a scale from 0 to
+    /// `y_max`), filled or hollow, with `label` above it (if not empty).
+    #[allow(clippy::too_many_arguments)]
+    pub fn dot(
+        &mut self,
+        area: Area,
+        at: f64,
+        v: f64,
+        y_max: f64,
+        colour: &str,
+        filled: bool,
+        label: &str,
+    ) {
+        let x = area.x
+            + area.w
+                * if at.is_finite() {
+                    at.clamp(0.0, 1.0)
+                } else {
+                    0.0
+                };
+        let y = y_of(area, v, y_max);
+        let fill = if filled { colour } else { "#ffffff" };
+        let _ = writeln!(
+            self.body,
+            r#"<circle cx="{}" cy="{}" r="4.5" fill="{fill}" stroke="{colour}" stroke-width="1.6"/>"#,
+            n(x),
+            n(y)
+        );
+        if !label.is_empty() {
+            self.text(x, y - 8.0, 9.0, "middle", label);
+        }
+    }
+
+    /// A small cross at `at` (share of the width) and `v` (0 to `y_max`).
+    pub fn cross(&mut self, area: Area, at: f64, v: f64, y_max: f64, colour: &str) {
+        let x = area.x
+            + area.w
+                * if at.is_finite() {
+                    at.clamp(0.0, 1.0)
+                } else {
+                    0.0
+                };
+        let y = y_of(area, v, y_max);
+        let _ = writeln!(
+            self.body,
+            r#"<path d="M{} {} L{} {} M{} {} L{} {}" stroke="{colour}" stroke-width="1.4"/>"#,
+            n(x - 3.5),
+            n(y - 3.5),
+            n(x + 3.5),
+            n(y + 3.5),
+            n(x - 3.5),
+            n(y + 3.5),
+            n(x + 3.5),
+            n(y - 3.5)
+        );
+    }
+
     /// A legend right of `area`: one coloured square and name per entry.
     pub fn legend(&mut self, area: Area, names: &[String]) {
         for (i, name) in names.iter().enumerate() {
