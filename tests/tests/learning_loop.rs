@@ -371,6 +371,19 @@ async fn models_are_trained_published_applied_retrained_on_new_rules_and_pinned(
             );
         }
     }
+    // The picture of the run draws the gate's decisions and the versions
+    // the devices ran.
+    let svg = std::fs::read_to_string(data.join("report.svg")).context("DIR/report.svg")?;
+    for absent in [
+        "no gate decision yet",
+        "no device has sent a prediction yet",
+    ] {
+        ensure!(!svg.contains(absent), "the report says {absent:?}");
+    }
+    ensure!(
+        svg.contains(">v1<") && svg.contains(">darkest: v"),
+        "the report shows neither the first published version nor the versions on devices"
+    );
     // The processor recomputed a sample of predictions: no mismatch.
     let log = std::fs::read_to_string(&up.log)?;
     let parity = log
