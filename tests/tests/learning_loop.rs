@@ -155,7 +155,11 @@ for d, s, v in rows:
             Ok((
                 f[0].to_string(),
                 f[1].parse()?,
-                if f[2] == "-" { None } else { Some(f[2].parse()?) },
+                if f[2] == "-" {
+                    None
+                } else {
+                    Some(f[2].parse()?)
+                },
             ))
         })
         .collect()
@@ -227,11 +231,13 @@ async fn models_are_trained_published_applied_retrained_on_new_rules_and_pinned(
             "{lane:?}: the first published model should be version 1 with no live model before it: {d}"
         );
     }
-    let devices = wait_applied(&mut c, "every device to apply a first model", |_, v| v >= 1).await?;
-    let profiles: BTreeMap<&str, usize> = devices.values().fold(BTreeMap::new(), |mut m, (p, _)| {
-        *m.entry(p.as_str()).or_default() += 1;
-        m
-    });
+    let devices =
+        wait_applied(&mut c, "every device to apply a first model", |_, v| v >= 1).await?;
+    let profiles: BTreeMap<&str, usize> =
+        devices.values().fold(BTreeMap::new(), |mut m, (p, _)| {
+            *m.entry(p.as_str()).or_default() += 1;
+            m
+        });
     ensure!(
         profiles.get("mcu8").copied().unwrap_or(0) > 0
             && profiles.get("gateway").copied().unwrap_or(0) > 0,
@@ -241,7 +247,10 @@ async fn models_are_trained_published_applied_retrained_on_new_rules_and_pinned(
     // 2. A rules change: a new rules version, a retrain, a new version.
     let rules_file = data.join("rules.toml");
     let rules = std::fs::read_to_string(&rules_file)?;
-    ensure!(rules.contains("version = \"sim-v1\""), "unexpected rules file");
+    ensure!(
+        rules.contains("version = \"sim-v1\""),
+        "unexpected rules file"
+    );
     let changed = rules
         .replace("version = \"sim-v1\"", "version = \"sim-v2\"")
         .replace("above = 25.8", "above = 25.6");
@@ -277,7 +286,10 @@ async fn models_are_trained_published_applied_retrained_on_new_rules_and_pinned(
     .await;
     up.check_running()?;
     for (version, d) in retrained? {
-        ensure!(version >= 2, "a retrain after the rules change published {d}");
+        ensure!(
+            version >= 2,
+            "a retrain after the rules change published {d}"
+        );
     }
 
     // 3. Pin version 1 of anomaly/mcu8: republished as a new version, applied
@@ -364,7 +376,9 @@ async fn models_are_trained_published_applied_retrained_on_new_rules_and_pinned(
     );
     for (device, (profile, _)) in &after {
         if profile == "mcu8" {
-            let (_, v) = last.get(device.as_str()).context("device without predictions")?;
+            let (_, v) = last
+                .get(device.as_str())
+                .context("device without predictions")?;
             ensure!(
                 *v == p as i64,
                 "{device}'s last prediction names v{v}, not the pinned v{p}"
