@@ -2,8 +2,12 @@
 //! watermark back to the devices, and the models out.
 //!
 //! A local rumqttd link subscribed to `telemetry/+` receives every batch. Each
-//! is produced to Kafka (key = device id, `acks=all`, idempotence on, headers
-//! `mqtt_topic` and `device_id`); Kafka's delivery report feeds the
+//! is produced to Kafka (key = device id, `acks=all`, idempotence on, no
+//! headers: the key names the device and the Kafka topic the kind of MQTT
+//! topic; Tansu 0.6's SQLite storage has no index on its header table and
+//! scans all of it for every record it serves, so headers made fetches
+//! slower with every record ever stored, until consumers timed out); Kafka's
+//! delivery report feeds the
 //! [`acks::AckTracker`]; every `ack_interval` the changed watermarks are
 //! written to the compacted topic `edgeloop.acks` ([`ack_log`]) and, once
 //! Kafka holds them there, published retained on `ack/{device}`.
@@ -48,7 +52,6 @@ use futures::future;
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
@@ -520,19 +523,9 @@ async fn take(
             }
         }
     };
-    let headers = OwnedHeaders::new()
-        .insert(Header {
-            key: "mqtt_topic",
-            value: Some(topic.as_bytes()),
-        })
-        .insert(Header {
-            key: "device_id",
-            value: Some(device.as_bytes()),
-        });
     let mut record = FutureRecord::to(kafka_topic)
         .key(device.as_bytes())
-        .payload(publish.payload.as_ref())
-        .headers(headers);
+        .payload(publish.payload.as_ref());
     loop {
         match producer.send_result(record) {
             Ok(delivery) => {
