@@ -133,6 +133,27 @@ mod tests {
     }
 
     #[test]
+    fn the_environment_sets_the_agents_model_keys() -> Result<()> {
+        let agent: edgeloop_agent::AgentConfig = load(
+            "agent",
+            None,
+            vars(&[
+                ("EDGELOOP_AGENT__MODELS__VERIFY_KEY_FILE", "/etc/edgeloop/signing.pub"),
+                ("EDGELOOP_AGENT__MODELS__DIR", "/var/lib/edgeloop/models"),
+            ]),
+        )?;
+        assert_eq!(
+            agent.models.verify_key_file.as_deref(),
+            Some(Path::new("/etc/edgeloop/signing.pub"))
+        );
+        assert_eq!(
+            agent.models.dir.as_deref(),
+            Some(Path::new("/var/lib/edgeloop/models"))
+        );
+        Ok(())
+    }
+
+    #[test]
     fn a_bad_override_is_refused_naming_the_key_and_the_variable() {
         let err = load::<edgeloop_processor::ProcessorConfig>(
             "processor",

@@ -322,6 +322,12 @@ struct AgentArgs {
     /// their readings, acks and model topics (e.g. `0.0.0.0:1884`).
     #[arg(long, env = "EDGELOOP_GATEWAY_LISTEN")]
     gateway_listen: Option<SocketAddr>,
+    /// Model updates: the Ed25519 public key file (64 hex digits, the
+    /// `signing.pub` of `edgeloop keys generate`) that updates on
+    /// models/+/{profile} must be signed with. Without it (or `[models]
+    /// verify_key_file`) the agent takes no models and makes no predictions.
+    #[arg(long, env = "EDGELOOP_MODELS_VERIFY_KEY")]
+    models_verify_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -586,6 +592,9 @@ async fn main() -> Result<()> {
             }
             if let Some(listen) = args.gateway_listen {
                 config.gateway.get_or_insert_with(Default::default).listen = listen;
+            }
+            if let Some(key) = args.models_verify_key {
+                config.models.verify_key_file = Some(key);
             }
             use edgeloop_agent::config::SourceConfig;
             use edgeloop_agent::source::lines::{LineFormat, LinesConfig};

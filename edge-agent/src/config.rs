@@ -30,7 +30,11 @@ pub struct AgentConfig {
     pub shutdown_grace: Duration,
     /// Gateway mode: accept child devices over MQTT and relay them (off when absent).
     pub gateway: Option<GatewayConfig>,
+    /// Model updates and on-device inference (off until `verify_key_file` is set).
+    pub models: ModelsConfig,
 }
+
+pub use crate::models::ModelsConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -64,6 +68,7 @@ impl Default for AgentConfig {
             uplink: UplinkConfig::default(),
             shutdown_grace: Duration::from_secs(10),
             gateway: None,
+            models: ModelsConfig::default(),
         }
     }
 }
@@ -219,7 +224,17 @@ impl AgentConfig {
             SourceConfig::Sysfs(_) => Ok(()),
         }
         .map_err(|e| format!("source.{e}"))?;
+        self.models.verifying_key()?;
         Ok(())
+    }
+
+    /// Where this device's models are stored: `models.dir`, or
+    /// `{spool.dir}/models` when it is not set.
+    pub fn models_dir(&self) -> std::path::PathBuf {
+        self.models
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.spool.dir.join("models"))
     }
 }
 
@@ -240,6 +255,44 @@ mod tests {
         let err = toml::from_str::<AgentConfig>("[uplink]\nbatch_sise = 3\n")
             .expect_err("typo must be refused");
         assert!(err.to_string().contains("batch_sise"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_or_missing_verify_key_file_is_refused_naming_the_field() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = AgentConfig::default();
+        config.models.verify_key_file = Some(dir.path().join("missing.pub"));
+        let err = config
+            .validate()
+            .expect_err("a missing key file must be refused");
+        assert!(err.starts_with("models.verify_key_file"), "{err}");
+        let bad = dir.path().join("bad.pub");
+        std::fs::write(&bad, "not hex").expect("write");
+        config.models.verify_key_file = Some(bad);
+        let err = config.validate().expect_err("a bad key must be refused");
+        assert!(err.starts_with("models.verify_key_file"), "{err}");
+        let good = dir.path().join("good.pub");
+        let key = edgeloop_proto::signing::SigningKey::from_bytes(&[3; 32]);
+        std::fs::write(
+            &good,
+            edgeloop_proto::signing::to_hex(key.verifying_key().as_bytes()),
+        )
+        .expect("write");
+        config.models.verify_key_file = Some(good);
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(
+            config.models_dir(),
+            config.spool.dir.join("models"),
+            "the store defaults to the spool's directory"
+        );
+    }
+
+    #[test]
+    fn models_section_parses() {
+        let config: AgentConfig =
+            toml::from_str("[models]\nverify_key_file = \"k.pub\"\ndir = \"m\"\n").expect("parses");
+        assert_eq!(config.models.dir, Some("m".into()));
+        assert!(toml::from_str::<AgentConfig>("[models]\nverify_key = \"k\"\n").is_err());
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //! - [`uplink`]: batches readings into `ReadingBatch` messages, publishes them
 //!   with QoS 1 on `telemetry/{device}`, follows the retained `ack/{device}`
 //!   watermark and resends from it after a reconnect or a stall.
+//! - [`models`]: model updates from `models/+/{profile}` (verified,
+//!   stored atomically, swapped in) and on-device inference: a prediction
+//!   per loaded model on every reading the device's sources take.
 //! - [`gateway`]: gateway mode, for child devices with no link of their own:
 //!   an embedded MQTT listener, a spool and an uplink per child, acks and
 //!   model topics relayed back down.
@@ -21,6 +24,7 @@
 
 pub mod config;
 pub mod gateway;
+pub mod models;
 pub mod source;
 pub mod spool;
 pub mod stats;
@@ -43,6 +47,8 @@ pub enum Error {
     Task(String),
     #[error("{0}")]
     Spool(String),
+    #[error("{0}")]
+    Models(String),
 }
 
 /// What an agent did, returned when it stops.
@@ -64,16 +70,29 @@ pub async fn run(
     stats: Arc<AgentStats>,
 ) -> Result<AgentReport, Error> {
     config.validate().map_err(Error::Config)?;
+    let channels = source::channels(&config).map_err(|e| Error::Config(format!("source.{e}")))?;
     let opened = {
         let spool_config = config.spool.clone();
-        let channels =
-            source::channels(&config).map_err(|e| Error::Config(format!("source.{e}")))?;
+        let channels = channels.clone();
         tokio::task::spawn_blocking(move || spool::disk::DiskSpool::open(spool_config, channels))
             .await
             .map_err(|e| Error::Task(e.to_string()))?
             .map_err(|e| Error::Spool(e.to_string()))?
     };
-    let spool = Arc::new(SharedSpool::new(Box::new(opened)));
+    let models = open_models(&config, channels, &stats).await?;
+    let mut spool = SharedSpool::new(Box::new(opened));
+    if let Some(models) = &models {
+        spool = spool.with_models(models.clone());
+    }
+    let spool = Arc::new(spool);
+    let (model_link, updater_task) = match models {
+        Some(models) => {
+            let (deliveries, rx) = tokio::sync::mpsc::channel(64);
+            let task = tokio::spawn(models::run_updater(models.clone(), rx));
+            (Some(models::ModelLink { models, deliveries }), Some(task))
+        }
+        None => (None, None),
+    };
     let sync_stop = CancellationToken::new();
     let sync_task = spool.spawn_sync_task(config.spool.sync_interval, sync_stop.clone());
     // Gateway mode: children's readings are relayed, the model topics they
@@ -112,8 +131,13 @@ pub async fn run(
         source_done,
         stats.clone(),
         models_tx,
+        model_link,
     )
     .await;
+    // The uplink held the updater's only sender: the updater ends with it.
+    if let Some(task) = updater_task {
+        task.await.map_err(|e| Error::Task(e.to_string()))?;
+    }
     if let Some(task) = gateway_task {
         // The gateway stops with `shutdown`; its children's uplinks drain
         // within the grace period.
@@ -136,9 +160,40 @@ pub async fn run(
     })
 }
 
+/// Opens the model store when model updates are on (`models.verify_key_file`
+/// set); says once per process why they are off otherwise.
+async fn open_models(
+    config: &AgentConfig,
+    channels: Vec<String>,
+    stats: &Arc<AgentStats>,
+) -> Result<Option<Arc<models::Models>>, Error> {
+    static OFF: std::sync::Once = std::sync::Once::new();
+    let Some(key) = config.models.verifying_key().map_err(Error::Config)? else {
+        OFF.call_once(|| {
+            tracing::info!("model updates are off: models.verify_key_file is not set, so the agent does not subscribe to models/ and makes no predictions");
+        });
+        return Ok(None);
+    };
+    let (device, profile, dir) = (
+        config.device_id.clone(),
+        config.profile.clone(),
+        config.models_dir(),
+    );
+    let stats = stats.clone();
+    let opened = tokio::task::spawn_blocking(move || {
+        models::Models::open(&device, &profile, channels, key, &dir, stats)
+            .map_err(|e| Error::Models(format!("model store {}: {e}", dir.display())))
+    })
+    .await
+    .map_err(|e| Error::Task(e.to_string()))??;
+    Ok(Some(Arc::new(opened)))
+}
+
 /// Runs `count` simulated agents derived from `template`: device `i` gets the
-/// id `{prefix}-{i:04}`, the seed `template seed + i`, and the spool
-/// `{template spool dir}/{device id}`.
+/// id `{prefix}-{i:04}`, the seed `template seed + i`, the spool
+/// `{template spool dir}/{device id}` and, when the template sets
+/// `models.dir`, the model store `{template models dir}/{device id}` (by
+/// default it is under the device's spool).
 pub async fn run_fleet(
     template: AgentConfig,
     prefix: &str,
@@ -168,6 +223,9 @@ pub async fn run_fleet_with_passwords(
             config.mqtt.password = Some(password.clone());
         }
         config.spool.dir = template.spool.dir.join(&config.device_id);
+        if let Some(dir) = &template.models.dir {
+            config.models.dir = Some(dir.join(&config.device_id));
+        }
         if let config::SourceConfig::Simulator(sim) = &mut config.source {
             sim.seed = sim.seed.wrapping_add(i as u64);
         }

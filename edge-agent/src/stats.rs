@@ -27,6 +27,17 @@ pub struct AgentStats {
     pub readings_lost: AtomicU64,
     /// Lines (or samples) a source could not turn into readings.
     pub bad_lines: AtomicU64,
+    /// Model updates verified, stored and swapped in.
+    pub model_updates_applied: AtomicU64,
+    /// Model updates refused (bad signature or hash, lower version,
+    /// artifact that does not load, …) and stored models quarantined at
+    /// start-up; the model in use stayed.
+    pub model_updates_refused: AtomicU64,
+    /// Predictions added to readings by on-device inference.
+    pub predictions_made: AtomicU64,
+    /// Predictions a loaded model could not make (a channel with no finite
+    /// value in the window, say); the reading went without.
+    pub predictions_failed: AtomicU64,
 }
 
 impl AgentStats {

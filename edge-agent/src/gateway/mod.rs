@@ -125,8 +125,16 @@ async fn start_child(
         // The relay never "runs out" of readings: it stops with the agent.
         let never_done = CancellationToken::new();
         tokio::spawn(async move {
-            if let Err(e) =
-                crate::uplink::run(&child_config, spool, shutdown, never_done, stats, None).await
+            if let Err(e) = crate::uplink::run(
+                &child_config,
+                spool,
+                shutdown,
+                never_done,
+                stats,
+                None,
+                None,
+            )
+            .await
             {
                 tracing::error!(child = %child_config.device_id, error = %e, "child uplink stopped");
             }

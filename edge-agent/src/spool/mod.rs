@@ -19,13 +19,15 @@ pub mod disk;
 pub mod inspect;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use edgeloop_proto::v1::{Reading, ReadingBatch};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use disk::Loss;
+
+use crate::models::Models;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -116,6 +118,9 @@ pub struct SharedSpool {
     pub space: Notify,
     /// Woken when a sync should happen before its timer.
     pub sync_wanted: Notify,
+    /// On-device inference: predictions for the readings appended with
+    /// [`SharedSpool::append_waiting`] (the device's own sources).
+    models: Option<Arc<Models>>,
 }
 
 impl SharedSpool {
@@ -125,7 +130,15 @@ impl SharedSpool {
             data: Notify::new(),
             space: Notify::new(),
             sync_wanted: Notify::new(),
+            models: None,
         }
+    }
+
+    /// Readings appended with [`SharedSpool::append_waiting`] get the
+    /// predictions of `models` first.
+    pub fn with_models(mut self, models: Arc<Models>) -> Self {
+        self.models = Some(models);
+        self
     }
 
     /// Runs `f` on the spool. A poisoned lock (a panic while holding it) is
@@ -142,11 +155,16 @@ impl SharedSpool {
 
     /// Appends all of `readings`, waiting for space when the spool is full.
     /// Returns `false` if `shutdown` fired before everything was taken.
+    /// With models, each reading gets its predictions first (the sources of
+    /// one agent append one batch at a time, in seq order).
     pub async fn append_waiting(
         &self,
         mut readings: Vec<Reading>,
         shutdown: &CancellationToken,
     ) -> Result<bool, SpoolError> {
+        if let Some(models) = &self.models {
+            models.annotate(&mut readings);
+        }
         loop {
             let space = self.space.notified();
             let result = self.with(|s| s.append(&mut readings).map(|n| (n, s.wants_sync())));

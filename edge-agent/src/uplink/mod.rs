@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, DrainOrder};
+use crate::models::ModelLink;
 use crate::spool::{Chunk, SharedSpool, SpoolError};
 use crate::stats::AgentStats;
 
@@ -57,7 +58,12 @@ fn now_micros() -> i64 {
 }
 
 /// The device's status as it stands.
-fn status(config: &AgentConfig, spool: &SharedSpool, online: bool) -> DeviceStatus {
+fn status(
+    config: &AgentConfig,
+    spool: &SharedSpool,
+    online: bool,
+    models: Option<&ModelLink>,
+) -> DeviceStatus {
     let backlog = spool.with(|s| s.backlog());
     let (next_seq, acked_seq, _) = spool.positions();
     let now = now_micros();
@@ -72,9 +78,11 @@ fn status(config: &AgentConfig, spool: &SharedSpool, online: bool) -> DeviceStat
         oldest_unacked_ms: backlog
             .oldest_ts_micros
             .map_or(0, |ts| (now - ts).max(0) as u64 / 1000),
-        applied_model_versions: Default::default(),
+        applied_model_versions: models
+            .map(|m| m.models.applied_versions())
+            .unwrap_or_default(),
         lost_readings: backlog.lost_readings,
-        last_model_error: String::new(),
+        last_model_error: models.map(|m| m.models.last_error()).unwrap_or_default(),
         next_seq,
         acked_seq,
     }
@@ -134,6 +142,7 @@ pub async fn run(
     source_done: CancellationToken,
     stats: Arc<AgentStats>,
     models: Option<mpsc::Sender<(String, Vec<u8>)>>,
+    updater: Option<ModelLink>,
 ) -> Result<(), UplinkError> {
     let device = config.device_id.clone();
     let telemetry_topic = topics::telemetry(&device);
@@ -149,7 +158,7 @@ pub async fn run(
         .set_inflight(config.mqtt.max_inflight)
         .set_last_will(LastWill::new(
             &status_topic,
-            status(config, &spool, false).encode_to_vec(),
+            status(config, &spool, false, updater.as_ref()).encode_to_vec(),
             QoS::AtLeastOnce,
             true,
         ));
@@ -166,6 +175,7 @@ pub async fn run(
         let (min, max) = (up.reconnect_min, up.reconnect_max);
         let device = device.clone();
         let models = models.clone();
+        let updater = updater.clone();
         tokio::spawn(async move {
             let mut backoff = min;
             loop {
@@ -188,6 +198,15 @@ pub async fn run(
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) if p.topic.starts_with("models/") => {
+                        if let Some(link) = updater.as_ref().filter(|l| l.wants(&p.topic)) {
+                            if link
+                                .deliveries
+                                .try_send((p.topic.clone(), p.payload.clone()))
+                                .is_err()
+                            {
+                                tracing::warn!(%device, topic = %p.topic, "model updater busy; the retained model comes again on reconnect");
+                            }
+                        }
                         if let Some(relay) = &models {
                             if relay
                                 .try_send((p.topic.clone(), p.payload.to_vec()))
@@ -241,9 +260,18 @@ pub async fn run(
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backlog_gauge = (0u64, 0u64, 0u64);
+    // A model was applied or refused: the status goes out at once (and
+    // stays wanted until it did).
+    let mut status_wanted = false;
 
     let result = loop {
         let data = spool.data.notified();
+        let models_changed = async {
+            match &updater {
+                Some(link) => link.models.changed.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         let mut publish_status = false;
         tokio::select! {
             biased;
@@ -259,8 +287,15 @@ pub async fn run(
                     if let Err(e) = client.try_subscribe(&ack_topic, QoS::AtLeastOnce) {
                         tracing::warn!(%device, error = %e, "could not subscribe to the ack topic");
                     }
-                    if models.is_some() {
-                        if let Err(e) = client.try_subscribe(topics::MODELS_FILTER, QoS::AtLeastOnce) {
+                    // A gateway relays every model topic (its own included);
+                    // a device takes those of its profile.
+                    let model_filter = if models.is_some() {
+                        Some(topics::MODELS_FILTER.to_string())
+                    } else {
+                        updater.as_ref().map(ModelLink::filter)
+                    };
+                    if let Some(filter) = model_filter {
+                        if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
                             tracing::warn!(%device, error = %e, "could not subscribe to the model topics");
                         }
                     }
@@ -290,6 +325,7 @@ pub async fn run(
                 None => break Err(UplinkError::EventLoopGone { device: device.clone() }),
             },
             _ = data => {}
+            _ = models_changed => status_wanted = true,
             _ = tick.tick() => {}
             _ = shutdown.cancelled(), if drain_deadline.is_none() => {
                 drain_deadline = Some(Instant::now() + config.shutdown_grace);
@@ -324,15 +360,19 @@ pub async fn run(
         if !connected {
             continue;
         }
-        if publish_status || Instant::now() >= status_due || backlog.lost_readings != reported_lost
+        if publish_status
+            || status_wanted
+            || Instant::now() >= status_due
+            || backlog.lost_readings != reported_lost
         {
-            let payload = status(config, &spool, true).encode_to_vec();
+            let payload = status(config, &spool, true, updater.as_ref()).encode_to_vec();
             if client
                 .try_publish(&status_topic, QoS::AtLeastOnce, true, payload)
                 .is_ok()
             {
                 status_due = Instant::now() + up.status_interval;
                 reported_lost = backlog.lost_readings;
+                status_wanted = false;
             }
         }
         if cursor > watermark && last_progress.elapsed() >= up.resend_after {
@@ -446,7 +486,7 @@ pub async fn run(
     if connected {
         // A clean stop: say so in the retained status, then disconnect (no
         // last will on a clean DISCONNECT).
-        let payload = status(config, &spool, false).encode_to_vec();
+        let payload = status(config, &spool, false, updater.as_ref()).encode_to_vec();
         let _ = client.try_publish(&status_topic, QoS::AtLeastOnce, true, payload);
         let _ = client.try_disconnect();
         // Give the event loop a moment to send them.
