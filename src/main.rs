@@ -261,6 +261,10 @@ struct ProcessorArgs {
     /// Where the trainer writes decisions.jsonl and models/{task}/{profile}/v{N}.bin.
     #[arg(long, env = "EDGELOOP_TRAINER_DIR")]
     trainer_dir: Option<PathBuf>,
+    /// Private key the trainer signs published models with (config
+    /// `trainer.signing_key_file`; set: models go to Kafka edgeloop.models).
+    #[arg(long, env = "EDGELOOP_TRAINER_SIGNING_KEY_FILE")]
+    trainer_signing_key_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -512,6 +516,9 @@ async fn main() -> Result<()> {
             }
             if let Some(dir) = args.trainer_dir {
                 config.trainer.dir = dir;
+            }
+            if let Some(key) = args.trainer_signing_key_file {
+                config.trainer.signing_key_file = Some(key);
             }
             let stats = Arc::new(edgeloop_processor::ProcessorStats::default());
             edgeloop_processor::run(config, shutdown, stats).await?;

@@ -52,7 +52,13 @@ pub enum Error {
     Thread(String),
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    #[error("the trainer's model publisher could not start: {0}")]
+    Publisher(trainer::PublishError),
 }
+
+/// The longest the trainer's model publisher waits at start to have read
+/// `edgeloop.models` and `edgeloop.pins` (it follows them on afterwards).
+pub const TRAINER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Runs the processor until `shutdown`; then closes and commits every open
 /// file before returning.
@@ -88,8 +94,15 @@ pub async fn run(
     }
     // The trainer's thread stops once the processor thread drops its handle.
     let trainer = if config.trainer.enabled {
-        let (handle, _join) = trainer::spawn(config.trainer.clone(), stats.trainer.clone())
-            .map_err(|e| Error::Thread(e.to_string()))?;
+        let publisher = trainer::publisher(&config.trainer, &config.kafka, TRAINER_CATCH_UP)
+            .await
+            .map_err(|e| match e {
+                trainer::PublishError::Config(e) => Error::Config(e),
+                e => Error::Publisher(e),
+            })?;
+        let (handle, _join) =
+            trainer::spawn(config.trainer.clone(), publisher, stats.trainer.clone())
+                .map_err(|e| Error::Thread(e.to_string()))?;
         Some(handle)
     } else {
         None

@@ -175,7 +175,7 @@ fn render(stats: &ProcessorStats, rules: &RuleMetrics) -> String {
     let name = "edgeloop_trainer_gate_decisions_total";
     let _ = writeln!(
         out,
-        "# HELP {name} Quality gate decisions per task, device profile and decision (published or rejected).\n# TYPE {name} counter"
+        "# HELP {name} Quality gate decisions per task, device profile and decision (published, rejected, or pinned).\n# TYPE {name} counter"
     );
     for ((task, profile, decision), n) in
         t.decisions.lock().unwrap_or_else(|p| p.into_inner()).iter()
@@ -184,6 +184,37 @@ fn render(stats: &ProcessorStats, rules: &RuleMetrics) -> String {
             out,
             "{name}{{task=\"{task}\",profile=\"{profile}\",decision=\"{decision}\"}} {n}"
         );
+    }
+    for (name, help, value) in [
+        (
+            "edgeloop_processor_parity_checked_total",
+            "On-device predictions re-computed with the device's model version on the same readings and compared",
+            &t.parity_checked,
+        ),
+        (
+            "edgeloop_processor_parity_mismatches_total",
+            "Re-computed on-device predictions whose class differed from the device's (must stay at zero)",
+            &t.parity_mismatches,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}.\n# TYPE {name} counter\n{name} {}",
+            value.load(Ordering::Relaxed)
+        );
+    }
+    let name = "edgeloop_processor_parity_unverifiable_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Sampled on-device predictions that could not be re-computed, per reason.\n# TYPE {name} counter"
+    );
+    for (reason, n) in t
+        .parity_unverifiable
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
     }
     let name = "edgeloop_rule_estimated_accuracy";
     let _ = writeln!(out, "# HELP {name} The label model's estimated accuracy of a labelling rule.\n# TYPE {name} gauge");

@@ -218,6 +218,17 @@ fn read_key<T>(
     parse(&text).map_err(|e| err(e.to_string()))
 }
 
+/// Reads an Ed25519 private key file (64 hex digits, `edgeloop keys
+/// generate`); the error names `field` and the file. The control API
+/// (`control.signing_key_file`) and the trainer's model publisher
+/// (`trainer.signing_key_file`) both load their key with it.
+pub fn load_signing_key(
+    field: &'static str,
+    path: &std::path::Path,
+) -> Result<SigningKey, ControlError> {
+    read_key(field, path, signing::parse_signing_key)
+}
+
 impl State {
     pub fn new(
         config: &ControlConfig,
@@ -229,7 +240,7 @@ impl State {
         let signing_key = config
             .signing_key_file
             .as_deref()
-            .map(|p| read_key("control.signing_key_file", p, signing::parse_signing_key))
+            .map(|p| load_signing_key("control.signing_key_file", p))
             .transpose()?;
         let verify_key = match config.verify_key_file.as_deref() {
             Some(p) => Some(read_key(

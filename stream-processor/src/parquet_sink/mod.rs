@@ -24,10 +24,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow_array::builder::{
-    Float64Builder, Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+    Float64Builder, Int32Builder, Int64Builder, ListBuilder, StringBuilder, StructBuilder,
+    TimestampMicrosecondBuilder,
 };
 use arrow_array::{ArrayRef, RecordBatch};
-use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow_schema::{DataType, Field, FieldRef, Fields, Schema, SchemaRef, TimeUnit};
 use edgeloop_proto::v1::ReadingBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -122,6 +123,25 @@ pub fn file_name(partition: i32, first_offset: i64) -> String {
     format!("part-{partition:05}-{first_offset:020}.parquet")
 }
 
+/// The fields of one element of the `predictions` column: the device's own
+/// prediction for the reading (`Reading.predictions`).
+fn prediction_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("task", DataType::Utf8, false),
+        Field::new("model_version", DataType::Int64, false),
+        Field::new("label", DataType::Utf8, false),
+    ])
+}
+
+/// The element field of the `predictions` list.
+fn prediction_item() -> FieldRef {
+    Arc::new(Field::new(
+        "item",
+        DataType::Struct(prediction_fields()),
+        true,
+    ))
+}
+
 /// The schema of a file with the given channels (sorted).
 pub fn schema(channels: &[String]) -> SchemaRef {
     let mut fields = vec![
@@ -146,6 +166,9 @@ pub fn schema(channels: &[String]) -> SchemaRef {
         Field::new("rules_version", DataType::Utf8, true),
         Field::new("kafka_partition", DataType::Int32, false),
         Field::new("kafka_offset", DataType::Int64, false),
+        // list<struct<task, model_version, label>>; empty when the device
+        // sent no prediction.
+        Field::new("predictions", DataType::List(prediction_item()), false),
     ]);
     Arc::new(Schema::new(fields))
 }
@@ -162,6 +185,7 @@ struct Columns {
     rules_version: StringBuilder,
     kafka_partition: Int32Builder,
     kafka_offset: Int64Builder,
+    predictions: ListBuilder<StructBuilder>,
     rows: usize,
 }
 
@@ -179,6 +203,8 @@ impl Columns {
             rules_version: StringBuilder::new(),
             kafka_partition: Int32Builder::new(),
             kafka_offset: Int64Builder::new(),
+            predictions: ListBuilder::new(StructBuilder::from_fields(prediction_fields(), 0))
+                .with_field(prediction_item()),
             rows: 0,
         }
     }
@@ -199,6 +225,7 @@ impl Columns {
         arrays.push(Arc::new(self.rules_version.finish()));
         arrays.push(Arc::new(self.kafka_partition.finish()));
         arrays.push(Arc::new(self.kafka_offset.finish()));
+        arrays.push(Arc::new(self.predictions.finish()));
         self.rows = 0;
         RecordBatch::try_new(schema.clone(), arrays)
     }
@@ -350,6 +377,24 @@ impl OpenFile {
             }
             b.kafka_partition.append_value(self.partition);
             b.kafka_offset.append_value(offset);
+            let items = b.predictions.values();
+            for p in &r.predictions {
+                // StructBuilder::from_fields(prediction_fields()) made
+                // exactly these children (Utf8 → StringBuilder, Int64 →
+                // Int64Builder), so every downcast succeeds and the children
+                // stay as long as the struct (finish() checks it).
+                if let Some(t) = items.field_builder::<StringBuilder>(0) {
+                    t.append_value(&p.task);
+                }
+                if let Some(v) = items.field_builder::<Int64Builder>(1) {
+                    v.append_value(i64::try_from(p.model_version).unwrap_or(i64::MAX));
+                }
+                if let Some(l) = items.field_builder::<StringBuilder>(2) {
+                    l.append_value(&p.label);
+                }
+                items.append(true);
+            }
+            b.predictions.append(true);
             b.rows += 1;
         }
         let n = batch.readings.len();
@@ -360,7 +405,13 @@ impl OpenFile {
                 + 8 * 3
                 + 4
                 + 8 * self.channels.len()
-                + 8);
+                + 8)
+            + batch
+                .readings
+                .iter()
+                .flat_map(|r| &r.predictions)
+                .map(|p| p.task.len() + p.label.len() + 8 + 8)
+                .sum::<usize>();
         self.last_offset = offset;
         if self.buffer.rows >= self.flush_rows {
             self.flush()?;
@@ -452,7 +503,15 @@ mod tests {
                     } else {
                         String::new()
                     },
-                    predictions: Vec::new(),
+                    // Reading 1 carries one prediction, reading 2 two.
+                    predictions: (0..if i < 3 { i } else { 0 })
+                        .map(|k| edgeloop_proto::v1::Prediction {
+                            task: format!("task{k}"),
+                            model_version: 7 + k as u64,
+                            label: if k == 0 { "normal" } else { "spike" }.into(),
+                            window: 10,
+                        })
+                        .collect(),
                 })
                 .collect(),
             loss: None,
@@ -514,8 +573,54 @@ mod tests {
                 "label_confidence",
                 "rules_version",
                 "kafka_partition",
-                "kafka_offset"
+                "kafka_offset",
+                "predictions"
             ]
+        );
+        let predictions = rb
+            .column_by_name("predictions")
+            .expect("predictions")
+            .as_any()
+            .downcast_ref::<arrow_array::ListArray>()
+            .expect("list");
+        assert_eq!(predictions.null_count(), 0, "no prediction: an empty list");
+        let lens: Vec<usize> = (0..7).map(|i| predictions.value(i).len()).collect();
+        assert_eq!(lens, [0, 1, 2, 0, 0, 0, 1]);
+        let second = predictions.value(2);
+        let second = second
+            .as_any()
+            .downcast_ref::<arrow_array::StructArray>()
+            .expect("struct");
+        let label = second
+            .column_by_name("label")
+            .expect("label")
+            .as_any()
+            .downcast_ref::<arrow_array::StringArray>()
+            .expect("utf8");
+        let version = second
+            .column_by_name("model_version")
+            .expect("model_version")
+            .as_any()
+            .downcast_ref::<arrow_array::Int64Array>()
+            .expect("i64");
+        assert_eq!((label.value(1), version.value(1)), ("spike", 8));
+        // An analyst's engine reads it too (DuckDB, as docs/dataset.md shows;
+        // scripts/setup.sh installs it).
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import duckdb,sys; print(duckdb.execute(f\"SELECT seq, p.task, p.model_version, p.label FROM (SELECT seq, unnest(predictions) AS p FROM read_parquet('{sys.argv[1]}')) ORDER BY seq, p.task\").fetchall())",
+            ])
+            .arg(&closed.path)
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "[(1, 'task0', 7, 'normal'), (2, 'task0', 7, 'normal'), (2, 'task1', 8, 'spike'), (6, 'task0', 7, 'normal')]"
         );
         let temp = f64_column(rb, "temp");
         let hum = f64_column(rb, "hum");

@@ -142,6 +142,16 @@ pub struct TrainerConfig {
     pub queue: usize,
     /// Seed of the reservoir sampler.
     pub seed: u64,
+    /// Private key (64 hex digits, `edgeloop keys generate`) the trainer
+    /// signs the models it publishes with. Set: models are published to
+    /// Kafka `edgeloop.models` (and so to devices, on `models/{task}/{profile}`)
+    /// and mirrored under `dir/models/`; not set: they are only written under
+    /// `dir/models/` and no device receives them.
+    pub signing_key_file: Option<PathBuf>,
+    /// Parity check of on-device predictions: one in this many readings
+    /// that carry predictions is re-computed with the model version the
+    /// device names (1: every one; 0: off).
+    pub parity_sample: u64,
 }
 
 /// Page-Hinkley drift detection on the disagreement between the live model
@@ -198,6 +208,8 @@ impl Default for TrainerConfig {
             l2: 1.0,
             queue: 10_000,
             seed: 1,
+            signing_key_file: None,
+            parity_sample: 10,
         }
     }
 }
@@ -351,6 +363,9 @@ impl TrainerConfig {
         if g.min_holdout == 0 {
             return Err("trainer.gate.min_holdout: must be at least 1".into());
         }
+        if self.enabled {
+            self.signing_key()?;
+        }
         let d = &self.drift;
         if !(d.delta.is_finite() && d.delta >= 0.0) {
             return Err(format!(
@@ -365,6 +380,31 @@ impl TrainerConfig {
             ));
         }
         Ok(())
+    }
+}
+
+impl TrainerConfig {
+    /// The key of `signing_key_file`, read and parsed (none: not set). The
+    /// error names the field: `trainer.signing_key_file: …`.
+    pub fn signing_key(&self) -> Result<Option<edgeloop_proto::signing::SigningKey>, String> {
+        let Some(path) = &self.signing_key_file else {
+            return Ok(None);
+        };
+        if path.as_os_str().is_empty() {
+            return Err("trainer.signing_key_file: must not be empty (leave it out to publish to the directory only)".into());
+        }
+        crate::control::load_signing_key("trainer.signing_key_file", path)
+            .map(Some)
+            .map_err(|e| match e {
+                crate::control::ControlError::KeyFile {
+                    field,
+                    path,
+                    reason,
+                } => {
+                    format!("{field}: {}: {reason}", path.display())
+                }
+                other => format!("trainer.signing_key_file: {other}"),
+            })
     }
 }
 
@@ -419,6 +459,27 @@ mod tests {
         c.tasks[0].other = Some("weird".into());
         let e = c.validate().expect_err("refused");
         assert!(e.starts_with("trainer.tasks[0].other"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_signing_key_file_is_refused_naming_the_field() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let mut c = sim();
+        c.signing_key_file = Some(dir.path().join("missing.key"));
+        let e = c.validate().expect_err("missing file");
+        assert!(e.starts_with("trainer.signing_key_file: "), "{e}");
+        let bad = dir.path().join("bad.key");
+        std::fs::write(&bad, "not hex")?;
+        c.signing_key_file = Some(bad);
+        let e = c.validate().expect_err("not a key");
+        assert!(e.starts_with("trainer.signing_key_file: "), "{e}");
+        let good = dir.path().join("good.key");
+        std::fs::write(&good, format!("{}\n", "ab".repeat(32)))?;
+        c.signing_key_file = Some(good);
+        assert_eq!(c.validate(), Ok(()));
+        assert!(c.signing_key()?.is_some());
+        Ok(())
     }
 
     #[test]

@@ -43,12 +43,14 @@ pub fn split<'a>(examples: impl Iterator<Item = &'a Example>, fraction: f64) -> 
     })
 }
 
-/// `published` or `rejected`.
+/// `published`, `rejected`, or `pinned` (the candidate passed the gate but
+/// its (task, profile) is pinned: `edgeloop ctl models pin`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     Published,
     Rejected,
+    Pinned,
 }
 
 impl Verdict {
@@ -56,6 +58,7 @@ impl Verdict {
         match self {
             Verdict::Published => "published",
             Verdict::Rejected => "rejected",
+            Verdict::Pinned => "pinned",
         }
     }
 }

@@ -10,6 +10,10 @@
 //!   profile's numerics (int8 through `proto::model::quantize`); metrics.
 //! - [`gate`]: time-based split, the gate's rule, the decision log.
 //! - [`publish`]: the [`Publisher`] seam and [`DirPublisher`].
+//! - [`publish_kafka`]: [`KafkaPublisher`], signed models on Kafka
+//!   `edgeloop.models`, following the control API's rollbacks and pins.
+//! - [`parity`]: re-computes a sample of devices' own predictions and
+//!   counts mismatches.
 //!
 //! Per device, the trainer keeps the last readings (the longest profile
 //! window); each labelled reading becomes, for every profile whose channels
@@ -22,7 +26,9 @@ pub mod config;
 pub mod drift;
 pub mod fit;
 pub mod gate;
+pub mod parity;
 pub mod publish;
+pub mod publish_kafka;
 #[cfg(test)]
 mod quality;
 
@@ -37,6 +43,7 @@ use edgeloop_proto::v1::ReadingBatch;
 
 pub use config::{DeviceProfile, Numerics, TaskConfig, TrainerConfig};
 pub use publish::{DirPublisher, PublishError, Publisher};
+pub use publish_kafka::KafkaPublisher;
 
 use crate::labeller::Labelled;
 use buffer::{Example, ExampleBuffer};
@@ -58,6 +65,12 @@ pub struct TrainerStats {
     pub failures: AtomicU64,
     /// Gate decisions per (task, profile, decision).
     pub decisions: Mutex<BTreeMap<(String, String, &'static str), u64>>,
+    /// On-device predictions re-computed and compared (match or mismatch).
+    pub parity_checked: AtomicU64,
+    /// Of those, the ones whose class differed from the device's.
+    pub parity_mismatches: AtomicU64,
+    /// Sampled predictions that could not be checked, per reason.
+    pub parity_unverifiable: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// Labelled readings of one batch, as the trainer receives them.
@@ -92,13 +105,16 @@ impl TrainerHandle {
     }
 }
 
-/// Starts the trainer thread; it stops when every handle is dropped.
-pub fn spawn(
+/// Starts the trainer thread, publishing with `publisher` (a
+/// [`KafkaPublisher`] when `trainer.signing_key_file` is set, else a
+/// [`DirPublisher`] on `trainer.dir`: see [`publisher`]); it stops when
+/// every handle is dropped.
+pub fn spawn<P: Publisher + 'static>(
     config: TrainerConfig,
+    publisher: P,
     stats: Arc<TrainerStats>,
 ) -> std::io::Result<(TrainerHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::sync_channel(config.queue);
-    let publisher = DirPublisher::new(&config.dir);
     let thread_stats = stats.clone();
     let join = std::thread::Builder::new()
         .name("trainer".into())
@@ -107,6 +123,29 @@ pub fn spawn(
             run(&mut trainer, &rx);
         })?;
     Ok((TrainerHandle { tx, stats }, join))
+}
+
+/// The publisher `config` asks for: with `signing_key_file`, a
+/// [`KafkaPublisher`] on `kafka` (caught up within `catch_up`) mirroring
+/// into `trainer.dir`; without, a [`DirPublisher`] on `trainer.dir` only (no
+/// device receives the models; logged).
+pub async fn publisher(
+    config: &TrainerConfig,
+    kafka: &edgeloop_kafka::KafkaConfig,
+    catch_up: std::time::Duration,
+) -> Result<Box<dyn Publisher>, PublishError> {
+    let dir = DirPublisher::new(&config.dir);
+    match config.signing_key().map_err(PublishError::Config)? {
+        Some(key) => {
+            let p = KafkaPublisher::start(kafka, key, Some(dir), catch_up).await?;
+            tracing::info!(dir = %config.dir.display(), "the trainer publishes signed models to edgeloop.models (and copies them under trainer.dir)");
+            Ok(Box::new(p))
+        }
+        None => {
+            tracing::warn!(dir = %config.dir.display(), "trainer.signing_key_file is not set: models are written under trainer.dir only; no device receives them");
+            Ok(Box::new(dir))
+        }
+    }
 }
 
 fn run<P: Publisher>(trainer: &mut Trainer<P>, rx: &Receiver<LabelledBatch>) {
@@ -154,10 +193,18 @@ struct Lane {
     live: Option<(u64, Artifact)>,
 }
 
-/// A device's recent readings: timestamps and values per channel.
+/// A device's recent readings (the last `capacity`), in arrival order.
 struct History {
     channels: Vec<String>,
-    readings: VecDeque<(i64, Vec<f64>)>,
+    readings: VecDeque<Recent>,
+    capacity: usize,
+}
+
+/// One reading of a device's history.
+struct Recent {
+    seq: u64,
+    ts_micros: i64,
+    values: Vec<f64>,
 }
 
 /// The trainer's state (its thread owns it; tests drive it directly).
@@ -170,6 +217,8 @@ pub struct Trainer<P: Publisher> {
     publisher: P,
     log: DecisionLog,
     stats: Arc<TrainerStats>,
+    /// Readings with predictions seen (for `parity_sample`).
+    parity_seen: u64,
 }
 
 impl<P: Publisher> Trainer<P> {
@@ -226,6 +275,7 @@ impl<P: Publisher> Trainer<P> {
             publisher,
             log,
             stats,
+            parity_seen: 0,
         }
     }
 
@@ -269,23 +319,47 @@ impl<P: Publisher> Trainer<P> {
         }
         let rules_version: Arc<str> = Arc::from(input.rules_version.as_deref().unwrap_or(""));
         let batch = &input.batch;
+        let max_window = self.max_window;
         let history = self
             .devices
             .entry(batch.device_id.clone())
             .or_insert_with(|| History {
                 channels: batch.channels.clone(),
                 readings: VecDeque::new(),
+                capacity: max_window,
             });
         if history.channels != batch.channels {
             history.channels = batch.channels.clone();
             history.readings.clear();
         }
         for (i, reading) in batch.readings.iter().enumerate() {
-            history
-                .readings
-                .push_back((reading.ts_micros, reading.values.clone()));
-            while history.readings.len() > self.max_window {
+            let seq = batch.first_seq + i as u64;
+            history.readings.push_back(Recent {
+                seq,
+                ts_micros: reading.ts_micros,
+                values: reading.values.clone(),
+            });
+            while history.readings.len() > history.capacity {
                 history.readings.pop_front();
+            }
+            if !reading.predictions.is_empty() && self.config.parity_sample > 0 {
+                self.parity_seen += 1;
+                if self.parity_seen.is_multiple_of(self.config.parity_sample) {
+                    for p in &reading.predictions {
+                        let artifact =
+                            self.publisher
+                                .artifact(&p.task, &batch.profile, p.model_version);
+                        let outcome = parity::check(artifact.as_deref(), p, history, seq);
+                        record_parity(
+                            &self.stats,
+                            &batch.device_id,
+                            &batch.profile,
+                            seq,
+                            p,
+                            outcome,
+                        );
+                    }
+                }
             }
             let Some(labelled) = input.labels.get(i) else {
                 continue;
@@ -375,6 +449,21 @@ impl<P: Publisher> Trainer<P> {
         lane.pending = None;
         let task = &config.tasks[lane.task];
         let profile = &config.profiles[lane.profile];
+        // The live model may have changed elsewhere (a rollback or pin by
+        // the control API): compare with what devices run now.
+        match self.publisher.live(&task.name, &profile.name) {
+            Ok(live) => {
+                let now_live = live.as_ref().map(|(v, _)| *v);
+                if now_live != lane.live.as_ref().map(|(v, _)| *v) {
+                    tracing::info!(task = %task.name, profile = %profile.name, live = ?now_live, "the live model changed outside this trainer (rollback or pin)");
+                    lane.drift.reset();
+                    lane.live = live;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(task = %task.name, profile = %profile.name, error = %e, "cannot read the live model; gating against the last known one")
+            }
+        }
         let split = gate::split(lane.buffer.examples(), config.gate.holdout_fraction)?;
         let built = fit::fit(&profile.features, &task.classes, &split.train, config.l2)
             .and_then(|float| fit::build(float, profile.numerics, &split.train));
@@ -448,6 +537,12 @@ impl<P: Publisher> Trainer<P> {
                     lane.live = Some((v, candidate));
                     lane.drift.reset();
                 }
+                Err(PublishError::Pinned { version }) => {
+                    verdict = Verdict::Pinned;
+                    reason = format!(
+                        "pinned at v{version}: not published, though the gate passed it ({reason})"
+                    );
+                }
                 Err(e) => {
                     crate::ProcessorStats::add(&self.stats.failures, 1);
                     verdict = Verdict::Rejected;
@@ -477,20 +572,49 @@ impl<P: Publisher> Trainer<P> {
     }
 }
 
+/// Counts (and, for a mismatch, logs) the outcome of a parity check.
+fn record_parity(
+    stats: &TrainerStats,
+    device: &str,
+    profile: &str,
+    seq: u64,
+    p: &edgeloop_proto::v1::Prediction,
+    outcome: parity::Outcome,
+) {
+    match outcome {
+        parity::Outcome::Match => crate::ProcessorStats::add(&stats.parity_checked, 1),
+        parity::Outcome::Mismatch { expected, features } => {
+            crate::ProcessorStats::add(&stats.parity_checked, 1);
+            crate::ProcessorStats::add(&stats.parity_mismatches, 1);
+            tracing::warn!(device, task = %p.task, profile, version = p.model_version, seq, device_label = %p.label, expected = %expected, window = p.window, ?features,
+                "parity mismatch: the device's prediction differs from its model's on the same readings");
+        }
+        parity::Outcome::Unverifiable(reason) => {
+            tracing::debug!(device, task = %p.task, profile, version = p.model_version, seq, reason = reason.as_str(), "parity: prediction not verifiable");
+            *stats
+                .parity_unverifiable
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(reason.as_str())
+                .or_default() += 1;
+        }
+    }
+}
+
 /// The profile's features over the device's window ending now, if the
 /// device sends every channel the profile needs.
 fn features(profile: &DeviceProfile, history: &History) -> Option<Vec<f32>> {
     let window = profile.features.window;
     let start = history.readings.len().saturating_sub(window);
     let recent = history.readings.range(start..);
-    let ts: Vec<i64> = recent.clone().map(|(t, _)| *t).collect();
+    let ts: Vec<i64> = recent.clone().map(|r| r.ts_micros).collect();
     let mut columns = Vec::with_capacity(profile.features.channels.len());
     for name in &profile.features.channels {
         let index = history.channels.iter().position(|c| c == name)?;
         columns.push(
             recent
                 .clone()
-                .map(|(_, v)| v.get(index).copied().unwrap_or(f64::NAN))
+                .map(|r| r.values.get(index).copied().unwrap_or(f64::NAN))
                 .collect::<Vec<f64>>(),
         );
     }

@@ -1,15 +1,19 @@
 //! Where a model that passed the gate goes.
 //!
-//! [`Publisher`] is the seam: the production implementation (SHA-256,
-//! Ed25519 signature, the compacted Kafka topic `edgeloop.models`) is not
-//! written yet. [`DirPublisher`] is a real, simple one that makes the loop
-//! observable: it writes `DIR/models/{task}/{profile}/v{N}.bin` (the encoded
+//! [`Publisher`] is the seam. The production implementation is
+//! [`KafkaPublisher`](super::publish_kafka::KafkaPublisher) (signed
+//! `ModelUpdate`s on the compacted Kafka topic `edgeloop.models`, pins read
+//! from `edgeloop.pins`), used when `trainer.signing_key_file` is set; it
+//! also mirrors every version it publishes into a [`DirPublisher`] tree.
+//! [`DirPublisher`] alone (no signing key) keeps the loop observable on one
+//! machine without publishing to devices: it writes `DIR/models/{task}/{profile}/v{N}.bin` (the encoded
 //! artifact, `edgeloop-int8-v1` or `edgeloop-f32-v1`) and `v{N}.json` (its
 //! lineage), each to a temporary name, fsynced, then renamed, with `N`
 //! monotonic per (task, profile) across restarts (the next version is one
 //! above the highest on disk).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use edgeloop_proto::model::Artifact;
 
@@ -24,6 +28,14 @@ pub enum PublishError {
     },
     #[error("the live model {path} cannot be decoded: {reason}")]
     Decode { path: PathBuf, reason: String },
+    /// Expected: `edgeloop ctl models pin` holds the (task, profile) at a
+    /// version; nothing new is published until it is unpinned.
+    #[error("pinned at v{version}")]
+    Pinned { version: u64 },
+    #[error("Kafka: {0}")]
+    Kafka(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Publishes gated models and says which one is live.
@@ -40,6 +52,31 @@ pub trait Publisher: Send {
         artifact: &Artifact,
         lineage: &serde_json::Value,
     ) -> Result<u64, PublishError>;
+
+    /// The artifact of a version of (task, profile) the publisher knows (a
+    /// published one, or one read back), for the parity check of devices'
+    /// predictions. `None` when unknown.
+    fn artifact(&self, task: &str, profile: &str, version: u64) -> Option<Arc<Artifact>>;
+}
+
+impl<P: Publisher + ?Sized> Publisher for Box<P> {
+    fn live(&self, task: &str, profile: &str) -> Result<Option<(u64, Artifact)>, PublishError> {
+        (**self).live(task, profile)
+    }
+
+    fn publish(
+        &mut self,
+        task: &str,
+        profile: &str,
+        artifact: &Artifact,
+        lineage: &serde_json::Value,
+    ) -> Result<u64, PublishError> {
+        (**self).publish(task, profile, artifact, lineage)
+    }
+
+    fn artifact(&self, task: &str, profile: &str, version: u64) -> Option<Arc<Artifact>> {
+        (**self).artifact(task, profile, version)
+    }
 }
 
 /// Writes models into a directory tree (see the module docs).
@@ -85,6 +122,48 @@ impl DirPublisher {
             })
             .max())
     }
+
+    /// Writes `artifact` as version `version` of (task, profile), with its
+    /// lineage (to which `version` and `format` are added).
+    pub fn write(
+        &self,
+        task: &str,
+        profile: &str,
+        version: u64,
+        artifact: &Artifact,
+        lineage: &serde_json::Value,
+    ) -> Result<(), PublishError> {
+        let dir = self.lane_dir(task, profile);
+        std::fs::create_dir_all(&dir).map_err(|source| PublishError::Io {
+            action: "create directory",
+            path: dir.clone(),
+            source,
+        })?;
+        let mut lineage = lineage.clone();
+        if let Some(obj) = lineage.as_object_mut() {
+            obj.insert("version".into(), version.into());
+            obj.insert("format".into(), artifact.format().into());
+        }
+        // The lineage first: a `.bin` (what makes the version exist) always
+        // has its `.json`.
+        let json = serde_json::to_vec_pretty(&lineage).unwrap_or_default();
+        write_atomic(&dir.join(format!("v{version}.json")), &json)?;
+        write_atomic(&dir.join(format!("v{version}.bin")), &artifact.encode())?;
+        Ok(())
+    }
+
+    fn read(&self, task: &str, profile: &str, version: u64) -> Result<Artifact, PublishError> {
+        let path = self.lane_dir(task, profile).join(format!("v{version}.bin"));
+        let bytes = std::fs::read(&path).map_err(|source| PublishError::Io {
+            action: "read",
+            path: path.clone(),
+            source,
+        })?;
+        Artifact::decode(&bytes).map_err(|e| PublishError::Decode {
+            path,
+            reason: e.to_string(),
+        })
+    }
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PublishError> {
@@ -107,17 +186,7 @@ impl Publisher for DirPublisher {
         let Some(v) = self.latest_version(task, profile)? else {
             return Ok(None);
         };
-        let path = self.lane_dir(task, profile).join(format!("v{v}.bin"));
-        let bytes = std::fs::read(&path).map_err(|source| PublishError::Io {
-            action: "read",
-            path: path.clone(),
-            source,
-        })?;
-        let artifact = Artifact::decode(&bytes).map_err(|e| PublishError::Decode {
-            path,
-            reason: e.to_string(),
-        })?;
-        Ok(Some((v, artifact)))
+        Ok(Some((v, self.read(task, profile, v)?)))
     }
 
     fn publish(
@@ -127,24 +196,13 @@ impl Publisher for DirPublisher {
         artifact: &Artifact,
         lineage: &serde_json::Value,
     ) -> Result<u64, PublishError> {
-        let dir = self.lane_dir(task, profile);
-        std::fs::create_dir_all(&dir).map_err(|source| PublishError::Io {
-            action: "create directory",
-            path: dir.clone(),
-            source,
-        })?;
         let version = self.latest_version(task, profile)?.unwrap_or(0) + 1;
-        let mut lineage = lineage.clone();
-        if let Some(obj) = lineage.as_object_mut() {
-            obj.insert("version".into(), version.into());
-            obj.insert("format".into(), artifact.format().into());
-        }
-        // The lineage first: a `.bin` (what makes the version exist) always
-        // has its `.json`.
-        let json = serde_json::to_vec_pretty(&lineage).unwrap_or_default();
-        write_atomic(&dir.join(format!("v{version}.json")), &json)?;
-        write_atomic(&dir.join(format!("v{version}.bin")), &artifact.encode())?;
+        self.write(task, profile, version, artifact, lineage)?;
         Ok(version)
+    }
+
+    fn artifact(&self, task: &str, profile: &str, version: u64) -> Option<Arc<Artifact>> {
+        self.read(task, profile, version).ok().map(Arc::new)
     }
 }
 

@@ -113,9 +113,14 @@ fn rows(sim: &Sim, config: &TrainerConfig) -> Vec<Row> {
             .or_insert_with(|| History {
                 channels: b.batch.channels.clone(),
                 readings: Default::default(),
+                capacity: profile.features.window,
             });
         let r = &b.batch.readings[0];
-        h.readings.push_back((r.ts_micros, r.values.clone()));
+        h.readings.push_back(super::Recent {
+            seq: b.batch.first_seq,
+            ts_micros: r.ts_micros,
+            values: r.values.clone(),
+        });
         while h.readings.len() > profile.features.window {
             h.readings.pop_front();
         }
@@ -367,5 +372,93 @@ fn a_rules_change_starts_the_buffers_afresh_and_retrains() -> Result<(), Box<dyn
     assert!(decisions.iter().all(|d| d.trigger == "rules_changed"));
     assert_eq!(decisions.len(), 2, "{decisions:?}");
     assert!(decisions.iter().all(|d| d.rules_versions == ["sim-v2"]));
+    Ok(())
+}
+
+/// Publishes nothing: its (task, profile) is pinned at v3.
+struct Pinned(DirPublisher);
+
+impl super::Publisher for Pinned {
+    fn live(
+        &self,
+        task: &str,
+        profile: &str,
+    ) -> Result<Option<(u64, edgeloop_proto::model::Artifact)>, super::PublishError> {
+        self.0.live(task, profile)
+    }
+
+    fn publish(
+        &mut self,
+        _: &str,
+        _: &str,
+        _: &edgeloop_proto::model::Artifact,
+        _: &serde_json::Value,
+    ) -> Result<u64, super::PublishError> {
+        Err(super::PublishError::Pinned { version: 3 })
+    }
+
+    fn artifact(
+        &self,
+        task: &str,
+        profile: &str,
+        version: u64,
+    ) -> Option<Arc<edgeloop_proto::model::Artifact>> {
+        self.0.artifact(task, profile, version)
+    }
+}
+
+#[test]
+fn a_pinned_lane_records_a_passing_candidate_as_pinned_with_the_reason(
+) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let config = sim_config(dir.path());
+    let publisher = Pinned(DirPublisher::new(&config.dir));
+    let mut t = Trainer::new(config, publisher, Arc::new(TrainerStats::default()));
+    t.config.retrain_every_examples = u64::MAX;
+    for b in &simulate(4, 1_000, 77).batches {
+        t.ingest(b);
+    }
+    let lane = 0;
+    let d = t
+        .retrain(lane, Trigger::Examples, Instant::now())
+        .ok_or("no decision")?;
+    assert_eq!(d.decision, Verdict::Pinned, "{}", d.reason);
+    assert!(d.reason.starts_with("pinned at v3"), "{}", d.reason);
+    assert_eq!(d.version, None);
+    let counts = t.stats.decisions.lock().map_err(|e| e.to_string())?;
+    assert_eq!(counts.values().sum::<u64>(), 1);
+    assert!(counts.keys().all(|(_, _, v)| *v == "pinned"), "{counts:?}");
+    let log = std::fs::read_to_string(dir.path().join("decisions.jsonl"))?;
+    assert!(log.contains("\"decision\":\"pinned\""), "{log}");
+    Ok(())
+}
+
+#[test]
+fn the_gate_compares_with_a_live_model_published_elsewhere(
+) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let mut t = trainer(dir.path());
+    t.config.retrain_every_examples = u64::MAX;
+    for b in &simulate(4, 1_000, 78).batches {
+        t.ingest(b);
+    }
+    let lane = t
+        .lanes
+        .iter()
+        .position(|l| t.config.profiles[l.profile].numerics == Numerics::F32)
+        .ok_or("no f32 lane")?;
+    let first = t
+        .retrain(lane, Trigger::Examples, Instant::now())
+        .ok_or("no decision")?;
+    assert_eq!(first.version, Some(1));
+    // Someone else (a rollback through the control API) publishes v2.
+    let (task, profile) = (first.task.clone(), first.profile.clone());
+    let (_, model) = t.live(&task, &profile).cloned().ok_or("live")?;
+    DirPublisher::new(dir.path()).write(&task, &profile, 2, &model, &serde_json::json!({}))?;
+    let second = t
+        .retrain(lane, Trigger::Examples, Instant::now())
+        .ok_or("no decision")?;
+    assert_eq!(second.live_version, Some(2), "{second:?}");
+    assert_eq!(second.version, Some(3), "{second:?}");
     Ok(())
 }
