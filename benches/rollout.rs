@@ -220,7 +220,7 @@ async fn run(dir: &Path, devices: usize) -> Result<()> {
     agent.mqtt.host = mqtt.ip().to_string();
     agent.mqtt.port = mqtt.port();
     agent.spool.dir = dir.join("spool");
-    let _ = &public; // WIRE: agent.models.verify_key_file = Some(public);
+    agent.models.verify_key_file = Some(public);
     if let edgeloop_agent::config::SourceConfig::Simulator(sim) = &mut agent.source {
         sim.rate_hz = 1.0;
     }

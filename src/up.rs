@@ -188,6 +188,15 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     // readings are in, then a retrain every 2,000 more (or every minute).
     processor_config.trainer.retrain_every_examples = 2_000;
     processor_config.trainer.retrain_every = Duration::from_secs(60);
+    // Models are signed and published to edgeloop.models; the bridge
+    // retains them on models/{task}/{profile} for the devices.
+    processor_config.trainer.signing_key_file = Some(signing_key.clone());
+    let profiles: Vec<String> = processor_config
+        .trainer
+        .profiles
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
     let mut agent = AgentConfig::default();
     agent.mqtt.host = args.mqtt_listen.ip().to_string();
     if args.mqtt_listen.ip().is_unspecified() {
@@ -196,6 +205,9 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     agent.mqtt.port = args.mqtt_listen.port();
     agent.uplink.batch_size = args.batch_size;
     agent.spool.dir = data_dir.join("spool");
+    // Devices take the profiles in turn (device-0000 mcu8, device-0001
+    // gateway, …), check models with the public key and run them.
+    agent.models.verify_key_file = Some(verify_key.clone());
     agent.uplink.max_unacked_readings = agent
         .uplink
         .max_unacked_readings
@@ -257,6 +269,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
             "device",
             devices,
             &passwords,
+            &profiles,
             fleet_shutdown,
             fleet_counters,
         )
@@ -348,6 +361,8 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
             data_dir.join("spool").display()
         );
     }
+    println!("{}", models_line(&counters.processor.trainer, &reports));
+    println!("{}", parity_line(&counters.processor.trainer));
     let report = data_dir.join("report.svg");
     let decisions = data_dir.join("trainer/decisions.jsonl");
     match crate::report::write(&data_dir.join("parquet"), Some(&decisions), &report) {
@@ -355,6 +370,78 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         Err(e) => println!("report: not written: {e:#}"),
     }
     Ok(())
+}
+
+/// The gate's decisions per (task, profile) and the model versions the
+/// devices ran at exit, e.g. `models: anomaly/mcu8 3 published, 1 rejected;
+/// devices running anomaly: mcu8 v3 ×5, gateway v2 ×5`.
+fn models_line(
+    trainer: &edgeloop_processor::trainer::TrainerStats,
+    reports: &[edgeloop_agent::AgentReport],
+) -> String {
+    use std::collections::BTreeMap;
+    let decisions = trainer
+        .decisions
+        .lock()
+        .map(|d| d.clone())
+        .unwrap_or_default();
+    let mut lanes: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for ((task, profile, verdict), n) in decisions {
+        lanes
+            .entry((task, profile))
+            .or_default()
+            .push(format!("{n} {verdict}"));
+    }
+    let gate = if lanes.is_empty() {
+        "no gate decision yet".to_string()
+    } else {
+        lanes
+            .iter()
+            .map(|((t, p), v)| format!("{t}/{p} {}", v.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let mut running: BTreeMap<(String, String, u64), usize> = BTreeMap::new();
+    for r in reports {
+        if r.applied_models.is_empty() {
+            *running
+                .entry((r.profile.clone(), "no model".into(), 0))
+                .or_default() += 1;
+        }
+        for (task, v) in &r.applied_models {
+            *running
+                .entry((r.profile.clone(), task.clone(), *v))
+                .or_default() += 1;
+        }
+    }
+    let devices = running
+        .iter()
+        .map(|((profile, task, v), n)| {
+            if *v == 0 {
+                format!("{profile} {task} ×{n}")
+            } else {
+                format!("{profile} {task} v{v} ×{n}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("models: {gate}; devices ran at exit: {devices}")
+}
+
+/// The processor's parity check of the devices' own predictions.
+fn parity_line(trainer: &edgeloop_processor::trainer::TrainerStats) -> String {
+    let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let unverifiable: u64 = trainer
+        .parity_unverifiable
+        .lock()
+        .map(|m| m.values().sum())
+        .unwrap_or(0);
+    format!(
+        "parity: {} device predictions recomputed in the cloud, {} mismatches, {} could not be checked",
+        g(&trainer.parity_checked),
+        g(&trainer.parity_mismatches),
+        unverifiable
+    )
 }
 
 /// A random bearer token for the control API, written with mode 0600.

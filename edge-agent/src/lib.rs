@@ -52,8 +52,13 @@ pub enum Error {
 }
 
 /// What an agent did, returned when it stops.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentReport {
+    pub device_id: String,
+    /// The profile it announced.
+    pub profile: String,
+    /// The model version it ran at exit, per task (none: no model).
+    pub applied_models: std::collections::BTreeMap<String, u64>,
     /// The seq the next reading would get (the spool keeps it across restarts).
     pub next_seq: u64,
     /// The acknowledged watermark at exit: readings below it are in Kafka.
@@ -85,6 +90,7 @@ pub async fn run(
         spool = spool.with_models(models.clone());
     }
     let spool = Arc::new(spool);
+    let store = models.clone();
     let (model_link, updater_task) = match models {
         Some(models) => {
             let (deliveries, rx) = tokio::sync::mpsc::channel(64);
@@ -138,6 +144,7 @@ pub async fn run(
     if let Some(task) = updater_task {
         task.await.map_err(|e| Error::Task(e.to_string()))?;
     }
+    let applied = store.map(|m| m.applied_versions()).unwrap_or_default();
     if let Some(task) = gateway_task {
         // The gateway stops with `shutdown`; its children's uplinks drain
         // within the grace period.
@@ -155,6 +162,9 @@ pub async fn run(
     synced.map_err(|e| Error::Spool(e.to_string()))?;
     let (next_seq, committed_seq, _) = spool.positions();
     Ok(AgentReport {
+        device_id: config.device_id.clone(),
+        profile: config.profile.clone(),
+        applied_models: applied.into_iter().collect(),
         next_seq,
         committed_seq,
     })
@@ -201,16 +211,28 @@ pub async fn run_fleet(
     shutdown: CancellationToken,
     stats: Arc<AgentStats>,
 ) -> Result<Vec<AgentReport>, Error> {
-    run_fleet_with_passwords(template, prefix, count, &HashMap::new(), shutdown, stats).await
+    run_fleet_with_passwords(
+        template,
+        prefix,
+        count,
+        &HashMap::new(),
+        &[],
+        shutdown,
+        stats,
+    )
+    .await
 }
 
 /// [`run_fleet`], each device logging in with its id as user name and its
-/// password from `passwords` (devices not in it use the template's).
+/// password from `passwords` (devices not in it use the template's), and
+/// device `i` announcing `profiles[i % profiles.len()]` (none: the
+/// template's profile).
 pub async fn run_fleet_with_passwords(
     template: AgentConfig,
     prefix: &str,
     count: usize,
     passwords: &HashMap<String, String>,
+    profiles: &[String],
     shutdown: CancellationToken,
     stats: Arc<AgentStats>,
 ) -> Result<Vec<AgentReport>, Error> {
@@ -221,6 +243,9 @@ pub async fn run_fleet_with_passwords(
         if let Some(password) = passwords.get(&config.device_id) {
             config.mqtt.username = Some(config.device_id.clone());
             config.mqtt.password = Some(password.clone());
+        }
+        if !profiles.is_empty() {
+            config.profile = profiles[i % profiles.len()].clone();
         }
         config.spool.dir = template.spool.dir.join(&config.device_id);
         if let Some(dir) = &template.models.dir {
