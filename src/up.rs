@@ -185,8 +185,12 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         data_dir.join("trainer"),
     );
     // A demonstration run is short: a first model once 2,000 labelled
-    // readings are in, then a retrain every 2,000 more (or every minute).
+    // readings are in, then a retrain every 2,000 more (or every minute),
+    // on at most 4,000 examples (the last 2,500 and a sample of 1,500
+    // older), so a retrain takes well under a second in a release build.
     processor_config.trainer.retrain_every_examples = 2_000;
+    processor_config.trainer.window_examples = 2_500;
+    processor_config.trainer.reservoir_examples = 1_500;
     processor_config.trainer.retrain_every = Duration::from_secs(60);
     // Models are signed and published to edgeloop.models; the bridge
     // retains them on models/{task}/{profile} for the devices.

@@ -92,7 +92,9 @@ pub async fn run(
         )?;
         control::start(&config.control, Arc::new(state), shutdown.clone()).await?;
     }
-    // The trainer's thread stops once the processor thread drops its handle.
+    // The trainer's thread stops once the processor thread drops its handle;
+    // it is joined below, so its Kafka publisher is closed when `run` returns.
+    let mut trainer_thread = None;
     let trainer = if config.trainer.enabled {
         let publisher = trainer::publisher(&config.trainer, &config.kafka, TRAINER_CATCH_UP)
             .await
@@ -100,9 +102,10 @@ pub async fn run(
                 trainer::PublishError::Config(e) => Error::Config(e),
                 e => Error::Publisher(e),
             })?;
-        let (handle, _join) =
+        let (handle, join) =
             trainer::spawn(config.trainer.clone(), publisher, stats.trainer.clone())
                 .map_err(|e| Error::Thread(e.to_string()))?;
+        trainer_thread = Some(join);
         Some(handle)
     } else {
         None
@@ -124,6 +127,13 @@ pub async fn run(
     tokio::select! {
         done = done_rx => done.map_err(|e| Error::Thread(e.to_string()))??,
         () = deadline => return Err(Error::ShutdownGrace(grace)),
+    }
+    if let Some(join) = trainer_thread {
+        // It finishes a retrain in progress first; within the grace period.
+        let joined = tokio::task::spawn_blocking(move || join.join());
+        if tokio::time::timeout(grace, joined).await.is_err() {
+            tracing::warn!(?grace, "the trainer did not stop within the grace period");
+        }
     }
     Ok(())
 }

@@ -175,7 +175,7 @@ async fn models_are_trained_published_applied_retrained_on_new_rules_and_pinned(
         "--devices",
         &DEVICES.to_string(),
         "--rate",
-        "50",
+        "30",
         "--data-dir",
         data.to_str().context("path")?,
         "--mqtt-listen",
