@@ -138,7 +138,10 @@ mod tests {
             "agent",
             None,
             vars(&[
-                ("EDGELOOP_AGENT__MODELS__VERIFY_KEY_FILE", "/etc/edgeloop/signing.pub"),
+                (
+                    "EDGELOOP_AGENT__MODELS__VERIFY_KEY_FILE",
+                    "/etc/edgeloop/signing.pub",
+                ),
                 ("EDGELOOP_AGENT__MODELS__DIR", "/var/lib/edgeloop/models"),
             ]),
         )?;
