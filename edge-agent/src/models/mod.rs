@@ -110,7 +110,7 @@ pub enum UpdateError {
 pub struct Refusal {
     pub task: String,
     pub version: Option<u64>,
-    pub reason: UpdateError,
+    pub reason: Box<UpdateError>,
 }
 
 /// What became of one message on a model topic.
@@ -285,7 +285,7 @@ impl Models {
         let refuse = |version, reason| Refusal {
             task: task.to_string(),
             version,
-            reason,
+            reason: Box::new(reason),
         };
         let update = ModelUpdate::decode(bytes)
             .map_err(|e| refuse(None, UpdateError::Undecodable(e.to_string())))?;
@@ -414,7 +414,7 @@ impl Models {
                 return Outcome::Refused(Refusal {
                     task: task.into(),
                     version: Some(version),
-                    reason: UpdateError::Older { version, applied },
+                    reason: Box::new(UpdateError::Older { version, applied }),
                 })
             }
             Some(applied) if version == applied => {
@@ -429,7 +429,7 @@ impl Models {
             return Outcome::Refused(Refusal {
                 task: task.into(),
                 version: Some(version),
-                reason: e.into(),
+                reason: Box::new(e.into()),
             });
         }
         self.install(loaded);

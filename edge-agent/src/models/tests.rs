@@ -203,7 +203,7 @@ fn a_lower_version_is_refused_and_an_equal_one_changes_nothing() -> TestResult {
     let outcome = models.apply(&topic("anomaly"), &v2.encode_to_vec());
     let refusal = refused(&outcome).ok_or("a lower version must be refused")?;
     assert!(matches!(
-        refusal.reason,
+        *refusal.reason,
         UpdateError::Older {
             version: 2,
             applied: 3
@@ -253,7 +253,7 @@ fn garbage_a_wrong_topic_and_a_cleared_model_are_handled() -> TestResult {
     let v2 = update("anomaly", 2, &int8_artifact()?, &key(1));
     let outcome = models.apply(&topic("other"), &v2.encode_to_vec());
     assert!(matches!(
-        refused(&outcome).map(|r| &r.reason),
+        refused(&outcome).map(|r| &*r.reason),
         Some(UpdateError::TopicMismatch { .. })
     ));
 

@@ -176,6 +176,7 @@ pub async fn run(
         let device = device.clone();
         let models = models.clone();
         let updater = updater.clone();
+        let (config, spool, status_topic) = (config.clone(), spool.clone(), status_topic.clone());
         tokio::spawn(async move {
             let mut backoff = min;
             loop {
@@ -220,6 +221,16 @@ pub async fn run(
                     Ok(_) => None,
                     Err(e) => {
                         tracing::debug!(%device, error = %e, "MQTT connection lost");
+                        // The will set at start-up would report the models
+                        // of then: renew it for the next connection.
+                        if updater.is_some() {
+                            eventloop.mqtt_options.set_last_will(LastWill::new(
+                                &status_topic,
+                                status(&config, &spool, false, updater.as_ref()).encode_to_vec(),
+                                QoS::AtLeastOnce,
+                                true,
+                            ));
+                        }
                         if event_tx.send(LinkEvent::Disconnected).await.is_err() {
                             break;
                         }
