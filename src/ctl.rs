@@ -110,7 +110,8 @@ enum ModelsCommand {
 #[derive(clap::Subcommand, Debug)]
 pub enum KeysCommand {
     /// Create an Ed25519 key pair for signing model updates: DIR/signing.key
-    /// (private, mode 0600; the processor's control.signing_key_file) and
+    /// (private, mode 0600; the processor's control.signing_key_file and
+    /// trainer.signing_key_file) and
     /// DIR/signing.pub (the public key devices are provisioned with). Both
     /// hold 64 hex digits. Refuses to overwrite an existing key.
     Generate {

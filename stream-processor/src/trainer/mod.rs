@@ -219,7 +219,14 @@ pub struct Trainer<P: Publisher> {
     stats: Arc<TrainerStats>,
     /// Readings with predictions seen (for `parity_sample`).
     parity_seen: u64,
+    /// Artifacts looked up for parity, by (task, profile, version): a
+    /// version never changes once published, and the directory publisher
+    /// would read and decode a file per lookup.
+    parity_cache: HashMap<(String, String, u64), Arc<Artifact>>,
 }
+
+/// Most artifacts kept in the parity cache (it is emptied when full).
+const PARITY_CACHE: usize = 256;
 
 impl<P: Publisher> Trainer<P> {
     /// A trainer over validated `config`; the live model of each (task,
@@ -276,6 +283,7 @@ impl<P: Publisher> Trainer<P> {
             log,
             stats,
             parity_seen: 0,
+            parity_cache: HashMap::new(),
         }
     }
 
@@ -346,9 +354,20 @@ impl<P: Publisher> Trainer<P> {
                 self.parity_seen += 1;
                 if self.parity_seen.is_multiple_of(self.config.parity_sample) {
                     for p in &reading.predictions {
-                        let artifact =
-                            self.publisher
-                                .artifact(&p.task, &batch.profile, p.model_version);
+                        let key = (p.task.clone(), batch.profile.clone(), p.model_version);
+                        let artifact = match self.parity_cache.get(&key) {
+                            Some(a) => Some(a.clone()),
+                            None => {
+                                let a = self.publisher.artifact(&key.0, &key.1, key.2);
+                                if let Some(a) = &a {
+                                    if self.parity_cache.len() >= PARITY_CACHE {
+                                        self.parity_cache.clear();
+                                    }
+                                    self.parity_cache.insert(key, a.clone());
+                                }
+                                a
+                            }
+                        };
                         let outcome = parity::check(artifact.as_deref(), p, history, seq);
                         record_parity(
                             &self.stats,
