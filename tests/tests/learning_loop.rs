@@ -48,6 +48,30 @@ fn decisions(data: &Path) -> Result<Vec<serde_json::Value>> {
         .collect()
 }
 
+/// The decisions so far, one line each, for a failure message.
+fn summary(data: &Path) -> String {
+    match decisions(data) {
+        Ok(ds) => ds
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} {}/{} {} v{} trigger {} rules {} · {}",
+                    d["at"].as_str().unwrap_or_default(),
+                    d["task"].as_str().unwrap_or_default(),
+                    d["profile"].as_str().unwrap_or_default(),
+                    d["decision"].as_str().unwrap_or_default(),
+                    d["version"],
+                    d["trigger"].as_str().unwrap_or_default(),
+                    d["rules_versions"],
+                    d["reason"].as_str().unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => format!("(decisions unreadable: {e})"),
+    }
+}
+
 fn lane_of(d: &serde_json::Value) -> (String, String) {
     (
         d["task"].as_str().unwrap_or_default().to_string(),
@@ -224,7 +248,7 @@ async fn models_are_trained_published_applied_retrained_on_new_rules_and_pinned(
     )
     .await;
     up.check_running()?;
-    let first = first?;
+    let first = first.with_context(|| format!("decisions:\n{}", summary(&data)))?;
     for (lane, d) in &first {
         ensure!(
             d["version"] == 1 && d["live_version"].is_null(),
@@ -285,7 +309,19 @@ async fn models_are_trained_published_applied_retrained_on_new_rules_and_pinned(
     )
     .await;
     up.check_running()?;
-    for (version, d) in retrained? {
+    let retrained = retrained.with_context(|| {
+        format!(
+            "decisions:\n{}\nlog:\n{}",
+            summary(&data),
+            std::fs::read_to_string(&up.log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("rules") || l.contains("gate decision"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })?;
+    for (version, d) in retrained {
         ensure!(
             version >= 2,
             "a retrain after the rules change published {d}"

@@ -190,6 +190,9 @@ struct Lane {
     drift: PageHinkley,
     /// A trigger that fired (drift, rules change) and waits for enough data.
     pending: Option<Trigger>,
+    /// After a retrain that built no candidate (one class only, say), the
+    /// buffer length to wait for before the pending trigger tries again.
+    retry_at_len: usize,
     live: Option<(u64, Artifact)>,
 }
 
@@ -262,6 +265,7 @@ impl<P: Publisher> Trainer<P> {
                         config.drift.min_examples,
                     ),
                     pending: None,
+                    retry_at_len: 0,
                     live,
                 });
             }
@@ -436,6 +440,9 @@ impl<P: Publisher> Trainer<P> {
                 continue;
             }
             let trigger = if let Some(t) = lane.pending {
+                if lane.buffer.len() < lane.retry_at_len {
+                    continue;
+                }
                 t
             } else if lane.new_examples >= self.config.retrain_every_examples {
                 Trigger::Examples
@@ -466,6 +473,7 @@ impl<P: Publisher> Trainer<P> {
         lane.new_examples = 0;
         lane.last_train = now;
         lane.pending = None;
+        lane.retry_at_len = 0;
         let task = &config.tasks[lane.task];
         let profile = &config.profiles[lane.profile];
         // The live model may have changed elsewhere (a rollback or pin by
@@ -483,14 +491,28 @@ impl<P: Publisher> Trainer<P> {
                 tracing::warn!(task = %task.name, profile = %profile.name, error = %e, "cannot read the live model; gating against the last known one")
             }
         }
-        let split = gate::split(lane.buffer.examples(), config.gate.holdout_fraction)?;
+        // A trigger that waits for data (rules changed, drift) is kept when
+        // no candidate can be built yet, and tried again once the buffer has
+        // grown by `min_holdout` examples.
+        let keep = |lane: &mut Lane| {
+            if trigger != Trigger::Examples && trigger != Trigger::Time {
+                lane.pending = Some(trigger);
+                lane.retry_at_len = lane.buffer.len() + config.gate.min_holdout;
+            }
+        };
+        let Some(split) = gate::split(lane.buffer.examples(), config.gate.holdout_fraction) else {
+            keep(lane);
+            return None;
+        };
         let built = fit::fit(&profile.features, &task.classes, &split.train, config.l2)
             .and_then(|float| fit::build(float, profile.numerics, &split.train));
         let candidate = match built {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(task = %task.name, profile = %profile.name, error = %e, "no candidate");
+                tracing::warn!(task = %task.name, profile = %profile.name, trigger = trigger.as_str(), error = %e, "no candidate");
                 crate::ProcessorStats::add(&self.stats.failures, 1);
+                drop(split);
+                keep(lane);
                 return None;
             }
         };

@@ -375,6 +375,45 @@ fn a_rules_change_starts_the_buffers_afresh_and_retrains() -> Result<(), Box<dyn
     Ok(())
 }
 
+#[test]
+fn a_rules_change_waits_for_a_buildable_candidate_instead_of_forgetting_the_trigger(
+) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let mut t = trainer(dir.path());
+    t.config.retrain_every_examples = u64::MAX;
+    t.config.drift.enabled = false;
+    let sim = simulate(4, 1_500, 78);
+    let now = Instant::now();
+    for b in &sim.batches {
+        t.ingest(b);
+    }
+    // After the change, first only readings labelled `normal` (no model can
+    // be fitted on one class), then the rest.
+    let mut changed = sim.batches.clone();
+    for b in &mut changed {
+        b.rules_version = Some("sim-v2".into());
+        for r in &mut b.batch.readings {
+            r.ts_micros += 1_000_000_000_000;
+        }
+    }
+    let normal = |b: &LabelledBatch| b.labels[0].label.as_deref() == Some("normal");
+    let (first, rest): (Vec<LabelledBatch>, Vec<LabelledBatch>) =
+        changed.into_iter().partition(|b| normal(b));
+    let mut decisions = Vec::new();
+    for b in first.iter().take(2_000) {
+        t.ingest(b);
+        decisions.extend(t.maybe_retrain(now));
+    }
+    assert!(decisions.is_empty(), "one class only: {decisions:?}");
+    for b in rest.iter().chain(first.iter().skip(2_000)) {
+        t.ingest(b);
+        decisions.extend(t.maybe_retrain(now));
+    }
+    assert_eq!(decisions.len(), 2, "{decisions:?}");
+    assert!(decisions.iter().all(|d| d.trigger == "rules_changed"));
+    Ok(())
+}
+
 /// Publishes nothing: its (task, profile) is pinned at v3.
 struct Pinned(DirPublisher);
 
