@@ -154,7 +154,7 @@ fn predictions(root: &Path) -> Result<Vec<(String, i64, Option<i64>)>> {
     let script = r#"
 import sys, duckdb
 rows = duckdb.sql(f"""
-  SELECT device_id, seq, list_max(list_transform(predictions, p -> p.model_version))
+  SELECT device_id, seq, list_max(list_transform(predictions, lambda p: p.model_version))
   FROM read_parquet('{sys.argv[1]}/readings/**/*.parquet')
   ORDER BY device_id, seq
 """).fetchall()

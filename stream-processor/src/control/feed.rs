@@ -167,6 +167,9 @@ async fn follow(kind: Kind, consumer: Arc<Feed>, state: &State, shutdown: &Cance
             Ok(message) => {
                 let (partition, offset) = (message.partition(), message.offset());
                 apply(kind, state, &message);
+                if let Kind::Models = kind {
+                    lock(&state.models_read).insert(partition, offset + 1);
+                }
                 if remaining
                     .get(&partition)
                     .is_some_and(|end| offset + 1 >= *end)

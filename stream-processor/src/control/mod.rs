@@ -198,6 +198,10 @@ pub struct State {
     pub status_feed: Mutex<FeedHealth>,
     pub models_feed: Mutex<FeedHealth>,
     pub pins_feed: Mutex<FeedHealth>,
+    /// Per partition of `edgeloop.models`, the offset after the last record
+    /// the models feed applied (so a rollback or pin can wait for the
+    /// registry to hold everything Kafka has: [`registry::catch_up`]).
+    pub models_read: Mutex<std::collections::HashMap<i32, i64>>,
     pub signing_key: Option<SigningKey>,
     pub verify_key: Option<VerifyingKey>,
     /// Held while a rollback picks its version and publishes it.
@@ -260,6 +264,7 @@ impl State {
             status_feed: Mutex::default(),
             models_feed: Mutex::default(),
             pins_feed: Mutex::default(),
+            models_read: Mutex::default(),
             signing_key,
             verify_key,
             publishing: tokio::sync::Mutex::new(()),

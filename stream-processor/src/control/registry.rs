@@ -175,6 +175,67 @@ async fn produce(
         .map_err(|(e, _)| Status::unavailable(format!("publishing to {topic}: {e}")))
 }
 
+/// How long a rollback or pin waits for the registry to catch up.
+const CATCH_UP: Duration = Duration::from_secs(10);
+
+/// Waits until the models feed has applied every record `edgeloop.models`
+/// holds now, so the version a rollback or pin picks is above every
+/// version published so far (by the trainer, say, a moment ago), not only
+/// above those the feed had read.
+pub async fn catch_up(state: &State) -> Result<(), Status> {
+    let kafka = state.kafka.clone();
+    let ends = tokio::task::spawn_blocking(move || -> Result<Vec<(i32, i64)>, String> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = kafka
+            .client_config(&[("group.id", "edgeloop-control-catch-up")])
+            .create()
+            .map_err(|e| e.to_string())?;
+        let timeout = Duration::from_secs(5);
+        let metadata = consumer
+            .fetch_metadata(Some(topics::KAFKA_MODELS), timeout)
+            .map_err(|e| e.to_string())?;
+        let mut ends = Vec::new();
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                let (low, high) = consumer
+                    .fetch_watermarks(topics::KAFKA_MODELS, p.id(), timeout)
+                    .map_err(|e| e.to_string())?;
+                if high > low {
+                    ends.push((p.id(), high));
+                }
+            }
+        }
+        Ok(ends)
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))?
+    .map_err(|e| {
+        Status::unavailable(format!("reading the ends of {}: {e}", topics::KAFKA_MODELS))
+    })?;
+    let deadline = tokio::time::Instant::now() + CATCH_UP;
+    loop {
+        let behind: Vec<(i32, i64, i64)> = {
+            let read = lock(&state.models_read);
+            ends.iter()
+                .filter_map(|(p, end)| {
+                    let at = read.get(p).copied().unwrap_or(0);
+                    (at < *end).then_some((*p, at, *end))
+                })
+                .collect()
+        };
+        if behind.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Status::unavailable(format!(
+                "the model registry has not caught up with {} within {CATCH_UP:?} (partition, read to, end: {behind:?}); try again",
+                topics::KAFKA_MODELS
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Publishes `source`'s artifact as version `live + 1`, signed; waits until
 /// Kafka has it (acks=all) and registers it. The caller holds
 /// `state.publishing`.
@@ -240,6 +301,7 @@ pub async fn rollback(
         ));
     }
     let _publishing = state.publishing.lock().await;
+    catch_up(state).await?;
     let (source, live) = find(state, &req.task, &req.profile, req.to_version)?;
     if req.to_version == live {
         return Err(Status::failed_precondition(format!(
@@ -263,6 +325,7 @@ pub async fn pin(
 ) -> Result<pb::PinResponse, Status> {
     check_names(&req.task, &req.profile)?;
     let _publishing = state.publishing.lock().await;
+    catch_up(state).await?;
     let (entry, live) = find(state, &req.task, &req.profile, req.version)?;
     let (mut model, republished) = if entry.update.version == live {
         (describe(&entry, true, state.verify_key.as_ref()), false)
