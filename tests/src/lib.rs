@@ -246,6 +246,7 @@ pub fn read_rows(root: &Path) -> Result<Vec<Row>> {
         "rules_version",
         "kafka_partition",
         "kafka_offset",
+        "predictions",
     ];
     let mut rows = Vec::new();
     for path in parquet_files(root)? {
