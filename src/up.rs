@@ -256,7 +256,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         counters.processor.clone(),
     ));
     println!(
-        "Stream processor writing Parquet under {}; control API on {} (edgeloop ctl --addr {} --token-file {} fleet)",
+        "Stream processor writing Parquet under {}; control API on {} (edgeloop ctl --addr {} --token-file {} devices)",
         data_dir.join("parquet").display(),
         args.control_listen,
         args.control_listen,
