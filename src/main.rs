@@ -254,6 +254,10 @@ struct ProcessorArgs {
     /// A file holding the control API's token (e.g. a mounted Secret).
     #[arg(long, env = "EDGELOOP_CONTROL_TOKEN_FILE")]
     control_token_file: Option<PathBuf>,
+    /// Private key a rollback or pin signs the version it republishes with
+    /// (config `control.signing_key_file`; `edgeloop keys generate`).
+    #[arg(long, env = "EDGELOOP_CONTROL_SIGNING_KEY_FILE")]
+    control_signing_key_file: Option<PathBuf>,
     /// Train models on the labelled readings (config `trainer.enabled`; needs
     /// rules and `[[trainer.profiles]]`, see docs/training.md).
     #[arg(long, env = "EDGELOOP_TRAINER", num_args = 0..=1, default_missing_value = "true")]
@@ -510,6 +514,9 @@ async fn main() -> Result<()> {
             }
             if let Some(file) = args.control_token_file {
                 config.control.token_file = Some(file);
+            }
+            if let Some(file) = args.control_signing_key_file {
+                config.control.signing_key_file = Some(file);
             }
             if let Some(enabled) = args.trainer {
                 config.trainer.enabled = enabled;
