@@ -215,8 +215,10 @@ async fn run(dir: &Path, devices: usize) -> Result<()> {
         &public,
         signing::to_hex(key.verifying_key().as_bytes()) + "\n",
     )?;
-    let mut agent = AgentConfig::default();
-    agent.profile = PROFILE.into();
+    let mut agent = AgentConfig {
+        profile: PROFILE.into(),
+        ..AgentConfig::default()
+    };
     agent.mqtt.host = mqtt.ip().to_string();
     agent.mqtt.port = mqtt.port();
     agent.spool.dir = dir.join("spool");
