@@ -75,7 +75,20 @@ async fn chaos_soak_lands_every_fsynced_reading_once_or_reports_it_lost() -> Res
         Duration::from_secs(15 * 60),
     )
     .await?;
-    let context = || format!("report: {report:#}\nprogress:\n{stderr}");
+    // On failure: the tails of the processor's and Tansu's logs (the run's
+    // directory goes with the test), which say where a stall was.
+    let tail = |name: &str| {
+        let text = std::fs::read_to_string(dir.join("logs").join(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    };
+    let context = || {
+        format!(
+            "report: {report:#}\nprogress:\n{stderr}\nprocessor.log (tail):\n{}\ntansu.log (tail):\n{}",
+            tail("processor.log"),
+            tail("tansu.log")
+        )
+    };
     ensure!(ok, "edgeloop chaos failed; {}", context());
     ensure!(report["passed"] == Value::Bool(true), "{}", context());
     for key in [
