@@ -605,7 +605,9 @@ pub fn generate_key_files(out: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((private, public))
 }
 
-fn write_private(path: &Path, text: &str) -> Result<()> {
+/// Creates `path` (refusing an existing file) with mode 0600, writes
+/// `text` and fsyncs it: for keys and tokens.
+pub(crate) fn write_private(path: &Path, text: &str) -> Result<()> {
     use std::io::Write as _;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);

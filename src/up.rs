@@ -450,20 +450,12 @@ fn parity_line(trainer: &edgeloop_processor::trainer::TrainerStats) -> String {
 
 /// A random bearer token for the control API, written with mode 0600.
 fn write_token(path: &std::path::Path) -> Result<()> {
-    use std::io::Write as _;
     let mut bytes = [0u8; 24];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
-    let token = edgeloop_proto::signing::to_hex(&bytes);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(format!("{token}\n").as_bytes())
-        .and_then(|_| file.sync_all())
-        .with_context(|| format!("writing {}", path.display()))
+    crate::ctl::write_private(
+        path,
+        &format!("{}\n", edgeloop_proto::signing::to_hex(&bytes)),
+    )
 }
 
 /// Credentials for the simulated devices `{prefix}-0000…`: the broker's

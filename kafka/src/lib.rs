@@ -9,6 +9,8 @@
 //!   to a topic that does not exist yet; [`ensure_compacted_topics`] does the
 //!   same for topics that keep the latest record per key
 //!   (`cleanup.policy=compact`).
+//! - [`topic_ends`]: every partition of a topic from its beginning, and
+//!   where each ends now (for followers of compacted topics).
 //! - [`local`]: a Kafka-API broker (Tansu) run as a child process, for one
 //!   machine and for tests.
 
@@ -23,6 +25,48 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use serde::{Deserialize, Serialize};
+
+/// Every partition of `topic`, each from its beginning (an assignment for
+/// a follower that reads the topic whole), and partition → its high
+/// watermark now, for the partitions that hold records. An error if the
+/// topic is unknown or has no partition.
+pub fn topic_ends<C, K>(
+    consumer: &K,
+    topic: &str,
+    timeout: Duration,
+) -> Result<
+    (
+        rdkafka::TopicPartitionList,
+        std::collections::HashMap<i32, i64>,
+    ),
+    KafkaError,
+>
+where
+    C: rdkafka::consumer::ConsumerContext,
+    K: rdkafka::consumer::Consumer<C>,
+{
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    let mut ends = std::collections::HashMap::new();
+    for t in metadata.topics() {
+        if let Some(e) = t.error() {
+            return Err(KafkaError::MetadataFetch(e.into()));
+        }
+        for p in t.partitions() {
+            let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
+            assignment.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)?;
+            if high > low {
+                ends.insert(p.id(), high);
+            }
+        }
+    }
+    if assignment.count() == 0 {
+        return Err(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ));
+    }
+    Ok((assignment, ends))
+}
 
 /// How to reach Kafka. Shared by every component that talks to it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

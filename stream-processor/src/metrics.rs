@@ -164,6 +164,16 @@ fn render(stats: &ProcessorStats, rules: &RuleMetrics) -> String {
             "Candidates that could not be trained, quantized or published",
             &t.failures,
         ),
+        (
+            "edgeloop_processor_parity_checked_total",
+            "On-device predictions re-computed with the device's model version on the same readings and compared",
+            &t.parity_checked,
+        ),
+        (
+            "edgeloop_processor_parity_mismatches_total",
+            "Re-computed on-device predictions whose class differed from the device's (must stay at zero)",
+            &t.parity_mismatches,
+        ),
     ];
     for (name, help, value) in trainer_counters {
         let _ = writeln!(
@@ -183,24 +193,6 @@ fn render(stats: &ProcessorStats, rules: &RuleMetrics) -> String {
         let _ = writeln!(
             out,
             "{name}{{task=\"{task}\",profile=\"{profile}\",decision=\"{decision}\"}} {n}"
-        );
-    }
-    for (name, help, value) in [
-        (
-            "edgeloop_processor_parity_checked_total",
-            "On-device predictions re-computed with the device's model version on the same readings and compared",
-            &t.parity_checked,
-        ),
-        (
-            "edgeloop_processor_parity_mismatches_total",
-            "Re-computed on-device predictions whose class differed from the device's (must stay at zero)",
-            &t.parity_mismatches,
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}.\n# TYPE {name} counter\n{name} {}",
-            value.load(Ordering::Relaxed)
         );
     }
     let name = "edgeloop_processor_parity_unverifiable_total";

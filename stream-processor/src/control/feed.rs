@@ -21,7 +21,7 @@ use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message as _};
 use tokio_util::sync::CancellationToken;
 
 use super::registry::Pin;
@@ -95,27 +95,7 @@ pub fn spawn(state: Arc<State>, shutdown: CancellationToken) -> Result<(), Contr
 async fn assign(consumer: &Arc<Feed>, topic: &'static str) -> Result<HashMap<i32, i64>, String> {
     let c = consumer.clone();
     tokio::task::spawn_blocking(move || -> Result<HashMap<i32, i64>, KafkaError> {
-        let timeout = Duration::from_secs(5);
-        let metadata = c.fetch_metadata(Some(topic), timeout)?;
-        let mut assignment = TopicPartitionList::new();
-        let mut ends = HashMap::new();
-        for t in metadata.topics() {
-            if let Some(e) = t.error() {
-                return Err(KafkaError::MetadataFetch(e.into()));
-            }
-            for p in t.partitions() {
-                let (low, high) = c.fetch_watermarks(topic, p.id(), timeout)?;
-                assignment.add_partition_offset(topic, p.id(), Offset::Beginning)?;
-                if high > low {
-                    ends.insert(p.id(), high);
-                }
-            }
-        }
-        if assignment.count() == 0 {
-            return Err(KafkaError::MetadataFetch(
-                RDKafkaErrorCode::UnknownTopicOrPartition,
-            ));
-        }
+        let (assignment, ends) = edgeloop_kafka::topic_ends(&*c, topic, Duration::from_secs(5))?;
         c.assign(&assignment)?;
         Ok(ends)
     })

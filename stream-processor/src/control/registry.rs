@@ -185,27 +185,19 @@ const CATCH_UP: Duration = Duration::from_secs(10);
 pub async fn catch_up(state: &State) -> Result<(), Status> {
     let kafka = state.kafka.clone();
     let ends = tokio::task::spawn_blocking(move || -> Result<Vec<(i32, i64)>, String> {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::consumer::BaseConsumer;
         let consumer: BaseConsumer = kafka
             .client_config(&[("group.id", "edgeloop-control-catch-up")])
             .create()
             .map_err(|e| e.to_string())?;
-        let timeout = Duration::from_secs(5);
-        let metadata = consumer
-            .fetch_metadata(Some(topics::KAFKA_MODELS), timeout)
-            .map_err(|e| e.to_string())?;
-        let mut ends = Vec::new();
-        for t in metadata.topics() {
-            for p in t.partitions() {
-                let (low, high) = consumer
-                    .fetch_watermarks(topics::KAFKA_MODELS, p.id(), timeout)
-                    .map_err(|e| e.to_string())?;
-                if high > low {
-                    ends.push((p.id(), high));
-                }
-            }
+        match edgeloop_kafka::topic_ends(&consumer, topics::KAFKA_MODELS, Duration::from_secs(5)) {
+            Ok((_, ends)) => Ok(ends.into_iter().collect()),
+            // No topic yet: nothing to catch up with.
+            Err(rdkafka::error::KafkaError::MetadataFetch(
+                rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+            )) => Ok(Vec::new()),
+            Err(e) => Err(e.to_string()),
         }
-        Ok(ends)
     })
     .await
     .map_err(|e| Status::internal(e.to_string()))?

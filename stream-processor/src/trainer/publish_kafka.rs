@@ -50,7 +50,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
-use rdkafka::{Message as _, Offset, TopicPartitionList};
+use rdkafka::Message as _;
 
 use super::publish::{DirPublisher, PublishError, Publisher};
 use crate::control::feed::FeedContext;
@@ -292,27 +292,7 @@ fn assign(
     consumer: &BaseConsumer<FeedContext>,
     topic: &'static str,
 ) -> Result<HashMap<i32, i64>, KafkaError> {
-    let timeout = Duration::from_secs(5);
-    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-    let mut assignment = TopicPartitionList::new();
-    let mut ends = HashMap::new();
-    for t in metadata.topics() {
-        if let Some(e) = t.error() {
-            return Err(KafkaError::MetadataFetch(e.into()));
-        }
-        for p in t.partitions() {
-            let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
-            assignment.add_partition_offset(topic, p.id(), Offset::Beginning)?;
-            if high > low {
-                ends.insert(p.id(), high);
-            }
-        }
-    }
-    if assignment.count() == 0 {
-        return Err(KafkaError::MetadataFetch(
-            rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
-        ));
-    }
+    let (assignment, ends) = edgeloop_kafka::topic_ends(consumer, topic, Duration::from_secs(5))?;
     consumer.assign(&assignment)?;
     Ok(ends)
 }
