@@ -336,6 +336,11 @@ struct AgentArgs {
     /// verify_key_file`) the agent takes no models and makes no predictions.
     #[arg(long, env = "EDGELOOP_MODELS_VERIFY_KEY")]
     models_verify_key: Option<PathBuf>,
+    /// Serve /healthz, /readyz (200 while connected to the MQTT broker) and
+    /// Prometheus /metrics on this address (e.g. 127.0.0.1:9466); see
+    /// docs/operations.md.
+    #[arg(long, env = "EDGELOOP_AGENT_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -609,6 +614,9 @@ async fn main() -> Result<()> {
             }
             if let Some(key) = args.models_verify_key {
                 config.models.verify_key_file = Some(key);
+            }
+            if let Some(listen) = args.metrics_listen {
+                config.metrics_listen = Some(listen);
             }
             use edgeloop_agent::config::SourceConfig;
             use edgeloop_agent::source::lines::{LineFormat, LinesConfig};

@@ -5,28 +5,23 @@
 //!
 //! Kafka's state is not asked per request: [`check_kafka`] asks for the
 //! readings topic's metadata every `kafka_check_interval` in the background
-//! and records the answer. A deliberately small HTTP server, like the
-//! processor's: one request per connection, GET only.
+//! and records the answer. The HTTP server is `edgeloop-ops`, shared with
+//! the processor and the agent.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use edgeloop_proto::topics;
 use rdkafka::producer::Producer as _;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::Producer;
 use crate::stats::BrokerStats;
 
-/// Binds the endpoint's address (so a taken port fails the start-up).
-pub async fn bind(listen: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(listen).await
-}
+pub use edgeloop_ops::bind;
 
 /// Serves until `shutdown`.
 pub async fn serve(
@@ -34,40 +29,25 @@ pub async fn serve(
     stats: Arc<BrokerStats>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    tracing::info!(listen = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
-    loop {
-        let (mut socket, _) = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            accepted = listener.accept() => accepted?,
-        };
-        let stats = stats.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buf)).await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("/");
-            let (status, body) = match path {
-                "/metrics" => ("200 OK", render(&stats)),
-                "/healthz" => ("200 OK", "ok\n".to_string()),
-                "/readyz" => readiness(&stats),
-                _ => ("404 Not Found", "not found\n".to_string()),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = socket.write_all(response.as_bytes()).await;
-        });
+    edgeloop_ops::serve(listener, Arc::new(Endpoint(stats)), shutdown).await
+}
+
+struct Endpoint(Arc<BrokerStats>);
+
+impl edgeloop_ops::Endpoint for Endpoint {
+    fn metrics(&self) -> String {
+        render(&self.0)
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        readiness(&self.0)
     }
 }
 
-fn readiness(stats: &BrokerStats) -> (&'static str, String) {
+/// Ready while the MQTT listener is up and Kafka answered; otherwise why not.
+fn readiness(stats: &BrokerStats) -> Result<(), String> {
     if stats.ready() {
-        return ("200 OK", "ok\n".to_string());
+        return Ok(());
     }
     let mut why = Vec::new();
     if !stats.mqtt_up.load(Ordering::Relaxed) {
@@ -76,10 +56,7 @@ fn readiness(stats: &BrokerStats) -> (&'static str, String) {
     if !stats.kafka_up.load(Ordering::Relaxed) {
         why.push("Kafka did not answer the last metadata request");
     }
-    (
-        "503 Service Unavailable",
-        format!("not ready: {}\n", why.join("; ")),
-    )
+    Err(why.join("; "))
 }
 
 /// Asks Kafka for the readings topic's metadata every `interval` (waiting at
@@ -120,19 +97,7 @@ pub async fn check_kafka(
     }
 }
 
-fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}.\n# TYPE {name} counter\n{name} {value}"
-    );
-}
-
-fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}.\n# TYPE {name} gauge\n{name} {value}"
-    );
-}
+use edgeloop_ops::{counter, gauge};
 
 /// The Prometheus text exposition of `stats`.
 pub fn render(stats: &BrokerStats) -> String {
@@ -434,13 +399,12 @@ mod tests {
             text.contains("edgeloop_kafka_broker_rtt_seconds{broker=\"127.0.0.1:9092/1\"} 0.002")
         );
 
-        assert_eq!(readiness(&stats).0, "503 Service Unavailable");
+        assert!(readiness(&stats).unwrap_err().contains("MQTT listener"));
         stats.mqtt_up.store(true, Ordering::Relaxed);
-        let (status, body) = readiness(&stats);
-        assert_eq!(status, "503 Service Unavailable");
-        assert!(body.contains("Kafka"), "{body}");
+        let why = readiness(&stats).unwrap_err();
+        assert!(why.contains("Kafka") && !why.contains("MQTT"), "{why}");
         stats.kafka_up.store(true, Ordering::Relaxed);
-        assert_eq!(readiness(&stats).0, "200 OK");
+        assert_eq!(readiness(&stats), Ok(()));
     }
 
     #[test]
@@ -452,14 +416,7 @@ mod tests {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .seen = true;
-        for line in render(&stats).lines() {
-            if let Some(name) = line.strip_prefix("# TYPE ") {
-                let name = name.split(' ').next().unwrap_or_default();
-                assert!(
-                    doc.contains(&format!("`{name}`")),
-                    "{name} is not in docs/operations.md"
-                );
-            }
-        }
+        let missing = edgeloop_ops::undocumented(&render(&stats), doc);
+        assert!(missing.is_empty(), "not in docs/operations.md: {missing:?}");
     }
 }

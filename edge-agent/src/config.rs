@@ -32,6 +32,9 @@ pub struct AgentConfig {
     pub gateway: Option<GatewayConfig>,
     /// Model updates and on-device inference (off until `verify_key_file` is set).
     pub models: ModelsConfig,
+    /// Where to serve `/healthz`, `/readyz` (every uplink connected) and
+    /// Prometheus `/metrics`, e.g. `127.0.0.1:9466` (none: not served).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 pub use crate::models::ModelsConfig;
@@ -69,6 +72,7 @@ impl Default for AgentConfig {
             shutdown_grace: Duration::from_secs(10),
             gateway: None,
             models: ModelsConfig::default(),
+            metrics_listen: None,
         }
     }
 }

@@ -17,7 +17,8 @@
 //! - [`gateway`]: gateway mode, for child devices with no link of their own:
 //!   an embedded MQTT listener, a spool and an uplink per child, acks and
 //!   model topics relayed back down.
-//! - [`config`]: the agent's configuration; [`stats`]: its counters.
+//! - [`config`]: the agent's configuration; [`stats`]: its counters;
+//!   [`ops`]: `/healthz`, `/readyz` and `/metrics` on `metrics_listen`.
 //!
 //! [`run`] wires them together for one device; [`run_fleet`] runs many
 //! simulated devices in one process (what `edgeloop up` does).
@@ -25,6 +26,7 @@
 pub mod config;
 pub mod gateway;
 pub mod models;
+pub mod ops;
 pub mod source;
 pub mod spool;
 pub mod stats;
@@ -49,6 +51,33 @@ pub enum Error {
     Spool(String),
     #[error("{0}")]
     Models(String),
+    #[error("could not serve /metrics, /healthz, /readyz on {addr} (metrics_listen): {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` on `listen` (none: nothing)
+/// until the returned guard is dropped.
+async fn serve_ops(
+    listen: Option<std::net::SocketAddr>,
+    stats: &Arc<AgentStats>,
+) -> Result<Option<tokio_util::sync::DropGuard>, Error> {
+    let Some(addr) = listen else {
+        return Ok(None);
+    };
+    let listener = edgeloop_ops::bind(addr)
+        .await
+        .map_err(|source| Error::MetricsListen { addr, source })?;
+    let stop = CancellationToken::new();
+    let (stats, token) = (stats.clone(), stop.clone());
+    tokio::spawn(async move {
+        if let Err(e) = ops::serve(listener, stats, token).await {
+            tracing::error!(%addr, error = %e, "the /metrics endpoint stopped");
+        }
+    });
+    Ok(Some(stop.drop_guard()))
 }
 
 /// What an agent did, returned when it stops.
@@ -75,6 +104,7 @@ pub async fn run(
     stats: Arc<AgentStats>,
 ) -> Result<AgentReport, Error> {
     config.validate().map_err(Error::Config)?;
+    let _ops = serve_ops(config.metrics_listen, &stats).await?;
     let channels = source::channels(&config).map_err(|e| Error::Config(format!("source.{e}")))?;
     let opened = {
         let spool_config = config.spool.clone();
@@ -236,9 +266,12 @@ pub async fn run_fleet_with_passwords(
     shutdown: CancellationToken,
     stats: Arc<AgentStats>,
 ) -> Result<Vec<AgentReport>, Error> {
+    // One endpoint for the whole fleet, its counters summed over the devices.
+    let _ops = serve_ops(template.metrics_listen, &stats).await?;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..count {
         let mut config = template.clone();
+        config.metrics_listen = None;
         config.device_id = format!("{prefix}-{i:04}");
         if let Some(password) = passwords.get(&config.device_id) {
             config.mqtt.username = Some(config.device_id.clone());

@@ -1,6 +1,8 @@
 //! Counters of an agent (or of a whole simulated fleet sharing one set).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 #[derive(Debug, Default)]
 pub struct AgentStats {
@@ -38,6 +40,14 @@ pub struct AgentStats {
     /// Predictions a loaded model could not make (a channel with no finite
     /// value in the window, say); the reading went without.
     pub predictions_failed: AtomicU64,
+    /// Uplinks running (one per device; a gateway's children have theirs),
+    /// a gauge.
+    pub uplinks: AtomicU64,
+    /// Uplinks whose MQTT session is up (a gauge).
+    pub uplinks_connected: AtomicU64,
+    /// Per device with unacknowledged readings, the timestamp (µs since the
+    /// epoch) of its oldest one: the spool backlog's age.
+    pub oldest_unacked: Mutex<BTreeMap<String, i64>>,
 }
 
 impl AgentStats {
@@ -54,6 +64,32 @@ impl AgentStats {
             gauge.fetch_sub(*last - now, Ordering::Relaxed);
         }
         *last = now;
+    }
+
+    /// Records `device`'s oldest unacknowledged reading (none: its spool
+    /// holds nothing unacknowledged, or it stopped).
+    pub fn set_oldest_unacked(&self, device: &str, ts_micros: Option<i64>) {
+        let mut oldest = self
+            .oldest_unacked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match ts_micros {
+            Some(ts) => {
+                oldest.insert(device.to_string(), ts);
+            }
+            None => {
+                oldest.remove(device);
+            }
+        }
+    }
+
+    /// The oldest unacknowledged reading's timestamp over every device.
+    pub fn oldest_unacked_micros(&self) -> Option<i64> {
+        let oldest = self
+            .oldest_unacked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        oldest.values().min().copied()
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {

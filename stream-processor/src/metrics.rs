@@ -1,6 +1,6 @@
 //! The processor's HTTP endpoint: `/metrics` (Prometheus text format),
-//! `/healthz` and `/readyz`. A deliberately small server: one request per
-//! connection, GET only.
+//! `/healthz` and `/readyz`, served by `edgeloop-ops` (the server the
+//! broker and the agent share).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::labeller::RuleCounts;
@@ -228,41 +227,24 @@ pub async fn serve(
     rules: SharedRuleMetrics,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    tracing::info!(%listen, "serving /metrics, /healthz, /readyz");
-    loop {
-        let (mut socket, _) = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            accepted = listener.accept() => accepted?,
-        };
-        let stats = stats.clone();
-        let rules = rules.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                socket.read(&mut buf),
-            )
-            .await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("/");
-            let (status, body) = match path {
-                "/metrics" => {
-                    let rules = rules.lock().unwrap_or_else(|p| p.into_inner());
-                    ("200 OK", render(&stats, &rules))
-                }
-                "/healthz" | "/readyz" => ("200 OK", "ok\n".to_string()),
-                _ => ("404 Not Found", "not found\n".to_string()),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = socket.write_all(response.as_bytes()).await;
-        });
+    let listener = edgeloop_ops::bind(listen).await?;
+    edgeloop_ops::serve(listener, Arc::new(Endpoint { stats, rules }), shutdown).await
+}
+
+struct Endpoint {
+    stats: Arc<ProcessorStats>,
+    rules: SharedRuleMetrics,
+}
+
+impl edgeloop_ops::Endpoint for Endpoint {
+    fn metrics(&self) -> String {
+        let rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+        render(&self.stats, &rules)
+    }
+
+    /// The processor is ready as soon as it serves: the consumer group, not
+    /// a load balancer, hands it work.
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
     }
 }

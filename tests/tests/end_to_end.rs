@@ -580,6 +580,9 @@ async fn broker_down_for_30_seconds_loses_nothing_and_the_spools_drain() -> Resu
     let mut template = stack.agent("unused", 500, per_device, 150.0, 50);
     template.spool.dir = stack.dir.path().join("spool");
     template.uplink.reconnect_max = Duration::from_secs(2);
+    // The fleet's /readyz and /metrics follow the outage.
+    let ops = edgeloop_tests::free_addr()?;
+    template.metrics_listen = Some(ops);
     let fleet = tokio::spawn(edgeloop_agent::run_fleet(
         template,
         "outage",
@@ -592,6 +595,13 @@ async fn broker_down_for_30_seconds_loses_nothing_and_the_spools_drain() -> Resu
         async move { Ok((rows?.len() >= 300).then_some(())) }
     })
     .await?;
+    ensure!(http_status(ops, "/readyz").await == Some(200));
+    let metrics = http_get(ops, "/metrics").await?;
+    ensure!(
+        metric(&metrics, "edgeloop_agent_readings_acknowledged_total") >= Some(300.0),
+        "{metrics}"
+    );
+    ensure!(metric(&metrics, "edgeloop_agent_uplinks") == Some(devices as f64));
     let mut broker = stack.broker.take().context("broker")?;
     broker.kill9().await?;
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -599,7 +609,34 @@ async fn broker_down_for_30_seconds_loses_nothing_and_the_spools_drain() -> Resu
         !fleet.is_finished(),
         "the devices cannot have finished while the broker was down"
     );
+    let not_ready = http_get(ops, "/readyz").await?;
+    ensure!(
+        not_ready.starts_with("HTTP/1.1 503")
+            && not_ready.contains("0 of 3 uplinks connected to the MQTT broker"),
+        "{not_ready}"
+    );
+    ensure!(http_status(ops, "/healthz").await == Some(200));
+    let metrics = http_get(ops, "/metrics").await?;
+    let age = metric(&metrics, "edgeloop_agent_backlog_oldest_age_seconds").unwrap_or(0.0);
+    ensure!(
+        (25.0..120.0).contains(&age),
+        "the backlog is as old as the outage, not {age} s"
+    );
+    ensure!(metric(&metrics, "edgeloop_agent_uplinks_connected") == Some(0.0));
     stack.start_broker().await?;
+    // Ready again once every uplink reconnected (before the fleet ends and
+    // takes its endpoint with it).
+    wait_for(Duration::from_secs(30), "the fleet ready again", || {
+        let finished = fleet.is_finished();
+        async move {
+            if http_status(ops, "/readyz").await == Some(200) {
+                return Ok(Some(()));
+            }
+            ensure!(!finished, "the fleet ended before /readyz said ready again");
+            Ok(None)
+        }
+    })
+    .await?;
     let reports = tokio::time::timeout(Duration::from_secs(120), fleet).await???;
     ensure!(
         reports
@@ -1782,25 +1819,31 @@ async fn sigterm_to_an_agent_under_load_exits_within_its_grace_and_its_spool_kee
     let spool = stack.dir.path().join("spool-t");
     let mqtt = stack.mqtt.to_string();
     let spool_arg = spool.to_string_lossy().into_owned();
-    let agent = |name: &str, limit: &str| {
+    let ops = edgeloop_tests::free_addr()?;
+    let agent = |name: &str, limit: &str, ops: Option<SocketAddr>| {
+        let mut args = vec![
+            "agent".to_string(),
+            "--device-id".into(),
+            "termed".into(),
+            "--mqtt".into(),
+            mqtt.clone(),
+            "--rate".into(),
+            "2000".into(),
+            "--limit".into(),
+            limit.into(),
+            "--batch-size".into(),
+            "50".into(),
+            "--spool-dir".into(),
+            spool_arg.clone(),
+        ];
+        if let Some(ops) = ops {
+            args.extend(["--metrics-listen".into(), ops.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Component::start_with_env(
             &edgeloop_bin(),
             name,
-            &[
-                "agent",
-                "--device-id",
-                "termed",
-                "--mqtt",
-                &mqtt,
-                "--rate",
-                "2000",
-                "--limit",
-                limit,
-                "--batch-size",
-                "50",
-                "--spool-dir",
-                &spool_arg,
-            ],
+            &args,
             &[(
                 "EDGELOOP_AGENT__SHUTDOWN_GRACE".to_string(),
                 "3s".to_string(),
@@ -1808,13 +1851,22 @@ async fn sigterm_to_an_agent_under_load_exits_within_its_grace_and_its_spool_kee
             stack.dir.path(),
         )
     };
-    let mut first = agent("agent-1", "40000")?;
+    let mut first = agent("agent-1", "40000", Some(ops))?;
     wait_for(Duration::from_secs(60), "readings in Parquet", || {
         let rows = read_rows(&stack.parquet);
         async move { Ok((rows?.len() >= 200).then_some(())) }
     })
     .await?;
     first.check_running()?;
+    // `edgeloop agent --metrics-listen`: the device's own endpoint.
+    ensure!(http_status(ops, "/healthz").await == Some(200));
+    ensure!(http_status(ops, "/readyz").await == Some(200));
+    let metrics = http_get(ops, "/metrics").await?;
+    ensure!(
+        metric(&metrics, "edgeloop_agent_readings_acknowledged_total") >= Some(200.0)
+            && metric(&metrics, "edgeloop_agent_ready") == Some(1.0),
+        "{metrics}"
+    );
     first.terminate(grace + Duration::from_secs(5)).await?;
     let log = first.tail_log();
     ensure!(
@@ -1823,7 +1875,7 @@ async fn sigterm_to_an_agent_under_load_exits_within_its_grace_and_its_spool_kee
     );
     acknowledged_readings_are_in_kafka(&stack.kafka)?;
 
-    let mut second = agent("agent-2", "500")?;
+    let mut second = agent("agent-2", "500", None)?;
     wait_for(Duration::from_secs(120), "the second run to finish", || {
         let status = second.check_running();
         async move { Ok(status.is_err().then_some(())) }

@@ -271,6 +271,9 @@ pub async fn run(
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backlog_gauge = (0u64, 0u64, 0u64);
+    let mut connected_gauge = 0u64;
+    let mut oldest_reported: Option<i64> = None;
+    AgentStats::add(&stats.uplinks, 1);
     // A model was applied or refused: the status goes out at once (and
     // stays wanted until it did).
     let mut status_wanted = false;
@@ -355,6 +358,15 @@ pub async fn run(
             &mut backlog_gauge.2,
             backlog.lost_readings,
         );
+        AgentStats::move_gauge(
+            &stats.uplinks_connected,
+            &mut connected_gauge,
+            u64::from(connected),
+        );
+        if backlog.oldest_ts_micros != oldest_reported {
+            oldest_reported = backlog.oldest_ts_micros;
+            stats.set_oldest_unacked(&device, oldest_reported);
+        }
         let (next_seq, _, durable) = spool.positions();
         let done = source_done.is_cancelled();
         if done && watermark >= next_seq {
@@ -494,6 +506,11 @@ pub async fn run(
 
     AgentStats::move_gauge(&stats.backlog_readings, &mut backlog_gauge.0, 0);
     AgentStats::move_gauge(&stats.backlog_bytes, &mut backlog_gauge.1, 0);
+    AgentStats::move_gauge(&stats.uplinks_connected, &mut connected_gauge, 0);
+    stats.set_oldest_unacked(&device, None);
+    stats
+        .uplinks
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     if connected {
         // A clean stop: say so in the retained status, then disconnect (no
         // last will on a clean DISCONNECT).
