@@ -11,6 +11,7 @@
 //! - `proxy`: a device's link, which can be cut;
 //! - `verify`: the devices' records against the data set, and the counts.
 
+mod locate;
 mod process;
 mod proxy;
 mod verify;
@@ -118,6 +119,9 @@ enum Fault {
     KillCloud,
 }
 
+/// The consumer group of the soak's processor.
+const PROCESSOR_GROUP: &str = "edgeloop-chaos";
+
 const FAULTS: [Fault; 7] = [
     Fault::KillBroker,
     Fault::KillProcessor,
@@ -162,6 +166,11 @@ struct Report {
     /// Everything that went wrong besides the counts (a part that crashed by
     /// itself or did not come back, an agent that did not drain).
     problems: Vec<String>,
+    /// For the first readings lost unexplained of each device: whether
+    /// Kafka holds them, and where the processor's group committed (empty
+    /// when none was lost).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    lost_unexplained_located: Vec<String>,
     /// Every invariant that failed (empty: the run passed).
     failures: Vec<String>,
     passed: bool,
@@ -390,7 +399,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
         "--kafka",
         &bootstrap,
         "--group-id",
-        "edgeloop-chaos",
+        PROCESSOR_GROUP,
         "--instance-id",
         "chaos-0",
         "--max-age",
@@ -667,6 +676,30 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let dataset_complete = dataset_start.elapsed();
+    // Readings still missing: ask Kafka, while it runs, whether it holds
+    // them and where the processor's group stands.
+    let located = {
+        let data = verify::read_dataset(&parquet)?;
+        let (counts, per_device) = verify::verify(&records, &data);
+        if counts.lost_unexplained == 0 {
+            Vec::new()
+        } else {
+            let missing: BTreeMap<String, Vec<u64>> = per_device
+                .iter()
+                .filter(|d| !d.first_unexplained.is_empty())
+                .map(|d| (d.device_id.clone(), d.first_unexplained.clone()))
+                .collect();
+            let bootstrap = stack.kafka.bootstrap();
+            tokio::task::spawn_blocking(move || {
+                locate::locate(&bootstrap, PROCESSOR_GROUP, &missing)
+            })
+            .await?
+            .unwrap_or_else(|e| vec![format!("could not ask Kafka: {e:#}")])
+        }
+    };
+    for line in &located {
+        out.line(&format!("  lost unexplained: {line}"));
+    }
 
     // Stop the rest in order: processor (closes its files), broker, Kafka.
     for part in [&mut stack.processor, &mut stack.broker] {
@@ -727,6 +760,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
         parquet_files: data.files,
         per_device,
         problems: stack.problems.clone(),
+        lost_unexplained_located: located,
         passed: failures.is_empty(),
         failures,
     };

@@ -19,7 +19,10 @@ pub struct ProcessorConfig {
     /// of waiting for the group to notice the old member is gone (which some
     /// Kafka-API brokers, Tansu among them, never do).
     pub instance_id: Option<String>,
-    /// Consumer session timeout: how long a silent member keeps its partitions.
+    /// Consumer session timeout: how long a silent member keeps its
+    /// partitions. Kafka's default (45 s): it must outlast a Kafka-API
+    /// broker's stall, since Tansu 0.6 stops completing the group's
+    /// rebalances once a member's session expired (docs/operations.md).
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
     /// Root of the Parquet data set (files go under `{root}/readings/…`).
@@ -74,7 +77,7 @@ impl Default for ProcessorConfig {
             kafka: KafkaConfig::default(),
             group_id: "edgeloop-processor".into(),
             instance_id: None,
-            session_timeout: Duration::from_secs(10),
+            session_timeout: Duration::from_secs(45),
             parquet_root: PathBuf::from("data/parquet"),
             sink: SinkConfig::default(),
             rules_file: None,

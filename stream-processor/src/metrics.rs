@@ -93,12 +93,20 @@ fn render(stats: &ProcessorStats, rules: &RuleMetrics) -> String {
         ),
     ];
     for (name, help, value) in counters {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}.\n# TYPE {name} counter\n{name} {}",
-            value.load(Ordering::Relaxed)
-        );
+        edgeloop_ops::counter(&mut out, name, help, value.load(Ordering::Relaxed));
     }
+    edgeloop_ops::gauge(
+        &mut out,
+        "edgeloop_processor_partitions_assigned",
+        "Partitions of the readings topic assigned to this processor",
+        stats.partitions_assigned.load(Ordering::Relaxed),
+    );
+    edgeloop_ops::gauge(
+        &mut out,
+        "edgeloop_processor_unassigned_seconds",
+        "Seconds this processor has been without any partition (0 while it has some)",
+        stats.unassigned_seconds.load(Ordering::Relaxed),
+    );
     let families: [Family; 5] = [
         (
             "edgeloop_rule_readings_total",

@@ -30,6 +30,12 @@ pub struct ProcessorStats {
     pub rules_refused: AtomicU64,
     /// Open files dropped because their partition was revoked.
     pub files_aborted: AtomicU64,
+    /// Partitions of the readings topic assigned to this processor now (a
+    /// gauge).
+    pub partitions_assigned: AtomicU64,
+    /// Seconds this processor has been without any partition (0 while it
+    /// has some; a gauge).
+    pub unassigned_seconds: AtomicU64,
     /// What this processor consumed per device (its partitions, since it
     /// started): the control API's fleet view joins it with the status topic.
     pub devices: Mutex<BTreeMap<String, DeviceSeen>>,

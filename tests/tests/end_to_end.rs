@@ -988,6 +988,12 @@ async fn rules_label_readings_a_changed_file_is_taken_and_a_broken_one_refused()
         "{exported}"
     );
     ensure!(http_get(metrics, "/healthz").await?.ends_with("ok\n"));
+    // The only processor of its group holds every partition (4 by default).
+    ensure!(
+        metric(&exported, "edgeloop_processor_partitions_assigned") == Some(4.0)
+            && metric(&exported, "edgeloop_processor_unassigned_seconds") == Some(0.0),
+        "{exported}"
+    );
 
     // Phase 2: a broken file is refused and the running rules stay.
     std::fs::write(&rules, "[[rule]]\nname = \"oops\"\nlabel = \"x\"\nwhen = { kind = \"threshold\", channel = \"pressure\", above = 1.0 }\n")?;

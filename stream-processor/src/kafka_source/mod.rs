@@ -577,8 +577,10 @@ pub fn run(
         trainer,
     };
     sink.reload_rules()?;
+    let mut watch = AssignmentWatch::new(config.session_timeout);
     while !shutdown.is_cancelled() {
         let polled = consumer.poll(Duration::from_millis(100));
+        watch.check(&consumer, stats);
         let revoked: Vec<i32> = std::mem::take(
             &mut *consumer
                 .context()
@@ -603,6 +605,69 @@ pub fn run(
     }
     consumer.unsubscribe();
     Ok(())
+}
+
+/// Watches how many partitions the group gives this processor. A processor
+/// left without any for long is either one more than the readings topic has
+/// partitions, or in a group whose coordinator no longer completes
+/// rebalances (Tansu 0.6 after a member's session expired, see
+/// docs/operations.md "Processor without partitions"): it says so in the log
+/// and the gauges, since it writes nothing meanwhile.
+struct AssignmentWatch {
+    every: Duration,
+    last_check: std::time::Instant,
+    /// When it last had a partition (or started).
+    last_assigned: std::time::Instant,
+    /// Warn after this long without a partition.
+    warn_after: Duration,
+    warned: bool,
+}
+
+impl AssignmentWatch {
+    fn new(session_timeout: Duration) -> Self {
+        let now = std::time::Instant::now();
+        AssignmentWatch {
+            every: Duration::from_secs(1),
+            last_check: now,
+            last_assigned: now,
+            warn_after: (session_timeout * 2).max(Duration::from_secs(60)),
+            warned: false,
+        }
+    }
+
+    fn check(&mut self, consumer: &BaseConsumer<RebalanceContext>, stats: &ProcessorStats) {
+        if self.last_check.elapsed() < self.every {
+            return;
+        }
+        self.last_check = std::time::Instant::now();
+        let Ok(assignment) = consumer.assignment() else {
+            return;
+        };
+        let assigned = assignment.count() as u64;
+        stats
+            .partitions_assigned
+            .store(assigned, std::sync::atomic::Ordering::Relaxed);
+        if assigned > 0 {
+            if self.warned {
+                tracing::info!(partitions = assigned, "partitions assigned again");
+            }
+            self.last_assigned = self.last_check;
+            self.warned = false;
+        }
+        let without = self.last_assigned.elapsed();
+        let seconds = if assigned > 0 { 0 } else { without.as_secs() };
+        stats
+            .unassigned_seconds
+            .store(seconds, std::sync::atomic::Ordering::Relaxed);
+        if assigned == 0 && without >= self.warn_after && !self.warned {
+            self.warned = true;
+            tracing::warn!(
+                seconds = without.as_secs(),
+                topic = topics::KAFKA_READINGS,
+                "no partition assigned for this long: this processor writes nothing. Either the group has more processors than the topic has partitions, or its coordinator stopped completing rebalances (Tansu 0.6 does after a member's session expired; restart Tansu). See docs/operations.md, Processor without partitions"
+            );
+        }
+    }
 }
 
 fn ensure_dir(path: &Path) -> Result<(), SinkError> {
