@@ -271,9 +271,9 @@ pub async fn run(
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backlog_gauge = (0u64, 0u64, 0u64);
-    let mut connected_gauge = 0u64;
+    let (mut uplink_gauge, mut connected_gauge) = (0u64, 0u64);
     let mut oldest_reported: Option<i64> = None;
-    AgentStats::add(&stats.uplinks, 1);
+    AgentStats::move_gauge(&stats.uplinks, &mut uplink_gauge, 1);
     // A model was applied or refused: the status goes out at once (and
     // stays wanted until it did).
     let mut status_wanted = false;
@@ -508,9 +508,7 @@ pub async fn run(
     AgentStats::move_gauge(&stats.backlog_bytes, &mut backlog_gauge.1, 0);
     AgentStats::move_gauge(&stats.uplinks_connected, &mut connected_gauge, 0);
     stats.set_oldest_unacked(&device, None);
-    stats
-        .uplinks
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    AgentStats::move_gauge(&stats.uplinks, &mut uplink_gauge, 0);
     if connected {
         // A clean stop: say so in the retained status, then disconnect (no
         // last will on a clean DISCONNECT).
