@@ -107,6 +107,17 @@ fn free_loopback_port() -> Result<SocketAddr, Error> {
         .map_err(|source| Error::Listen { addr, source })
 }
 
+/// rumqttd keeps a log per subscription filter, and every device subscribes
+/// to its own `ack/{device}`: with the log size of `mqtt.max_segment_*` that
+/// is up to 80 MiB of old acks per device, and it only ever grew (at 100,000
+/// readings/s from 200 devices the broker gained ~0.4 MiB/s, ~350 bytes per
+/// ack; docs/benchmarks.md). An ack is a cumulative watermark and retained,
+/// so only the newest one matters: a device's ack log keeps ~16 KiB (a few
+/// hundred acks, minutes of them) and one segment before it. A device
+/// further behind skips to the newest ack, which says all the older ones said.
+const ACK_FILTER: &str = "ack/+";
+const ACK_LOG_SEGMENT_BYTES: usize = 16 << 10;
+
 fn rumqttd_config(config: &config::MqttConfig, inner: &Inner) -> rumqttd::Config {
     let server = |name: &str, listen: SocketAddr| {
         let connections = rumqttd::ConnectionSettings {
@@ -133,7 +144,13 @@ fn rumqttd_config(config: &config::MqttConfig, inner: &Inner) -> rumqttd::Config
             max_outgoing_packet_count: 200,
             max_segment_size: config.max_segment_bytes,
             max_segment_count: config.max_segment_count,
-            custom_segment: None,
+            custom_segment: Some(HashMap::from([(
+                ACK_FILTER.to_string(),
+                rumqttd::SegmentConfig {
+                    max_segment_size: ACK_LOG_SEGMENT_BYTES,
+                    max_segment_count: 1,
+                },
+            )])),
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },
@@ -313,4 +330,52 @@ async fn wait_listening(listen: SocketAddr, waited: Duration) -> Result<(), Erro
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Err(Error::ListenerTimeout { addr, waited })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inner() -> Inner {
+        Inner {
+            v4: SocketAddr::from(([127, 0, 0, 1], 1)),
+            v5: SocketAddr::from(([127, 0, 0, 1], 2)),
+            user: "u".into(),
+            secret: "s".into(),
+        }
+    }
+
+    /// rumqttd picks a filter's log size by matching the filter a client
+    /// subscribed to against the keys of `custom_segment`, with its own
+    /// `matches` (`router/logs.rs`, `Data::new`).
+    fn log_size_of(config: &rumqttd::Config, filter: &str) -> (usize, usize) {
+        let router = &config.router;
+        router
+            .custom_segment
+            .iter()
+            .flatten()
+            .find(|(pattern, _)| rumqttd::protocol::matches(filter, pattern))
+            .map(|(_, s)| (s.max_segment_size, s.max_segment_count))
+            .unwrap_or((router.max_segment_size, router.max_segment_count))
+    }
+
+    #[test]
+    fn each_devices_ack_log_is_small_and_the_other_logs_keep_the_configured_size() {
+        let mqtt = config::MqttConfig::default();
+        let rumqttd = rumqttd_config(&mqtt, &inner());
+        let configured = (mqtt.max_segment_bytes, mqtt.max_segment_count);
+        assert_eq!(
+            log_size_of(&rumqttd, &topics::ack("dev-1")),
+            (ACK_LOG_SEGMENT_BYTES, 1)
+        );
+        assert!(ACK_LOG_SEGMENT_BYTES * 2 < configured.0);
+        for filter in [
+            topics::TELEMETRY_FILTER,
+            topics::STATUS_FILTER,
+            topics::MODELS_FILTER,
+            &topics::models("t", "p"),
+        ] {
+            assert_eq!(log_size_of(&rumqttd, filter), configured, "{filter}");
+        }
+    }
 }
