@@ -46,8 +46,18 @@ fn spawn(name: &str, args: &[String], dir: &Path) -> Result<Child> {
     let log = dir.join(format!("logs/{name}.log"));
     let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
-    Command::new(&exe)
-        .args(args)
+    // EDGELOOP_BENCH_WRAP_{BROKER,PROCESSOR}: a profiler or `env VAR=…` to
+    // start the part under (see `--local`).
+    let wrap = std::env::var(format!("EDGELOOP_BENCH_WRAP_{}", name.to_uppercase())).ok();
+    let mut cmd = match wrap.as_deref().map(str::split_whitespace) {
+        Some(mut words) => {
+            let mut c = Command::new(words.next().unwrap_or("env"));
+            c.args(words).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    cmd.args(args)
         .env("EDGELOOP_LOG", "info")
         .stdin(Stdio::null())
         .stdout(out)

@@ -43,6 +43,12 @@ pub struct BenchArgs {
     /// Start the whole stack here (Tansu, `edgeloop broker`, `edgeloop
     /// processor`, each its own process) with its data and logs under DIR,
     /// and stop it at the end. Without it, bench a running stack (--mqtt).
+    /// To profile a part, name a command to start it under in
+    /// EDGELOOP_BENCH_WRAP_BROKER or EDGELOOP_BENCH_WRAP_PROCESSOR, e.g.
+    /// `env LD_PRELOAD=/path/lib.so` or `heaptrack -o FILE`. The figures are
+    /// of the process the bench started: the part itself with `env` (it
+    /// execs), the wrapper with heaptrack (it forks; the part outlives the
+    /// bench then: stop it with SIGTERM).
     #[arg(long, env = "EDGELOOP_BENCH_LOCAL", conflicts_with = "mqtt")]
     local: Option<PathBuf>,
     /// The MQTT broker of a running stack, HOST:PORT.
