@@ -17,6 +17,17 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc instead of glibc's malloc, for every subcommand, on x86_64
+/// Linux. In the fleet bench (100,000 readings/s) glibc's per-thread arenas
+/// held the broker at ~600 MiB, 0.8 GiB while devices connected; jemalloc
+/// does the same work in ~260 MiB (docs/benchmarks.md, "Fleet benchmark").
+/// Not on other targets: jemalloc is built for one page size, and ARM boards
+/// run 4, 16 or 64 KiB pages (a Raspberry Pi 5's kernel uses 16 KiB).
+/// librdkafka (C) keeps glibc's malloc.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "edgeloop",
