@@ -115,7 +115,6 @@ fn free_loopback_port() -> Result<SocketAddr, Error> {
 /// so only the newest one matters: a device's ack log keeps ~16 KiB (a few
 /// hundred acks, minutes of them) and one segment before it. A device
 /// further behind skips to the newest ack, which says all the older ones said.
-const ACK_FILTER: &str = "ack/+";
 const ACK_LOG_SEGMENT_BYTES: usize = 16 << 10;
 
 fn rumqttd_config(config: &config::MqttConfig, inner: &Inner) -> rumqttd::Config {
@@ -145,7 +144,7 @@ fn rumqttd_config(config: &config::MqttConfig, inner: &Inner) -> rumqttd::Config
             max_segment_size: config.max_segment_bytes,
             max_segment_count: config.max_segment_count,
             custom_segment: Some(HashMap::from([(
-                ACK_FILTER.to_string(),
+                topics::ACK_FILTER.to_string(),
                 rumqttd::SegmentConfig {
                     max_segment_size: ACK_LOG_SEGMENT_BYTES,
                     max_segment_count: 1,

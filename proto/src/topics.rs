@@ -37,6 +37,8 @@ pub const KAFKA_DEADLETTER: &str = "edgeloop.deadletter";
 pub const TELEMETRY_FILTER: &str = "telemetry/+";
 /// Filter that matches every device's status topic.
 pub const STATUS_FILTER: &str = "status/+";
+/// Filter that matches every device's ack topic.
+pub const ACK_FILTER: &str = "ack/+";
 /// Filter that matches every model topic.
 pub const MODELS_FILTER: &str = "models/#";
 
