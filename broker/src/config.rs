@@ -65,11 +65,20 @@ pub struct MqttConfig {
     /// A client that does not send CONNECT within this time is dropped.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// The router's in-memory log per topic filter: segment size and count.
-    /// A subscriber that falls further behind than this loses what rolled out
-    /// (devices then resend: the ack watermark does not move past a gap).
+    /// The router's in-memory log per topic filter: segment size and count
+    /// (the segment being written counted, so at least 2: a log of one drops
+    /// its only segment when it fills). A subscriber that falls further
+    /// behind than this loses what rolled out (devices then resend: the ack
+    /// watermark does not move past a gap).
     pub max_segment_bytes: usize,
     pub max_segment_count: usize,
+    /// The log of `status/+` instead: the segment being written, of this
+    /// size, and the one before it. Each status a device sent keeps the
+    /// broker's read buffer it arrived in (8 KiB) alive while it is in the
+    /// log, so this log is small: 64 KiB is ~680 statuses, and the log keeps
+    /// 680–1,360 of them, 100–200 s of a 200-device fleet reporting every
+    /// 30 s (docs/operations.md, "Broker memory").
+    pub status_segment_bytes: usize,
 }
 
 impl Default for MqttConfig {
@@ -86,6 +95,7 @@ impl Default for MqttConfig {
             // and nothing was lost (docs/benchmarks.md, run G).
             max_segment_bytes: 16 << 20,
             max_segment_count: 4,
+            status_segment_bytes: 64 << 10,
         }
     }
 }
@@ -174,11 +184,17 @@ impl BrokerConfig {
         if self.mqtt.max_payload_bytes < 1024 {
             return Err("mqtt.max_payload_bytes: must be at least 1024".into());
         }
-        if self.mqtt.max_segment_count == 0 || self.mqtt.max_segment_bytes < 1 << 16 {
+        if self.mqtt.max_segment_bytes < 1 << 16 {
+            return Err("mqtt.max_segment_bytes: must be at least 65536".into());
+        }
+        if self.mqtt.max_segment_count < 2 {
             return Err(
-                "mqtt.max_segment_bytes/max_segment_count: need at least one segment of 64 KiB"
+                "mqtt.max_segment_count: must be at least 2 (the segment being written counts)"
                     .into(),
             );
+        }
+        if self.mqtt.status_segment_bytes < 4 << 10 {
+            return Err("mqtt.status_segment_bytes: must be at least 4096".into());
         }
         if self.mqtt.tls_listen.is_some() && self.tls.is_none() {
             return Err(
@@ -220,5 +236,21 @@ mod tests {
         config.bridge.compression = "brotli".into();
         let err = config.validate().expect_err("refused");
         assert!(err.starts_with("bridge.compression"), "{err}");
+    }
+
+    /// rumqttd panics on a log segment under 1 KiB, and a log of one segment
+    /// drops it whole when it fills; the config says which field is wrong
+    /// before rumqttd is started.
+    #[test]
+    fn a_log_too_small_is_refused_naming_the_field() {
+        let mut config = BrokerConfig::default();
+        config.mqtt.status_segment_bytes = 512;
+        let err = config.validate().expect_err("refused");
+        assert!(err.starts_with("mqtt.status_segment_bytes"), "{err}");
+
+        let mut config = BrokerConfig::default();
+        config.mqtt.max_segment_count = 1;
+        let err = config.validate().expect_err("refused");
+        assert!(err.starts_with("mqtt.max_segment_count"), "{err}");
     }
 }

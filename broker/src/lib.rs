@@ -109,13 +109,36 @@ fn free_loopback_port() -> Result<SocketAddr, Error> {
 
 /// rumqttd keeps a log per subscription filter, and every device subscribes
 /// to its own `ack/{device}`: with the log size of `mqtt.max_segment_*` that
-/// is up to 80 MiB of old acks per device, and it only ever grew (at 100,000
+/// is up to 64 MiB of old acks per device, and it only ever grew (at 100,000
 /// readings/s from 200 devices the broker gained ~0.4 MiB/s, ~350 bytes per
 /// ack; docs/benchmarks.md). An ack is a cumulative watermark and retained,
-/// so only the newest one matters: a device's ack log keeps ~16 KiB (a few
-/// hundred acks, minutes of them) and one segment before it. A device
-/// further behind skips to the newest ack, which says all the older ones said.
+/// so only the newest one matters: a device's ack log is [`small_log`]s of
+/// 16 KiB (a few dozen acks). A device further behind skips to the newest
+/// ack, which says all the older ones said.
 const ACK_LOG_SEGMENT_BYTES: usize = 16 << 10;
+
+/// A log of two segments of `bytes`: the one being written and the one
+/// before it. Not one: rumqttd counts the segment being written, so a log of
+/// one segment drops it whole when it fills, and a subscriber that had not
+/// yet read its last message skips that message (seen in the broker's log
+/// as "Read cursor start jumped" by one on `status/+`). With two, a
+/// subscriber has a whole segment of time to read on before it skips.
+fn small_log(bytes: usize) -> rumqttd::SegmentConfig {
+    rumqttd::SegmentConfig {
+        max_segment_size: bytes,
+        max_segment_count: 2,
+    }
+}
+
+// The log of `status/+` is small too (`mqtt.status_segment_bytes`), for
+// another reason: rumqttd reads each connection into 8 KiB buffers and keeps
+// a message as a slice of the buffer it arrived in, so a status in a log
+// keeps its whole buffer alive, telemetry that arrived with it included.
+// Statuses come every 30 s per device and never filled the 64 MiB of the
+// default log: each kept ~8 KiB, and the broker grew ~0.06 MiB/s at 200
+// devices (docs/benchmarks.md, "Broker memory"). `edgeloop.status` is
+// compacted by device, so a bridge further behind than this log skips to
+// newer statuses, and each device's next one (30 s later) says it again.
 
 fn rumqttd_config(config: &config::MqttConfig, inner: &Inner) -> rumqttd::Config {
     let server = |name: &str, listen: SocketAddr| {
@@ -143,13 +166,16 @@ fn rumqttd_config(config: &config::MqttConfig, inner: &Inner) -> rumqttd::Config
             max_outgoing_packet_count: 200,
             max_segment_size: config.max_segment_bytes,
             max_segment_count: config.max_segment_count,
-            custom_segment: Some(HashMap::from([(
-                topics::ACK_FILTER.to_string(),
-                rumqttd::SegmentConfig {
-                    max_segment_size: ACK_LOG_SEGMENT_BYTES,
-                    max_segment_count: 1,
-                },
-            )])),
+            custom_segment: Some(HashMap::from([
+                (
+                    topics::ACK_FILTER.to_string(),
+                    small_log(ACK_LOG_SEGMENT_BYTES),
+                ),
+                (
+                    topics::STATUS_FILTER.to_string(),
+                    small_log(config.status_segment_bytes),
+                ),
+            ])),
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },
@@ -359,18 +385,25 @@ mod tests {
     }
 
     #[test]
-    fn each_devices_ack_log_is_small_and_the_other_logs_keep_the_configured_size() {
-        let mqtt = config::MqttConfig::default();
+    fn the_ack_and_status_logs_are_small_and_the_other_logs_keep_the_configured_size() {
+        let mqtt = config::MqttConfig {
+            status_segment_bytes: 100_000,
+            ..Default::default()
+        };
         let rumqttd = rumqttd_config(&mqtt, &inner());
         let configured = (mqtt.max_segment_bytes, mqtt.max_segment_count);
         assert_eq!(
             log_size_of(&rumqttd, &topics::ack("dev-1")),
-            (ACK_LOG_SEGMENT_BYTES, 1)
+            (ACK_LOG_SEGMENT_BYTES, 2)
         );
-        assert!(ACK_LOG_SEGMENT_BYTES * 2 < configured.0);
+        assert!(ACK_LOG_SEGMENT_BYTES * 2 < configured.0 * configured.1);
+        // The bridge's `status/+`, and anyone watching one device's status.
+        for filter in [topics::STATUS_FILTER, &topics::status("dev-1")] {
+            assert_eq!(log_size_of(&rumqttd, filter), (100_000, 2), "{filter}");
+        }
         for filter in [
             topics::TELEMETRY_FILTER,
-            topics::STATUS_FILTER,
+            &topics::telemetry("dev-1"),
             topics::MODELS_FILTER,
             &topics::models("t", "p"),
         ] {
