@@ -719,6 +719,11 @@ async fn live_first_sends_new_readings_ahead_of_the_backlog_after_an_outage() ->
     let mut stack = Stack::without_broker().await?;
     let mut config = stack.agent("live", 3, 8_000, 1_000.0, 10);
     config.uplink.drain_order = edgeloop_agent::config::DrainOrder::LiveFirst;
+    // An in-flight window well under the backlog, so that the backlog cannot
+    // all go out at the connect, before the first live reading exists (it
+    // did with the default of 20,000 when the broker came up quickly: the
+    // order then depended on the timing, not on the drain order).
+    config.uplink.max_unacked_readings = 1_000;
     let stats = Arc::new(AgentStats::default());
     let agent = tokio::spawn(edgeloop_agent::run(
         config,
