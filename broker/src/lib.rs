@@ -130,16 +130,6 @@ fn small_log(bytes: usize) -> rumqttd::SegmentConfig {
     }
 }
 
-// The log of `status/+` is small too (`mqtt.status_segment_bytes`), for
-// another reason: rumqttd reads each connection into 8 KiB buffers and keeps
-// a message as a slice of the buffer it arrived in, so a status in a log
-// keeps its whole buffer alive, telemetry that arrived with it included.
-// Statuses come every 30 s per device and never filled the 64 MiB of the
-// default log: each kept ~8 KiB, and the broker grew ~0.06 MiB/s at 200
-// devices (docs/benchmarks.md, "Broker memory"). `edgeloop.status` is
-// compacted by device, so a bridge further behind than this log skips to
-// newer statuses, and each device's next one (30 s later) says it again.
-
 fn rumqttd_config(config: &config::MqttConfig, inner: &Inner) -> rumqttd::Config {
     let server = |name: &str, listen: SocketAddr| {
         let connections = rumqttd::ConnectionSettings {
@@ -171,6 +161,11 @@ fn rumqttd_config(config: &config::MqttConfig, inner: &Inner) -> rumqttd::Config
                     topics::ACK_FILTER.to_string(),
                     small_log(ACK_LOG_SEGMENT_BYTES),
                 ),
+                // Small because each status in it keeps the whole 8 KiB
+                // read buffer it arrived in alive (MqttConfig's
+                // `status_segment_bytes`; docs/operations.md, "Broker
+                // memory"). `edgeloop.status` is compacted by device, so a
+                // bridge further behind skips to newer statuses.
                 (
                     topics::STATUS_FILTER.to_string(),
                     small_log(config.status_segment_bytes),
