@@ -122,6 +122,18 @@ pub struct BridgeConfig {
     /// figures are refreshed for `/metrics` (0s: never).
     #[serde(with = "humantime_serde")]
     pub statistics_interval: Duration,
+    /// Telemetry (bytes of rumqttd log entries) the gate lets in ahead of the
+    /// bridge, at most; beyond it the gate holds devices' telemetry until the
+    /// bridge catches up, and their spools keep it (`crate::backpressure`).
+    /// Unset: half of what the `telemetry/+` log keeps for certain,
+    /// `mqtt.max_segment_bytes` × (`mqtt.max_segment_count` − 1). 0: off.
+    pub max_lag_bytes: Option<usize>,
+    /// The longest the gate holds a device's telemetry publish for
+    /// `max_lag_bytes`; then it goes in anyway. The held connection carries
+    /// nothing else meanwhile, PINGREQs included: keep it well under the
+    /// devices' MQTT keep-alive.
+    #[serde(with = "humantime_serde")]
+    pub max_hold: Duration,
 }
 
 impl Default for BridgeConfig {
@@ -133,6 +145,8 @@ impl Default for BridgeConfig {
             linger: Duration::from_millis(5),
             restore_timeout: Duration::from_secs(60),
             statistics_interval: Duration::from_secs(5),
+            max_lag_bytes: None,
+            max_hold: Duration::from_secs(10),
         }
     }
 }
@@ -166,6 +180,21 @@ pub struct TlsConfig {
 }
 
 impl BrokerConfig {
+    /// What rumqttd's `telemetry/+` log keeps for certain: every segment but
+    /// the one being written, which it drops whole when the log is full.
+    pub fn telemetry_log_bytes(&self) -> usize {
+        self.mqtt
+            .max_segment_bytes
+            .saturating_mul(self.mqtt.max_segment_count.saturating_sub(1))
+    }
+
+    /// `bridge.max_lag_bytes` in effect (0: off).
+    pub fn max_lag_bytes(&self) -> usize {
+        self.bridge
+            .max_lag_bytes
+            .unwrap_or_else(|| self.telemetry_log_bytes() / 2)
+    }
+
     /// Checks every field; the error names the one that is wrong.
     pub fn validate(&self) -> Result<(), String> {
         self.kafka.validate().map_err(|e| e.to_string())?;
@@ -192,6 +221,19 @@ impl BrokerConfig {
                 "mqtt.max_segment_count: must be at least 2 (the segment being written counts)"
                     .into(),
             );
+        }
+        if let Some(lag) = self.bridge.max_lag_bytes.filter(|&l| l > 0) {
+            let log = self.telemetry_log_bytes();
+            if lag < 1 << 16 || lag > log {
+                return Err(format!(
+                    "bridge.max_lag_bytes: {lag} is not between 65536 and {log}, what rumqttd's \
+                     telemetry log keeps for certain (mqtt.max_segment_bytes × \
+                     (mqtt.max_segment_count − 1)); 0 turns back-pressure off"
+                ));
+            }
+        }
+        if self.bridge.max_hold.is_zero() {
+            return Err("bridge.max_hold: must be more than 0s".into());
         }
         if self.mqtt.status_segment_bytes < 4 << 10 {
             return Err("mqtt.status_segment_bytes: must be at least 4096".into());
@@ -252,5 +294,21 @@ mod tests {
         config.mqtt.max_segment_count = 1;
         let err = config.validate().expect_err("refused");
         assert!(err.starts_with("mqtt.max_segment_count"), "{err}");
+    }
+
+    #[test]
+    fn the_lag_limit_defaults_to_half_the_telemetry_log_and_must_fit_in_it() {
+        let mut config = BrokerConfig::default();
+        config.mqtt.max_segment_bytes = 16 << 20;
+        config.mqtt.max_segment_count = 4;
+        assert_eq!(config.max_lag_bytes(), 24 << 20);
+        config.bridge.max_lag_bytes = Some(0);
+        assert_eq!(config.max_lag_bytes(), 0, "off");
+        config.validate().expect("0 is valid");
+        config.bridge.max_lag_bytes = Some((48 << 20) + 1);
+        let err = config.validate().expect_err("more than the log keeps");
+        assert!(err.starts_with("bridge.max_lag_bytes"), "{err}");
+        config.bridge.max_lag_bytes = Some(48 << 20);
+        config.validate().expect("all the log keeps");
     }
 }

@@ -13,6 +13,8 @@
 //! - [`gate`]: the listeners devices reach (TCP and TLS, MQTT 3.1.1 and 5):
 //!   authentication and per-device topic ACLs in front of rumqttd, which
 //!   listens on loopback only (the module docs explain the design).
+//! - [`backpressure`]: the gate lets at most `bridge.max_lag_bytes` of
+//!   telemetry into rumqttd ahead of the bridge.
 //! - [`stats`]: the broker's counters.
 //!
 //! Start-up, in order: create the Kafka topics (`edgeloop.status`,
@@ -29,6 +31,7 @@
 //! bridge stops taking telemetry, flushes to Kafka and publishes the last
 //! acks; the rumqttd thread ends with the process.
 
+pub mod backpressure;
 pub mod bridge;
 pub mod config;
 pub mod gate;
@@ -257,6 +260,8 @@ pub async fn run(
             .subscribe(filter)
             .map_err(|e| Error::Mqtt(e.to_string()))?;
     }
+    let backpressure = Arc::new(backpressure::Backpressure::new(config.max_lag_bytes()));
+    BrokerStats::set(&stats.max_lag_bytes, config.max_lag_bytes() as u64);
     let mqtt_stats = stats.clone();
     std::thread::Builder::new()
         .name("rumqttd".into())
@@ -289,6 +294,8 @@ pub async fn run(
         connect_timeout: config.mqtt.connect_timeout,
         connections: Arc::new(tokio::sync::Semaphore::new(config.mqtt.max_connections)),
         stats: stats.clone(),
+        backpressure: backpressure.clone(),
+        max_hold: config.bridge.max_hold,
     });
     // Stop accepting devices as soon as shutdown begins; the bridge then
     // flushes what it took.
@@ -321,6 +328,7 @@ pub async fn run(
         link_tx,
         link_rx,
         restored,
+        backpressure,
         shutdown.clone(),
         config.shutdown_grace,
         stats,

@@ -145,6 +145,11 @@ pub fn render(stats: &BrokerStats) -> String {
             &stats.delivery_errors,
         ),
         (
+            "edgeloop_gate_publishes_held_total",
+            "Telemetry publishes held until the bridge caught up (bridge.max_lag_bytes)",
+            &stats.publishes_held,
+        ),
+        (
             "edgeloop_gate_connections_refused_total",
             "Connections closed at accept: the connection limit was reached",
             &stats.connections_refused,
@@ -243,6 +248,24 @@ pub fn render(stats: &BrokerStats) -> String {
     for (name, help, value) in counters {
         counter(&mut out, name, help, g(value));
     }
+    let name = "edgeloop_gate_publish_hold_seconds_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time telemetry publishes waited in the gate for the bridge to catch up.\n# TYPE {name} counter\n{name} {}",
+        g(&stats.publish_hold_micros) as f64 / 1e6
+    );
+    gauge(
+        &mut out,
+        "edgeloop_bridge_lag_bytes",
+        "Telemetry in rumqttd's log not yet taken by the bridge (bytes of log entries)",
+        g(&stats.lag_bytes),
+    );
+    gauge(
+        &mut out,
+        "edgeloop_bridge_max_lag_bytes",
+        "bridge.max_lag_bytes in effect: the gate holds telemetry beyond it (0: off)",
+        g(&stats.max_lag_bytes),
+    );
     gauge(
         &mut out,
         "edgeloop_bridge_in_flight_records",

@@ -42,6 +42,14 @@ pub struct BrokerStats {
     pub publishes_telemetry: AtomicU64,
     pub publishes_status: AtomicU64,
     pub publishes_other: AtomicU64,
+    /// Telemetry publishes the gate held because the bridge was
+    /// `bridge.max_lag_bytes` behind, and the time they waited in all (µs).
+    pub publishes_held: AtomicU64,
+    pub publish_hold_micros: AtomicU64,
+    /// Telemetry let into rumqttd's log and not yet taken by the bridge
+    /// (bytes of log entries; a gauge), and the limit (0: off).
+    pub lag_bytes: AtomicU64,
+    pub max_lag_bytes: AtomicU64,
 
     /// Records handed to the Kafka producer (readings, status and ack
     /// records), and their key and payload bytes.

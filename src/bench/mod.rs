@@ -656,6 +656,7 @@ async fn bench(
     let mut end_of_run: Option<Totals> = None;
     let mut metric_last: (Option<f64>, Option<f64>) = (None, None);
     let mut reconnects_seen = 0;
+    let (mut resent_seen, mut held_seen) = (0, 0.0);
     let mut failures: Vec<String> = Vec::new();
     let mut interrupted = false;
     let run_until = tokio::time::Instant::now() + args.duration;
@@ -795,9 +796,14 @@ async fn bench(
                     metric_last.1 = v;
                 }
                 let reconnects: u64 = devices.iter().map(|d| load(&d.stats.reconnects)).sum();
+                let resent: u64 = devices.iter().map(|d| load(&d.stats.readings_resent)).sum();
+                let held = match broker_metrics {
+                    Some(addr) => scrape(addr, "edgeloop_gate_publishes_held_total").await,
+                    None => None,
+                };
                 let ack_q = std::mem::take(&mut ack_interval).quantiles();
                 eprintln!(
-                    "{:>6.1}s  offered {:>8.0}/s  acked {:>8.0}/s  landed {:>8.0}/s  | ack {}  | parquet {}  | backlog sum {} max {}{}{}",
+                    "{:>6.1}s  offered {:>8.0}/s  acked {:>8.0}/s  landed {:>8.0}/s  | ack {}  | parquet {}  | backlog sum {} max {}{}{}{}{}",
                     at,
                     rate(t.offered, last.offered),
                     rate(t.acked, last.acked),
@@ -807,9 +813,16 @@ async fn bench(
                     t.backlog_sum,
                     t.backlog_max,
                     if reconnects > reconnects_seen { format!("  reconnects {reconnects}") } else { String::new() },
+                    if resent > resent_seen { format!("  resent {resent}") } else { String::new() },
+                    match held {
+                        Some(h) if h > held_seen => format!("  held by the gate {h}"),
+                        _ => String::new(),
+                    },
                     proc_line,
                 );
                 reconnects_seen = reconnects;
+                resent_seen = resent;
+                held_seen = held.unwrap_or(held_seen);
                 intervals.push(json!({
                     "at_s": round1(at),
                     "offered_per_s": rate(t.offered, last.offered).round(),
@@ -873,6 +886,11 @@ async fn bench(
         .collect();
     let lost: u64 = devices.iter().map(|d| load(&d.stats.readings_lost)).sum();
     let reconnects: u64 = devices.iter().map(|d| load(&d.stats.reconnects)).sum();
+    let resent: u64 = devices.iter().map(|d| load(&d.stats.readings_resent)).sum();
+    let held = match broker_metrics {
+        Some(addr) => scrape(addr, "edgeloop_gate_publishes_held_total").await,
+        None => None,
+    };
     let backlog_peak_sum = intervals
         .iter()
         .filter_map(|i| i["spool_backlog_sum"].as_u64())
@@ -932,6 +950,8 @@ async fn bench(
         },
         "readings_lost_by_spools": lost,
         "reconnects": reconnects,
+        "readings_resent": resent,
+        "broker_publishes_held": held,
         "processes": watched.iter().map(Watched::summary).collect::<Vec<_>>(),
         "intervals": intervals,
         "failures": failures,
@@ -974,7 +994,7 @@ fn summary_text(r: &serde_json::Value) -> String {
          after drain    acknowledged {}  landed {}  all acknowledged landed: {}  (drained {} s after the run)\n\
          reading→ack    {}  [steady: {}]\n\
          reading→Parquet {}  [steady: {}]\n\
-         spool backlog  peak sum {}  peak per device {}  at end of run {}  unacknowledged left in spools {}\n",
+         spool backlog  peak sum {}  peak per device {}  at end of run {}  unacknowledged left in spools {}\n         devices        reconnects {}  readings sent again {}  publishes held by the broker's gate {}\n",
         r["config"]["devices"],
         r["config"]["rate_per_device"],
         r["config"]["batch_size"],
@@ -1001,6 +1021,9 @@ fn summary_text(r: &serde_json::Value) -> String {
         r["spool_backlog"]["peak_device_max"],
         r["spool_backlog"]["end_of_run_sum"],
         r["after_drain"]["unacknowledged_left_in_spools"],
+        r["reconnects"],
+        r["readings_resent"],
+        r["broker_publishes_held"],
     );
     if let Some(procs) = r["processes"].as_array() {
         for p in procs {

@@ -1574,6 +1574,115 @@ async fn kafka_down_for_30_seconds_while_devices_publish_loses_and_duplicates_no
     Ok(())
 }
 
+/// SIGSTOP / SIGCONT to a process (the Kafka-API broker): it stalls, with
+/// its connections open, as a broker in a long GC pause or on a saturated
+/// disk does.
+async fn signal(pid: u32, signal: &str) -> Result<()> {
+    let status = tokio::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .await?;
+    ensure!(status.success(), "kill {signal} {pid}: {status}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_kafka_holds_the_devices_back_instead_of_the_broker_dropping_their_telemetry(
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let kafka = edgeloop_tests::start_durable_kafka(dir.path()).await?;
+    let kafka_pid = kafka.pid().context("kafka pid")?;
+    let mut stack = Stack::around(dir, kafka)?;
+    // rumqttd's telemetry log keeps 128 KiB for certain (64 KiB × (3 − 1)),
+    // so the bridge may lag 64 KiB; a stall of Kafka fills its 4 in-flight
+    // records at once. A publish may wait 30 s, longer than the stall.
+    let config = stack.dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        "[mqtt]\nmax_segment_bytes = 65536\nmax_segment_count = 3\n\
+         [bridge]\nmax_in_flight_batches = 4\nmax_hold = \"30s\"\n",
+    )?;
+    let metrics = edgeloop_tests::free_addr()?;
+    stack.broker_args = vec![
+        "--config".into(),
+        config.to_string_lossy().into_owned(),
+        "--metrics-listen".into(),
+        metrics.to_string(),
+    ];
+    stack.start_broker().await?;
+    let _processor = stack.processor("processor")?;
+
+    // 3 devices × 1,000 readings/s in batches of 50 (≈ 2.3 KB each): a
+    // 10-second stall is ≈ 7 MB, far more than the log. A device resends
+    // only after its watermark has not moved for 120 s, so had the broker
+    // dropped anything, the spools could not drain within the time below.
+    let (devices, per_device) = (3usize, 30_000u64);
+    let mut template = stack.agent("unused", 701, per_device, 1_000.0, 50);
+    template.spool.dir = stack.dir.path().join("spool");
+    template.uplink.resend_after = Duration::from_secs(120);
+    let stats = Arc::new(AgentStats::default());
+    let fleet = tokio::spawn(edgeloop_agent::run_fleet(
+        template,
+        "stalled-kafka",
+        devices,
+        CancellationToken::new(),
+        stats.clone(),
+    ));
+    wait_for(Duration::from_secs(60), "readings in Parquet", || {
+        let rows = read_rows(&stack.parquet);
+        async move { Ok((rows?.len() >= 1_000).then_some(())) }
+    })
+    .await?;
+
+    signal(kafka_pid, "-STOP").await?;
+    let stalled = tokio::time::Instant::now();
+    let (mut max_lag, mut limit) = (0f64, 0f64);
+    while stalled.elapsed() < Duration::from_secs(10) {
+        let m = http_get(metrics, "/metrics").await?;
+        max_lag = max_lag.max(metric(&m, "edgeloop_bridge_lag_bytes").unwrap_or(0.0));
+        limit = metric(&m, "edgeloop_bridge_max_lag_bytes").unwrap_or(0.0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    signal(kafka_pid, "-CONT").await?;
+    let m = http_get(metrics, "/metrics").await?;
+    let held = metric(&m, "edgeloop_gate_publishes_held_total").unwrap_or(0.0);
+    ensure!(limit == 65_536.0, "the lag limit is half the log: {limit}");
+    ensure!(held > 0.0, "the gate held no publish while Kafka stalled");
+    ensure!(
+        max_lag > 0.0 && max_lag <= limit,
+        "the bridge's lag stayed within the limit: {max_lag} of {limit}"
+    );
+
+    let reports = tokio::time::timeout(Duration::from_secs(90), fleet)
+        .await
+        .context(
+            "the spools did not drain: the broker dropped telemetry the devices must resend",
+        )???;
+    ensure!(
+        reports
+            .iter()
+            .all(|r| r.committed_seq == per_device && r.next_seq == per_device),
+        "spools drained: {reports:?}"
+    );
+    let resent = stats
+        .readings_resent
+        .load(std::sync::atomic::Ordering::Relaxed);
+    ensure!(resent == 0, "{resent} readings were sent twice");
+    let total = devices * per_device as usize;
+    let rows = wait_for_rows(&stack, total, Duration::from_secs(120)).await?;
+    let expected: HashMap<String, u64> = (0..devices)
+        .map(|i| (format!("stalled-kafka-{i:04}"), per_device))
+        .collect();
+    check_exactly_once(&rows, &expected)?;
+    let log = std::fs::read_to_string(&stack.broker.as_ref().context("broker")?.log)?;
+    ensure!(
+        !log.contains("jumped"),
+        "rumqttd skipped part of a log (\"Read cursor start jumped\"):\n{log}"
+    );
+    eprintln!("stalled Kafka: {held} publishes held, the bridge at most {max_lag} bytes behind");
+    Ok(())
+}
+
 // SIGTERM under load, to each component: it exits by itself within its
 // configured grace period (set here through the environment, as Kubernetes
 // would), and nothing it acknowledged is lost.

@@ -33,7 +33,9 @@
 //! error and its device resends it), and the bridge resumes reading as soon
 //! as deliveries come back. While Kafka is away the bridge's memory is bounded
 //! by that limit; rumqttd's own log is bounded by `mqtt.max_segment_bytes` ×
-//! `mqtt.max_segment_count`.
+//! `mqtt.max_segment_count`, and the gate stops letting telemetry into it
+//! once the bridge is `bridge.max_lag_bytes` behind: the bridge gives the
+//! budget back as it reads ([`crate::backpressure`]).
 
 pub mod ack_log;
 pub mod acks;
@@ -61,6 +63,7 @@ use rumqttd::protocol::{Packet, Publish};
 use rumqttd::Notification;
 use tokio_util::sync::CancellationToken;
 
+use crate::backpressure::{self, Backpressure};
 use crate::config::BridgeConfig;
 use crate::stats::{BrokerRtt, BrokerStats, KafkaClientStats};
 use ack_log::AckLog;
@@ -267,6 +270,7 @@ pub async fn run(
     mut link_tx: LinkTx,
     mut link_rx: LinkRx,
     restored: Restored,
+    backpressure: Arc<Backpressure>,
     shutdown: CancellationToken,
     grace: Duration,
     stats: Arc<BrokerStats>,
@@ -282,10 +286,17 @@ pub async fn run(
     let mut ack_tick = tokio::time::interval(config.ack_interval);
     ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stop_deadline: Option<tokio::time::Instant> = None;
+    // Since when the bridge has been ready to read and found nothing.
+    let mut idle_since: Option<Instant> = None;
 
     loop {
         let can_take =
             stop_deadline.is_none() && telemetry_in_flight < config.max_in_flight_batches;
+        if !can_take {
+            idle_since = None;
+        } else if idle_since.is_none() {
+            idle_since = Some(Instant::now());
+        }
         tokio::select! {
             biased;
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
@@ -296,11 +307,21 @@ pub async fn run(
                 on_delivered(delivered, record, &mut tracker, &mut log, &mut link_tx, &stats).await?;
             }
             _ = ack_tick.tick() => {
+                if idle_since.is_some_and(|t| t.elapsed() >= backpressure::IDLE_REFILL) {
+                    backpressure.refill();
+                }
                 flush_acks(&producer, &mut tracker, &mut log, &mut link_tx, &mut in_flight, &stats).await?;
             }
             notification = link_rx.next(), if can_take => {
                 match notification {
                     Ok(Some(Notification::Forward(forward))) => {
+                        idle_since = None;
+                        if Backpressure::counts(&forward.publish.topic) {
+                            backpressure.give_back(backpressure.cost(
+                                forward.publish.topic.len(),
+                                forward.publish.payload.len(),
+                            ));
+                        }
                         if let Some(sent) = take(&producer, &mut tracker, forward.publish, &stats).await {
                             in_flight.push(sent);
                             telemetry_in_flight += 1;
@@ -327,6 +348,7 @@ pub async fn run(
             }
         }
         BrokerStats::set(&stats.in_flight, telemetry_in_flight as u64);
+        BrokerStats::set(&stats.lag_bytes, backpressure.lag_bytes());
         if stop_deadline.is_some() && telemetry_in_flight == 0 {
             // Everything taken is delivered: write the last watermarks to
             // edgeloop.acks, publish them once there, then stop.

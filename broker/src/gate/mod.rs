@@ -16,6 +16,9 @@
 //!   3.1.1, 0x87 in 5); the allowed ones are forwarded to rumqttd and its
 //!   codes spliced back in their places.
 //! - A will message is checked like a publish, at CONNECT.
+//! - A telemetry PUBLISH waits while the bridge is `bridge.max_lag_bytes`
+//!   behind ([`crate::backpressure`]); until it goes, nothing more is read
+//!   from that client, so TCP pushes back on it.
 //! - Packets over the size limit, malformed packets and a second CONNECT
 //!   close the connection; other connections carry on.
 //!
@@ -47,6 +50,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::backpressure::Backpressure;
 use crate::stats::BrokerStats;
 use acl::{valid_device_id, Identity, Role};
 use credentials::Credentials;
@@ -66,6 +70,10 @@ pub struct Gate {
     pub connect_timeout: Duration,
     pub connections: Arc<Semaphore>,
     pub stats: Arc<BrokerStats>,
+    /// Telemetry let into rumqttd ahead of the bridge, and how long a
+    /// publish may wait for it (`bridge.max_lag_bytes`, `bridge.max_hold`).
+    pub backpressure: Arc<Backpressure>,
+    pub max_hold: Duration,
 }
 
 /// Accepts connections on `listener` until `shutdown`.
@@ -143,6 +151,14 @@ impl Refusal {
             reason,
         }
     }
+}
+
+/// A telemetry publish the gate holds until the bridge has room for it, or
+/// `max_hold` is over.
+struct Held {
+    packet: BytesMut,
+    since: tokio::time::Instant,
+    admitted: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
 
 /// Per-connection relay state.
@@ -254,10 +270,14 @@ impl Gate {
         let (mut ur, mut uw) = upstream.into_split();
         let (mut cr, mut cw) = tokio::io::split(client);
         let mut ubuf = BytesMut::with_capacity(4096);
+        // A telemetry publish waiting for the bridge: nothing more is read
+        // from the client meanwhile (TCP pushes back on it), while
+        // rumqttd's packets to it still pass.
+        let mut held: Option<Held> = None;
         loop {
             // Relay every whole packet the client sent (some may have
             // arrived together with its CONNECT).
-            loop {
+            while held.is_none() {
                 let len = match packet::frame(&cbuf, self.max_packet_bytes) {
                     Ok(Some(len)) => len,
                     Ok(None) => break,
@@ -269,6 +289,27 @@ impl Gate {
                 let p = cbuf.split_to(len);
                 match self.check(&p, &mut session, peer) {
                     Verdict::Forward => uw.write_all(&p).await.map_err(|e| e.to_string())?,
+                    Verdict::Telemetry(cost) => {
+                        if self.backpressure.try_take(cost) {
+                            uw.write_all(&p).await.map_err(|e| e.to_string())?
+                        } else {
+                            BrokerStats::add(&self.stats.publishes_held, 1);
+                            let (backpressure, max_hold) =
+                                (self.backpressure.clone(), self.max_hold);
+                            held = Some(Held {
+                                packet: p,
+                                since: tokio::time::Instant::now(),
+                                admitted: Box::pin(async move {
+                                    let taken =
+                                        tokio::time::timeout(max_hold, backpressure.take(cost))
+                                            .await;
+                                    if !matches!(taken, Ok(Ok(()))) {
+                                        backpressure.force(cost);
+                                    }
+                                }),
+                            });
+                        }
+                    }
                     Verdict::ForwardInstead(other) => {
                         uw.write_all(&other).await.map_err(|e| e.to_string())?
                     }
@@ -287,7 +328,21 @@ impl Gate {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                n = cr.read_buf(&mut cbuf) => {
+                () = async {
+                    match held.as_mut() {
+                        Some(h) => h.admitted.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                }, if held.is_some() => {
+                    if let Some(h) = held.take() {
+                        BrokerStats::add(
+                            &self.stats.publish_hold_micros,
+                            h.since.elapsed().as_micros() as u64,
+                        );
+                        uw.write_all(&h.packet).await.map_err(|e| e.to_string())?;
+                    }
+                }
+                n = cr.read_buf(&mut cbuf), if held.is_none() => {
                     if n.map_err(|e| e.to_string())? == 0 {
                         return Ok(());
                     }
@@ -454,9 +509,13 @@ impl Gate {
                     head.topic.to_string()
                 };
                 if session.identity.can_publish(&topic) {
-                    let counter = if topic.starts_with("telemetry/") {
-                        &self.stats.publishes_telemetry
-                    } else if topic.starts_with("status/") {
+                    if Backpressure::counts(topic.as_bytes()) {
+                        BrokerStats::add(&self.stats.publishes_telemetry, 1);
+                        return Verdict::Telemetry(
+                            self.backpressure.cost(topic.len(), head.payload_len),
+                        );
+                    }
+                    let counter = if topic.starts_with("status/") {
                         &self.stats.publishes_status
                     } else {
                         &self.stats.publishes_other
@@ -534,6 +593,9 @@ const UPSTREAM_LIMIT: usize = 256 << 20;
 
 enum Verdict {
     Forward,
+    /// Forward once the bridge is close enough behind; the cost in the
+    /// [`Backpressure`] budget.
+    Telemetry(u32),
     ForwardInstead(Vec<u8>),
     Reply(Vec<u8>),
     Drop,

@@ -256,6 +256,8 @@ pub struct PublishHead<'a> {
     pub topic: &'a str,
     pub pkid: u16,
     pub topic_alias: Option<u16>,
+    /// Bytes of the application message.
+    pub payload_len: usize,
 }
 
 pub fn parse_publish(packet: &[u8], level: u8) -> Result<PublishHead<'_>, Malformed> {
@@ -282,6 +284,7 @@ pub fn parse_publish(packet: &[u8], level: u8) -> Result<PublishHead<'_>, Malfor
         topic,
         pkid,
         topic_alias,
+        payload_len: r.buf.len().saturating_sub(r.pos),
     })
 }
 
@@ -527,9 +530,11 @@ mod tests {
         let mut b = Vec::new();
         put_binary(&mut b, b"telemetry/dev-1");
         b.extend_from_slice(&7u16.to_be_bytes());
+        b.extend_from_slice(&[1; 300]);
         let v4 = with_header(0x32, &b);
         let head = parse_publish(&v4, 4).unwrap();
         assert_eq!((head.topic, head.qos, head.pkid), ("telemetry/dev-1", 1, 7));
+        assert_eq!(head.payload_len, 300);
         // MQTT 5: empty topic, alias 3, plus a user property before it.
         let mut b = Vec::new();
         put_binary(&mut b, b"");
@@ -544,6 +549,7 @@ mod tests {
         let v5 = with_header(0x32, &b);
         let head = parse_publish(&v5, 5).unwrap();
         assert_eq!((head.topic, head.topic_alias), ("", Some(3)));
+        assert_eq!(head.payload_len, b"payload".len());
         // No topic and no alias.
         let mut b = Vec::new();
         put_binary(&mut b, b"");
