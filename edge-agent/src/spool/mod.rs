@@ -82,6 +82,11 @@ pub trait Spool: Send {
     fn acknowledge(&mut self, committed_seq: u64) -> Result<(), SpoolError>;
     /// Makes every appended reading durable (group commit).
     fn sync(&mut self) -> Result<(), SpoolError>;
+    /// The last sync before the spool is let go: also writes what `sync`
+    /// writes only now and then (the disk spool's ack watermark).
+    fn close(&mut self) -> Result<(), SpoolError> {
+        self.sync()
+    }
     /// Whether enough is waiting that a sync should not wait for its timer.
     fn wants_sync(&self) -> bool;
     /// The seq the next appended reading gets.
@@ -186,12 +191,17 @@ impl SharedSpool {
     /// Group commit, on a blocking thread (fsync must not stall the async
     /// workers). Wakes the uplink when new readings became durable.
     pub async fn sync(self: &std::sync::Arc<Self>) -> Result<(), SpoolError> {
+        self.sync_or_close(false).await
+    }
+
+    async fn sync_or_close(self: &std::sync::Arc<Self>, close: bool) -> Result<(), SpoolError> {
         let me = self.clone();
         let before = self.with(|s| s.durable_end());
-        let after =
-            tokio::task::spawn_blocking(move || me.with(|s| s.sync().map(|_| s.durable_end())))
-                .await
-                .map_err(|_| SpoolError::Closed)??;
+        let after = tokio::task::spawn_blocking(move || {
+            me.with(|s| if close { s.close() } else { s.sync() }.map(|_| s.durable_end()))
+        })
+        .await
+        .map_err(|_| SpoolError::Closed)??;
         if after != before {
             self.data.notify_waiters();
         }
@@ -219,7 +229,7 @@ impl SharedSpool {
                     tracing::error!(error = %e, "spool sync failed");
                 }
             }
-            spool.sync().await
+            spool.sync_or_close(true).await
         })
     }
 
