@@ -1586,21 +1586,23 @@ async fn signal(pid: u32, signal: &str) -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_kafka_holds_the_devices_back_instead_of_the_broker_dropping_their_telemetry(
-) -> Result<()> {
+/// A stack whose rumqttd telemetry log keeps 128 KiB for certain (64 KiB ×
+/// (3 − 1)), so the bridge may lag 64 KiB, and whose bridge has 4 records
+/// in flight at most, so a stall of Kafka fills them at once; a held publish
+/// waits `max_hold` at most. Returns it with the broker's metrics address
+/// and the Kafka-API broker's pid.
+async fn stack_with_a_small_log(max_hold: &str) -> Result<(Stack, SocketAddr, u32)> {
     let dir = tempfile::tempdir()?;
     let kafka = edgeloop_tests::start_durable_kafka(dir.path()).await?;
     let kafka_pid = kafka.pid().context("kafka pid")?;
     let mut stack = Stack::around(dir, kafka)?;
-    // rumqttd's telemetry log keeps 128 KiB for certain (64 KiB × (3 − 1)),
-    // so the bridge may lag 64 KiB; a stall of Kafka fills its 4 in-flight
-    // records at once. A publish may wait 30 s, longer than the stall.
     let config = stack.dir.path().join("broker.toml");
     std::fs::write(
         &config,
-        "[mqtt]\nmax_segment_bytes = 65536\nmax_segment_count = 3\n\
-         [bridge]\nmax_in_flight_batches = 4\nmax_hold = \"30s\"\n",
+        format!(
+            "[mqtt]\nmax_segment_bytes = 65536\nmax_segment_count = 3\n\
+             [bridge]\nmax_in_flight_batches = 4\nmax_hold = \"{max_hold}\"\n"
+        ),
     )?;
     let metrics = edgeloop_tests::free_addr()?;
     stack.broker_args = vec![
@@ -1610,34 +1612,47 @@ async fn a_stalled_kafka_holds_the_devices_back_instead_of_the_broker_dropping_t
         metrics.to_string(),
     ];
     stack.start_broker().await?;
-    let _processor = stack.processor("processor")?;
+    Ok((stack, metrics, kafka_pid))
+}
 
-    // 3 devices × 1,000 readings/s in batches of 50 (≈ 2.3 KB each): a
-    // 10-second stall is ≈ 7 MB, far more than the log. A device resends
-    // only after its watermark has not moved for 120 s, so had the broker
-    // dropped anything, the spools could not drain within the time below.
-    let (devices, per_device) = (3usize, 30_000u64);
+/// 3 devices × 1,000 readings/s in batches of 50 (≈ 2.3 KB each): a
+/// 10-second stall is ≈ 7 MB, far more than the log.
+fn small_log_fleet(
+    stack: &Stack,
+    prefix: &'static str,
+    per_device: u64,
+    resend_after: Duration,
+    stats: Arc<AgentStats>,
+) -> tokio::task::JoinHandle<Result<Vec<edgeloop_agent::AgentReport>, edgeloop_agent::Error>> {
     let mut template = stack.agent("unused", 701, per_device, 1_000.0, 50);
-    template.spool.dir = stack.dir.path().join("spool");
-    template.uplink.resend_after = Duration::from_secs(120);
-    let stats = Arc::new(AgentStats::default());
-    let fleet = tokio::spawn(edgeloop_agent::run_fleet(
+    template.spool.dir = stack.dir.path().join("spool").join(prefix);
+    template.uplink.resend_after = resend_after;
+    tokio::spawn(edgeloop_agent::run_fleet(
         template,
-        "stalled-kafka",
-        devices,
+        prefix,
+        3,
         CancellationToken::new(),
-        stats.clone(),
-    ));
+        stats,
+    ))
+}
+
+/// Stops Kafka (SIGSTOP) for `stall` once readings flow, watching the
+/// bridge's lag; returns (most lag seen, the limit, publishes held).
+async fn stall_kafka(
+    stack: &Stack,
+    metrics: SocketAddr,
+    kafka_pid: u32,
+    stall: Duration,
+) -> Result<(f64, f64, f64)> {
     wait_for(Duration::from_secs(60), "readings in Parquet", || {
         let rows = read_rows(&stack.parquet);
         async move { Ok((rows?.len() >= 1_000).then_some(())) }
     })
     .await?;
-
     signal(kafka_pid, "-STOP").await?;
     let stalled = tokio::time::Instant::now();
     let (mut max_lag, mut limit) = (0f64, 0f64);
-    while stalled.elapsed() < Duration::from_secs(10) {
+    while stalled.elapsed() < stall {
         let m = http_get(metrics, "/metrics").await?;
         max_lag = max_lag.max(metric(&m, "edgeloop_bridge_lag_bytes").unwrap_or(0.0));
         limit = metric(&m, "edgeloop_bridge_max_lag_bytes").unwrap_or(0.0);
@@ -1646,6 +1661,29 @@ async fn a_stalled_kafka_holds_the_devices_back_instead_of_the_broker_dropping_t
     signal(kafka_pid, "-CONT").await?;
     let m = http_get(metrics, "/metrics").await?;
     let held = metric(&m, "edgeloop_gate_publishes_held_total").unwrap_or(0.0);
+    Ok((max_lag, limit, held))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_kafka_holds_the_devices_back_instead_of_the_broker_dropping_their_telemetry(
+) -> Result<()> {
+    // A publish may wait 30 s, longer than the stall.
+    let (stack, metrics, kafka_pid) = stack_with_a_small_log("30s").await?;
+    let _processor = stack.processor("processor")?;
+    // A device resends only after its watermark has not moved for 120 s, so
+    // had the broker dropped anything, the spools could not drain within the
+    // time below.
+    let per_device = 30_000u64;
+    let stats = Arc::new(AgentStats::default());
+    let fleet = small_log_fleet(
+        &stack,
+        "stalled-kafka",
+        per_device,
+        Duration::from_secs(120),
+        stats.clone(),
+    );
+    let (max_lag, limit, held) =
+        stall_kafka(&stack, metrics, kafka_pid, Duration::from_secs(10)).await?;
     ensure!(limit == 65_536.0, "the lag limit is half the log: {limit}");
     ensure!(held > 0.0, "the gate held no publish while Kafka stalled");
     ensure!(
@@ -1668,9 +1706,8 @@ async fn a_stalled_kafka_holds_the_devices_back_instead_of_the_broker_dropping_t
         .readings_resent
         .load(std::sync::atomic::Ordering::Relaxed);
     ensure!(resent == 0, "{resent} readings were sent twice");
-    let total = devices * per_device as usize;
-    let rows = wait_for_rows(&stack, total, Duration::from_secs(120)).await?;
-    let expected: HashMap<String, u64> = (0..devices)
+    let rows = wait_for_rows(&stack, 3 * per_device as usize, Duration::from_secs(120)).await?;
+    let expected: HashMap<String, u64> = (0..3)
         .map(|i| (format!("stalled-kafka-{i:04}"), per_device))
         .collect();
     check_exactly_once(&rows, &expected)?;
@@ -1680,6 +1717,63 @@ async fn a_stalled_kafka_holds_the_devices_back_instead_of_the_broker_dropping_t
         "rumqttd skipped part of a log (\"Read cursor start jumped\"):\n{log}"
     );
     eprintln!("stalled Kafka: {held} publishes held, the bridge at most {max_lag} bytes behind");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_longer_than_max_hold_lets_telemetry_in_and_the_count_recovers_after() -> Result<()>
+{
+    // Holds end after 1 s: the stall of 8 s outlasts them, publishes go in
+    // anyway (owed to the budget), the log rolls and devices resend (5 s).
+    let (stack, metrics, kafka_pid) = stack_with_a_small_log("1s").await?;
+    let _processor = stack.processor("processor")?;
+    let per_device = 20_000u64;
+    let stats = Arc::new(AgentStats::default());
+    let fleet = small_log_fleet(
+        &stack,
+        "long-stall",
+        per_device,
+        Duration::from_secs(5),
+        stats.clone(),
+    );
+    let (max_lag, limit, held) =
+        stall_kafka(&stack, metrics, kafka_pid, Duration::from_secs(8)).await?;
+    ensure!(held > 0.0, "the gate held no publish while Kafka stalled");
+    ensure!(
+        max_lag > limit,
+        "held publishes went in after max_hold, past the limit: {max_lag} of {limit}"
+    );
+
+    // Nothing stays stuck: the fleet drains, every reading lands once, and
+    // the count is back under the limit (the debt paid or reset).
+    let reports = tokio::time::timeout(Duration::from_secs(120), fleet)
+        .await
+        .context("the spools did not drain after a stall longer than max_hold")???;
+    ensure!(
+        reports
+            .iter()
+            .all(|r| r.committed_seq == per_device && r.next_seq == per_device),
+        "spools drained: {reports:?}"
+    );
+    let rows = wait_for_rows(&stack, 3 * per_device as usize, Duration::from_secs(120)).await?;
+    let expected: HashMap<String, u64> = (0..3)
+        .map(|i| (format!("long-stall-{i:04}"), per_device))
+        .collect();
+    check_exactly_once(&rows, &expected)?;
+    let lag = wait_for(
+        Duration::from_secs(30),
+        "the bridge's lag back to 0",
+        || async move {
+            let m = http_get(metrics, "/metrics").await?;
+            let lag = metric(&m, "edgeloop_bridge_lag_bytes").unwrap_or(f64::MAX);
+            Ok((lag == 0.0).then_some(lag))
+        },
+    )
+    .await?;
+    eprintln!(
+        "stall past max_hold: {held} publishes held, lag at most {max_lag} of {limit}, {lag} after, {} readings resent",
+        stats.readings_resent.load(std::sync::atomic::Ordering::Relaxed)
+    );
     Ok(())
 }
 
