@@ -125,9 +125,8 @@ impl Backpressure {
                 cost -= paid;
             }
             // Never above the limit: only the gate takes concurrently, so
-            // the room measured here can only grow before the add.
-            let room = self.limit.saturating_sub(s.available_permits());
-            s.add_permits((cost as usize).min(room));
+            // what is outstanding can only grow before the add.
+            s.add_permits((cost as usize).min(self.outstanding(s)));
         }
     }
 
@@ -136,13 +135,13 @@ impl Backpressure {
     pub fn refill(&self) {
         if let Some(s) = &self.budget {
             self.debt.store(0, Ordering::Relaxed);
-            let room = self.limit.saturating_sub(s.available_permits());
-            if room > 0 {
+            let outstanding = self.outstanding(s);
+            if outstanding > 0 {
                 tracing::debug!(
-                    bytes = room,
+                    bytes = outstanding,
                     "telemetry budget refilled (the bridge is idle)"
                 );
-                s.add_permits(room);
+                s.add_permits(outstanding);
             }
         }
     }
@@ -150,9 +149,13 @@ impl Backpressure {
     /// Bytes let into the log and not yet taken by the bridge.
     pub fn lag_bytes(&self) -> u64 {
         self.budget.as_ref().map_or(0, |s| {
-            self.limit.saturating_sub(s.available_permits()) as u64
-                + self.debt.load(Ordering::Relaxed)
+            self.outstanding(s) as u64 + self.debt.load(Ordering::Relaxed)
         })
+    }
+
+    /// What the gate has taken from the budget and the bridge not given back.
+    fn outstanding(&self, budget: &Semaphore) -> usize {
+        self.limit.saturating_sub(budget.available_permits())
     }
 
     pub fn limit(&self) -> usize {

@@ -261,7 +261,7 @@ pub async fn run(
             .map_err(|e| Error::Mqtt(e.to_string()))?;
     }
     let backpressure = Arc::new(backpressure::Backpressure::new(config.max_lag_bytes()));
-    BrokerStats::set(&stats.max_lag_bytes, config.max_lag_bytes() as u64);
+    BrokerStats::set(&stats.max_lag_bytes, backpressure.limit() as u64);
     let mqtt_stats = stats.clone();
     std::thread::Builder::new()
         .name("rumqttd".into())

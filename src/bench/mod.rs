@@ -308,6 +308,12 @@ fn fmt_q(q: Option<Quantiles>) -> String {
 }
 
 /// A plain HTTP GET of `/metrics`; the value of unlabelled metric `name`.
+/// Telemetry publishes the broker's gate held (back-pressure), if its
+/// metrics are known.
+async fn held_by_gate(broker_metrics: Option<SocketAddr>) -> Option<f64> {
+    scrape(broker_metrics?, "edgeloop_gate_publishes_held_total").await
+}
+
 async fn scrape(addr: SocketAddr, name: &str) -> Option<f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fetch = async {
@@ -797,10 +803,7 @@ async fn bench(
                 }
                 let reconnects: u64 = devices.iter().map(|d| load(&d.stats.reconnects)).sum();
                 let resent: u64 = devices.iter().map(|d| load(&d.stats.readings_resent)).sum();
-                let held = match broker_metrics {
-                    Some(addr) => scrape(addr, "edgeloop_gate_publishes_held_total").await,
-                    None => None,
-                };
+                let held = held_by_gate(broker_metrics).await;
                 let ack_q = std::mem::take(&mut ack_interval).quantiles();
                 eprintln!(
                     "{:>6.1}s  offered {:>8.0}/s  acked {:>8.0}/s  landed {:>8.0}/s  | ack {}  | parquet {}  | backlog sum {} max {}{}{}{}{}",
@@ -887,10 +890,7 @@ async fn bench(
     let lost: u64 = devices.iter().map(|d| load(&d.stats.readings_lost)).sum();
     let reconnects: u64 = devices.iter().map(|d| load(&d.stats.reconnects)).sum();
     let resent: u64 = devices.iter().map(|d| load(&d.stats.readings_resent)).sum();
-    let held = match broker_metrics {
-        Some(addr) => scrape(addr, "edgeloop_gate_publishes_held_total").await,
-        None => None,
-    };
+    let held = held_by_gate(broker_metrics).await;
     let backlog_peak_sum = intervals
         .iter()
         .filter_map(|i| i["spool_backlog_sum"].as_u64())
@@ -994,7 +994,8 @@ fn summary_text(r: &serde_json::Value) -> String {
          after drain    acknowledged {}  landed {}  all acknowledged landed: {}  (drained {} s after the run)\n\
          reading→ack    {}  [steady: {}]\n\
          reading→Parquet {}  [steady: {}]\n\
-         spool backlog  peak sum {}  peak per device {}  at end of run {}  unacknowledged left in spools {}\n         devices        reconnects {}  readings sent again {}  publishes held by the broker's gate {}\n",
+         spool backlog  peak sum {}  peak per device {}  at end of run {}  unacknowledged left in spools {}\n\
+         devices        reconnects {}  readings sent again {}  publishes held by the broker's gate {}\n",
         r["config"]["devices"],
         r["config"]["rate_per_device"],
         r["config"]["batch_size"],

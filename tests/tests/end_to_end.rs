@@ -1615,6 +1615,9 @@ async fn stack_with_a_small_log(max_hold: &str) -> Result<(Stack, SocketAddr, u3
     Ok((stack, metrics, kafka_pid))
 }
 
+/// Devices of [`small_log_fleet`].
+const SMALL_LOG_DEVICES: usize = 3;
+
 /// 3 devices × 1,000 readings/s in batches of 50 (≈ 2.3 KB each): a
 /// 10-second stall is ≈ 7 MB, far more than the log.
 fn small_log_fleet(
@@ -1630,7 +1633,7 @@ fn small_log_fleet(
     tokio::spawn(edgeloop_agent::run_fleet(
         template,
         prefix,
-        3,
+        SMALL_LOG_DEVICES,
         CancellationToken::new(),
         stats,
     ))
@@ -1664,6 +1667,35 @@ async fn stall_kafka(
     Ok((max_lag, limit, held))
 }
 
+/// Waits up to `limit` for the fleet of [`small_log_fleet`] to drain (`why`
+/// names what a timeout means), then for its readings, each in Parquet once.
+async fn drained_and_in_parquet_once(
+    stack: &Stack,
+    fleet: tokio::task::JoinHandle<Result<Vec<edgeloop_agent::AgentReport>, edgeloop_agent::Error>>,
+    prefix: &str,
+    per_device: u64,
+    limit: Duration,
+    why: &'static str,
+) -> Result<()> {
+    let reports = tokio::time::timeout(limit, fleet).await.context(why)???;
+    ensure!(
+        reports
+            .iter()
+            .all(|r| r.committed_seq == per_device && r.next_seq == per_device),
+        "spools drained: {reports:?}"
+    );
+    let rows = wait_for_rows(
+        stack,
+        SMALL_LOG_DEVICES * per_device as usize,
+        Duration::from_secs(120),
+    )
+    .await?;
+    let expected: HashMap<String, u64> = (0..SMALL_LOG_DEVICES)
+        .map(|i| (format!("{prefix}-{i:04}"), per_device))
+        .collect();
+    check_exactly_once(&rows, &expected)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_kafka_holds_the_devices_back_instead_of_the_broker_dropping_their_telemetry(
 ) -> Result<()> {
@@ -1691,26 +1723,19 @@ async fn a_stalled_kafka_holds_the_devices_back_instead_of_the_broker_dropping_t
         "the bridge's lag stayed within the limit: {max_lag} of {limit}"
     );
 
-    let reports = tokio::time::timeout(Duration::from_secs(90), fleet)
-        .await
-        .context(
-            "the spools did not drain: the broker dropped telemetry the devices must resend",
-        )???;
-    ensure!(
-        reports
-            .iter()
-            .all(|r| r.committed_seq == per_device && r.next_seq == per_device),
-        "spools drained: {reports:?}"
-    );
+    drained_and_in_parquet_once(
+        &stack,
+        fleet,
+        "stalled-kafka",
+        per_device,
+        Duration::from_secs(90),
+        "the spools did not drain: the broker dropped telemetry the devices must resend",
+    )
+    .await?;
     let resent = stats
         .readings_resent
         .load(std::sync::atomic::Ordering::Relaxed);
     ensure!(resent == 0, "{resent} readings were sent twice");
-    let rows = wait_for_rows(&stack, 3 * per_device as usize, Duration::from_secs(120)).await?;
-    let expected: HashMap<String, u64> = (0..3)
-        .map(|i| (format!("stalled-kafka-{i:04}"), per_device))
-        .collect();
-    check_exactly_once(&rows, &expected)?;
     let log = std::fs::read_to_string(&stack.broker.as_ref().context("broker")?.log)?;
     ensure!(
         !log.contains("jumped"),
@@ -1746,20 +1771,15 @@ async fn a_stall_longer_than_max_hold_lets_telemetry_in_and_the_count_recovers_a
 
     // Nothing stays stuck: the fleet drains, every reading lands once, and
     // the count is back under the limit (the debt paid or reset).
-    let reports = tokio::time::timeout(Duration::from_secs(120), fleet)
-        .await
-        .context("the spools did not drain after a stall longer than max_hold")???;
-    ensure!(
-        reports
-            .iter()
-            .all(|r| r.committed_seq == per_device && r.next_seq == per_device),
-        "spools drained: {reports:?}"
-    );
-    let rows = wait_for_rows(&stack, 3 * per_device as usize, Duration::from_secs(120)).await?;
-    let expected: HashMap<String, u64> = (0..3)
-        .map(|i| (format!("long-stall-{i:04}"), per_device))
-        .collect();
-    check_exactly_once(&rows, &expected)?;
+    drained_and_in_parquet_once(
+        &stack,
+        fleet,
+        "long-stall",
+        per_device,
+        Duration::from_secs(120),
+        "the spools did not drain after a stall longer than max_hold",
+    )
+    .await?;
     let lag = wait_for(
         Duration::from_secs(30),
         "the bridge's lag back to 0",
