@@ -75,8 +75,9 @@ async fn chaos_soak_lands_every_fsynced_reading_once_or_reports_it_lost() -> Res
         Duration::from_secs(15 * 60),
     )
     .await?;
-    // On failure: the tails of the processor's and Tansu's logs (the run's
-    // directory goes with the test), which say where a stall was.
+    // On failure: the tails of the processor's, Tansu's and the broker's
+    // logs (the run's directory goes with the test), which say where a stall
+    // was or why a part exited.
     let tail = |name: &str| {
         let text = std::fs::read_to_string(dir.join("logs").join(name)).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -84,9 +85,10 @@ async fn chaos_soak_lands_every_fsynced_reading_once_or_reports_it_lost() -> Res
     };
     let context = || {
         format!(
-            "report: {report:#}\nprogress:\n{stderr}\nprocessor.log (tail):\n{}\ntansu.log (tail):\n{}",
+            "report: {report:#}\nprogress:\n{stderr}\nprocessor.log (tail):\n{}\ntansu.log (tail):\n{}\nbroker.log (tail):\n{}",
             tail("processor.log"),
-            tail("tansu.log")
+            tail("tansu.log"),
+            tail("broker.log")
         )
     };
     ensure!(ok, "edgeloop chaos failed; {}", context());
