@@ -4,8 +4,8 @@
 //!
 //! - [`config`]: the broker's TOML configuration.
 //! - [`bridge`]: MQTT `telemetry/+` → Kafka `edgeloop.readings`, delivery
-//!   reports → `edgeloop.acks` → retained `ack/{device}` ([`bridge::acks`]
-//!   computes the watermark, [`bridge::ack_log`] writes it to Kafka first);
+//!   reports → retained `ack/{device}` and `edgeloop.acks` ([`bridge::acks`]
+//!   computes the watermark, [`bridge::ack_log`] writes it to Kafka);
 //!   Kafka `edgeloop.models` → retained `models/{task}/{profile}`
 //!   ([`bridge::models`]).
 //! - [`ops`]: `/healthz`, `/readyz` and Prometheus `/metrics`

@@ -1,15 +1,19 @@
 //! The ack log: every watermark the bridge publishes on `ack/{device}` is
-//! first written to the compacted Kafka topic `edgeloop.acks` (key = device
+//! also written to the compacted Kafka topic `edgeloop.acks` (key = device
 //! id, value = the `Ack`), so that a restarted broker restores what its
 //! devices were told ([`super::restore_acks`]).
 //!
-//! Order matters: a watermark goes to the device only once Kafka holds it in
-//! `edgeloop.acks`. A broker killed in between then restores a watermark at
-//! least as high as any its devices saw, so a device always resends from at or
-//! below the restored watermark and the tracker ([`super::acks`]) continues
-//! from there. (Published the other way round, a kill between the two would
-//! restore a lower watermark than the device's, and the device's resends,
-//! starting above it, would never be acknowledged again.)
+//! Order: a watermark goes to the device as soon as the readings under it are
+//! in Kafka, and its record follows. (Until 2026-12-01 the bridge published a
+//! watermark only once `edgeloop.acks` held it. That put a second Kafka round
+//! trip, and a third when a record of the device was already on its way,
+//! between a reading's delivery and its ack: most of the reading-to-ack
+//! latency under load.) A broker killed between the two restores a watermark
+//! below the one its device holds. The device reports what it holds in its
+//! status on connect, before it resends (`DeviceStatus.acked_seq`), and the
+//! tracker takes that as a floor ([`super::acks::AckTracker::raise_to_device_ack`]),
+//! so the resend, which starts at the device's own watermark, is
+//! acknowledged again instead of waiting behind a gap that never fills.
 //!
 //! Coalescing: per device at most one ack record is on its way to Kafka; a
 //! watermark that moves meanwhile is written (its latest value only) once that
@@ -44,19 +48,17 @@ impl AckLog {
         e.wanted = e.wanted.max(seq);
     }
 
-    /// The tracker wants `seq` published for `device`. Returns the watermark
-    /// to publish to the device now, if Kafka already holds it; otherwise it
-    /// is queued for [`AckLog::to_write`].
-    pub fn offer(&mut self, device: &str, seq: u64) -> Option<u64> {
+    /// `seq` was published to `device`: queued for [`AckLog::to_write`]
+    /// unless `edgeloop.acks` already holds it (or more).
+    pub fn offer(&mut self, device: &str, seq: u64) {
         let e = self.devices.entry(device.to_string()).or_default();
         if seq <= e.logged {
-            return Some(e.logged);
+            return;
         }
         e.wanted = e.wanted.max(seq);
         if e.in_flight.is_none() {
             self.ready.insert(device.to_string());
         }
-        None
     }
 
     /// The ack records to write now, each marked in flight.
@@ -75,10 +77,11 @@ impl AckLog {
         out
     }
 
-    /// Kafka's delivery report of the ack record `seq` of `device`. Returns
-    /// the watermark to publish to the device if the record is in Kafka.
-    pub fn on_written(&mut self, device: &str, seq: u64, ok: bool) -> Option<u64> {
-        let e = self.devices.get_mut(device)?;
+    /// Kafka's delivery report of the ack record `seq` of `device`.
+    pub fn on_written(&mut self, device: &str, seq: u64, ok: bool) {
+        let Some(e) = self.devices.get_mut(device) else {
+            return;
+        };
         if e.in_flight.take().is_some() {
             self.in_flight -= 1;
         }
@@ -88,7 +91,6 @@ impl AckLog {
         if e.wanted > e.logged {
             self.ready.insert(device.to_string());
         }
-        ok.then_some(e.logged)
     }
 
     /// Ack records on their way to Kafka.
@@ -107,16 +109,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_watermark_is_published_only_once_kafka_holds_it() {
+    fn a_published_watermark_is_written_once() {
         let mut log = AckLog::default();
-        assert_eq!(log.offer("d", 10), None);
+        log.offer("d", 10);
         assert_eq!(log.to_write(), vec![("d".to_string(), 10)]);
         assert!(log.busy());
-        assert_eq!(log.on_written("d", 10, true), Some(10));
+        log.on_written("d", 10, true);
         assert!(!log.busy());
         // Re-publishing a watermark already in Kafka needs no new record.
-        assert_eq!(log.offer("d", 10), Some(10));
+        log.offer("d", 10);
         assert!(log.to_write().is_empty());
+        assert!(!log.busy());
     }
 
     #[test]
@@ -127,9 +130,9 @@ mod tests {
         log.offer("d", 20);
         log.offer("d", 30);
         assert!(log.to_write().is_empty(), "10 is still in flight");
-        assert_eq!(log.on_written("d", 10, true), Some(10));
+        log.on_written("d", 10, true);
         assert_eq!(log.to_write(), vec![("d".to_string(), 30)]);
-        assert_eq!(log.on_written("d", 30, true), Some(30));
+        log.on_written("d", 30, true);
         assert!(!log.busy());
     }
 
@@ -138,19 +141,20 @@ mod tests {
         let mut log = AckLog::default();
         log.offer("d", 10);
         log.to_write();
-        assert_eq!(log.on_written("d", 10, false), None);
+        log.on_written("d", 10, false);
         assert!(log.busy());
         assert_eq!(log.to_write(), vec![("d".to_string(), 10)]);
-        assert_eq!(log.on_written("d", 10, true), Some(10));
+        log.on_written("d", 10, true);
+        assert!(!log.busy());
     }
 
     #[test]
     fn a_restored_watermark_is_already_logged() {
         let mut log = AckLog::default();
         log.restored("d", 100);
-        assert_eq!(log.offer("d", 100), Some(100));
+        log.offer("d", 100);
         assert!(!log.busy());
-        assert_eq!(log.offer("d", 120), None);
+        log.offer("d", 120);
         assert_eq!(log.to_write(), vec![("d".to_string(), 120)]);
     }
 }

@@ -14,11 +14,13 @@
 //!
 //! - **Restored** ([`AckTracker::restore`]): the watermark the bridge
 //!   published before a restart, read back from the compacted Kafka topic
-//!   `edgeloop.acks`. The bridge publishes an ack to a device only once it is
-//!   in that topic, so a restored watermark is at least what the device last
-//!   saw: the device resends from at or below it. Batches entirely below it
-//!   are skipped (the ack is re-published), a batch straddling it advances it,
-//!   and a batch above it waits for the gap to be filled like any other.
+//!   `edgeloop.acks`. Batches entirely below it are skipped (the ack is
+//!   re-published), a batch straddling it advances it, and a batch above it
+//!   waits for the gap to be filled like any other. The bridge writes an ack
+//!   to that topic just after publishing it, so a broker killed in between
+//!   restores less than the device holds; the device's status on connect
+//!   raises it to what the device holds ([`AckTracker::raise_to_device_ack`]),
+//!   which is where its resend starts.
 //! - **First batch**, for a device with no restored watermark (never
 //!   acknowledged, or `edgeloop.acks` was lost): a device resends from its own
 //!   watermark after every connect, so its first batch starts where its

@@ -9,8 +9,8 @@
 //! slower with every record ever stored, until consumers timed out); Kafka's
 //! delivery report feeds the
 //! [`acks::AckTracker`]; every `ack_interval` the changed watermarks are
-//! written to the compacted topic `edgeloop.acks` ([`ack_log`]) and, once
-//! Kafka holds them there, published retained on `ack/{device}`.
+//! published retained on `ack/{device}` and written to the compacted topic
+//! `edgeloop.acks` ([`ack_log`]).
 //!
 //! Retained `status/{device}` messages (`DeviceStatus`, the last will
 //! included) go to the compacted Kafka topic `edgeloop.status`, keyed by
@@ -304,7 +304,7 @@ pub async fn run(
                 if !matches!(record.kind, Kind::Ack { .. }) {
                     telemetry_in_flight -= 1;
                 }
-                on_delivered(delivered, record, &mut tracker, &mut log, &mut link_tx, &stats).await?;
+                on_delivered(delivered, record, &mut tracker, &mut log, &stats);
             }
             _ = ack_tick.tick() => {
                 if idle_since.is_some_and(|t| t.elapsed() >= backpressure::IDLE_REFILL) {
@@ -350,8 +350,8 @@ pub async fn run(
         BrokerStats::set(&stats.in_flight, telemetry_in_flight as u64);
         BrokerStats::set(&stats.lag_bytes, backpressure.lag_bytes());
         if stop_deadline.is_some() && telemetry_in_flight == 0 {
-            // Everything taken is delivered: write the last watermarks to
-            // edgeloop.acks, publish them once there, then stop.
+            // Everything taken is delivered: publish the last watermarks,
+            // write them to edgeloop.acks, then stop once Kafka has them.
             flush_acks(
                 &producer,
                 &mut tracker,
@@ -371,14 +371,13 @@ pub async fn run(
     Ok(())
 }
 
-async fn on_delivered(
+fn on_delivered(
     delivered: Delivered,
     record: InFlight,
     tracker: &mut AckTracker,
     log: &mut AckLog,
-    link_tx: &mut LinkTx,
     stats: &BrokerStats,
-) -> Result<(), BridgeError> {
+) {
     let ok = matches!(delivered, Ok(Ok(_)));
     if ok {
         stats.delivery_latency.observe(record.sent.elapsed());
@@ -419,16 +418,13 @@ async fn on_delivered(
             } else {
                 BrokerStats::add(&stats.ack_records, 1);
             }
-            if let Some(seq) = log.on_written(&record.device, seq, ok) {
-                publish_ack(link_tx, &record.device, seq, stats).await?;
-            }
+            log.on_written(&record.device, seq, ok);
         }
     }
-    Ok(())
 }
 
-/// Changed watermarks: those already in `edgeloop.acks` are published to
-/// their devices, the others are written there first.
+/// Changed watermarks: published to their devices, and written to
+/// `edgeloop.acks` (at most one record per device on its way).
 async fn flush_acks(
     producer: &Producer,
     tracker: &mut AckTracker,
@@ -438,9 +434,8 @@ async fn flush_acks(
     stats: &BrokerStats,
 ) -> Result<(), BridgeError> {
     for (device, watermark) in tracker.take_dirty() {
-        if let Some(seq) = log.offer(&device, watermark) {
-            publish_ack(link_tx, &device, seq, stats).await?;
-        }
+        publish_ack(link_tx, &device, watermark, stats).await?;
+        log.offer(&device, watermark);
     }
     for (device, seq) in log.to_write() {
         let payload = Ack { committed_seq: seq }.encode_to_vec();
