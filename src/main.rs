@@ -74,9 +74,12 @@ enum Command {
     /// Against a running stack: --mqtt HOST:PORT; --parquet-root (a local
     /// data set) and/or --processor-metrics for what landed; --pid NAME=PID
     /// for CPU and memory; --provision-credentials FILE unless the broker
-    /// allows anonymous devices. Progress goes to stderr every few seconds,
-    /// the final report to stdout (--json for machines). How it measures:
-    /// docs/benchmarks.md, "Fleet benchmark".
+    /// allows anonymous devices. The simulated devices take the agent's
+    /// settings as `edgeloop agent` reads them (its defaults and
+    /// `EDGELOOP_AGENT__*` variables, e.g. `EDGELOOP_AGENT__UPLINK__LINGER=50ms`),
+    /// with the bench's options over them. Progress goes to stderr every few
+    /// seconds, the final report to stdout (--json for machines). How it
+    /// measures: docs/benchmarks.md, "Fleet benchmark".
     Bench(bench::BenchArgs),
     /// Run the MQTT broker and its bridge to Kafka.
     ///

@@ -131,6 +131,10 @@ pub struct UplinkConfig {
     /// Readings per MQTT message at most.
     pub batch_size: usize,
     /// How long a partial batch may wait for more readings before it is sent.
+    /// 0 (the default): the readings of each spool sync go out as soon as
+    /// they are on disk, so `spool.sync_interval` (the group commit) sets the
+    /// batching; more than 0 holds them for further syncs, fewer and larger
+    /// messages for more latency.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
     /// Readings sent but not yet acknowledged, at most (the in-flight window).
@@ -168,7 +172,7 @@ impl Default for UplinkConfig {
     fn default() -> Self {
         UplinkConfig {
             batch_size: 100,
-            linger: Duration::from_millis(200),
+            linger: Duration::ZERO,
             max_unacked_readings: 20_000,
             resend_after: Duration::from_secs(15),
             reconnect_min: Duration::from_millis(200),
@@ -251,7 +255,13 @@ mod tests {
         let text = include_str!("../../config/agent.example.toml");
         let config: AgentConfig = toml::from_str(text).expect("example parses");
         config.validate().expect("example validates");
-        assert_eq!(config.uplink.linger, Duration::from_millis(200));
+        let defaults = AgentConfig::default();
+        assert_eq!(
+            config.uplink, defaults.uplink,
+            "the example shows the defaults"
+        );
+        assert_eq!(config.spool.sync_interval, defaults.spool.sync_interval);
+        assert_eq!(config.uplink.linger, Duration::ZERO);
     }
 
     #[test]

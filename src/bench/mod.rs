@@ -334,9 +334,17 @@ async fn scrape(addr: SocketAddr, name: &str) -> Option<f64> {
     })
 }
 
-/// The agent configuration every device starts from.
-fn template(args: &BenchArgs, host: String, port: u16, spool: PathBuf) -> AgentConfig {
-    let mut agent = AgentConfig::default();
+/// The agent configuration every device starts from: `base` (the agent's
+/// defaults and `EDGELOOP_AGENT__*`, as `edgeloop agent` reads them) with
+/// the bench's own settings over it.
+fn template(
+    args: &BenchArgs,
+    base: &AgentConfig,
+    host: String,
+    port: u16,
+    spool: PathBuf,
+) -> AgentConfig {
+    let mut agent = base.clone();
     agent.mqtt.host = host;
     agent.mqtt.port = port;
     agent.uplink.batch_size = args.batch_size;
@@ -399,7 +407,9 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<()> {
     }
 
     // The stack: started here, or given.
-    let probe_channels = channel_names(&template(&args, "x".into(), 1, PathBuf::new()));
+    let base: AgentConfig = crate::read_config("agent", None)
+        .context("the devices' agent settings (EDGELOOP_AGENT__* variables)")?;
+    let probe_channels = channel_names(&template(&args, &base, "x".into(), 1, PathBuf::new()));
     let mut stack = None;
     let mut watched: Vec<Watched> = Vec::new();
     let (host, port, parquet_root, processor_metrics, broker_metrics, credentials, spool_default) =
@@ -456,6 +466,7 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<()> {
 
     let result = bench(
         &args,
+        &base,
         &prefix,
         &ids,
         host,
@@ -492,6 +503,7 @@ impl Watched {
 #[allow(clippy::too_many_arguments)]
 async fn bench(
     args: &BenchArgs,
+    base: &AgentConfig,
     prefix: &str,
     ids: &[String],
     host: String,
@@ -536,7 +548,7 @@ async fn bench(
         None => HashMap::new(),
     };
 
-    let agent = template(args, host.clone(), port, spool_root.clone());
+    let agent = template(args, base, host.clone(), port, spool_root.clone());
     agent
         .validate()
         .map_err(|e| anyhow::anyhow!("device config: {e}"))?;
@@ -607,12 +619,14 @@ async fn bench(
         tasks.spawn(async move { edgeloop_agent::run(config, stop, stats).await });
     }
     eprintln!(
-        "{} devices ({}…) → {host}:{port}, {} readings/s each ({} offered), batches of {}, {} channels, for {}{}",
+        "{} devices ({}…) → {host}:{port}, {} readings/s each ({} offered), batches of {} (linger {}, spool sync every {}), {} channels, for {}{}",
         ids.len(),
         ids.first().map(String::as_str).unwrap_or(""),
         args.rate,
         args.rate * ids.len() as f64,
         args.batch_size,
+        humantime::format_duration(agent.uplink.linger),
+        humantime::format_duration(agent.spool.sync_interval),
         args.channels,
         humantime::format_duration(args.duration),
         if credentials.is_some() { ", with credentials" } else { ", anonymous" },
@@ -904,6 +918,8 @@ async fn bench(
             "devices": ids.len(),
             "rate_per_device": args.rate,
             "batch_size": args.batch_size,
+            "linger_ms": agent.uplink.linger.as_millis() as u64,
+            "spool_sync_interval_ms": agent.spool.sync_interval.as_millis() as u64,
             "channels": args.channels,
             "duration_s": args.duration.as_secs_f64(),
             "mqtt": format!("{host}:{port}"),

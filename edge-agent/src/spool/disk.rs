@@ -107,7 +107,9 @@ pub struct DiskSpoolConfig {
     pub max_age: Duration,
     /// A segment is closed and a new one started at this size.
     pub segment_bytes: u64,
-    /// Group commit: fsync at least this often…
+    /// Group commit: fsync at least this often (200 ms: a device that loses
+    /// power loses at most the readings of the last interval; each sync's
+    /// readings go out together, see `uplink.linger`)…
     #[serde(with = "humantime_serde")]
     pub sync_interval: Duration,
     /// …or as soon as this many bytes wait.
@@ -129,7 +131,7 @@ impl Default for DiskSpoolConfig {
             max_bytes: 1 << 30,
             max_age: Duration::from_secs(7 * 24 * 3600),
             segment_bytes: 8 << 20,
-            sync_interval: Duration::from_millis(100),
+            sync_interval: Duration::from_millis(200),
             sync_bytes: 1 << 20,
             ack_persist_interval: Duration::from_secs(1),
             full_policy: FullPolicy::DropOldest,

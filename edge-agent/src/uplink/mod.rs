@@ -2,8 +2,9 @@
 //!
 //! - Readings are read from the spool and published as one `ReadingBatch`
 //!   per MQTT message, QoS 1, on `telemetry/{device}`: a batch goes out when
-//!   `batch_size` readings are waiting or the oldest has waited `linger`. A
-//!   range the spool lost goes out as a loss report in its place.
+//!   `batch_size` readings are waiting or the oldest has waited `linger`
+//!   (by default 0: each spool sync's readings go out as soon as they are on
+//!   disk). A range the spool lost goes out as a loss report in its place.
 //! - At most `max_unacked_readings` are outstanding beyond the watermark.
 //! - The agent subscribes to its retained `ack/{device}`; each `Ack` frees the
 //!   spool below `committed_seq`.
@@ -267,7 +268,13 @@ pub async fn run(
     let mut drain_deadline: Option<Instant> = None;
     let mut status_due = Instant::now() + up.status_interval;
     let mut reported_lost = spool.with(|s| s.backlog().lost_readings);
-    let tick_every = (up.linger / 2).max(Duration::from_millis(5));
+    // Wakes for the linger, the status and the resend timer; new readings on
+    // disk wake the loop themselves.
+    let tick_every = if up.linger.is_zero() {
+        Duration::from_millis(100)
+    } else {
+        (up.linger / 2).max(Duration::from_millis(5))
+    };
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backlog_gauge = (0u64, 0u64, 0u64);
