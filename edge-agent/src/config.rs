@@ -91,6 +91,14 @@ pub struct MqttConfig {
     pub max_packet_bytes: usize,
     /// QoS 1 publishes in flight (sent, PUBACK not yet received).
     pub max_inflight: u16,
+    /// How long a connect (TCP, then CONNECT until CONNACK) may take before
+    /// the agent gives up on it and tries again after its backoff; also the
+    /// longest a write to the broker may take. Whole seconds, at least 1.
+    /// rumqttc's own default is 5 s, which a broker busy logging in
+    /// thousands of devices at once can exceed: each retry then costs it
+    /// another login.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
     /// Optional MQTT user name and password.
     pub username: Option<String>,
     pub password: Option<String>,
@@ -104,6 +112,7 @@ impl Default for MqttConfig {
             keep_alive: Duration::from_secs(30),
             max_packet_bytes: 1 << 20,
             max_inflight: 64,
+            connect_timeout: Duration::from_secs(30),
             username: None,
             password: None,
         }
@@ -200,6 +209,9 @@ impl AgentConfig {
         }
         if self.mqtt.max_inflight == 0 {
             return Err("mqtt.max_inflight: must be at least 1".into());
+        }
+        if self.mqtt.connect_timeout < Duration::from_secs(1) {
+            return Err("mqtt.connect_timeout: must be at least 1s".into());
         }
         self.spool.validate().map_err(|e| format!("spool.{e}"))?;
         if self.uplink.batch_size == 0 {
@@ -315,5 +327,15 @@ mod tests {
         config.uplink.max_unacked_readings = 10;
         let err = config.validate().expect_err("must be refused");
         assert!(err.starts_with("uplink.max_unacked_readings"), "{err}");
+    }
+
+    #[test]
+    fn a_connect_timeout_under_a_second_is_refused_naming_the_field() {
+        let mut config: AgentConfig =
+            toml::from_str("[mqtt]\nconnect_timeout = \"500ms\"\n").expect("parses");
+        let err = config.validate().expect_err("must be refused");
+        assert!(err.starts_with("mqtt.connect_timeout"), "{err}");
+        config.mqtt.connect_timeout = Duration::from_secs(1);
+        config.validate().expect("1s is allowed");
     }
 }

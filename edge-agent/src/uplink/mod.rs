@@ -167,6 +167,9 @@ pub async fn run(
         options.set_credentials(user, pass);
     }
     let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let mut network = eventloop.network_options();
+    network.set_connection_timeout(config.mqtt.connect_timeout.as_secs().max(1));
+    eventloop.set_network_options(network);
 
     let (event_tx, mut events) = mpsc::channel::<LinkEvent>(256);
     let stop_loop = CancellationToken::new();
