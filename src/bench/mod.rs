@@ -308,12 +308,6 @@ fn fmt_q(q: Option<Quantiles>) -> String {
 }
 
 /// A plain HTTP GET of `/metrics`; the value of unlabelled metric `name`.
-/// Telemetry publishes the broker's gate held (back-pressure), if its
-/// metrics are known.
-async fn held_by_gate(broker_metrics: Option<SocketAddr>) -> Option<f64> {
-    scrape(broker_metrics?, "edgeloop_gate_publishes_held_total").await
-}
-
 async fn scrape(addr: SocketAddr, name: &str) -> Option<f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fetch = async {
@@ -332,6 +326,12 @@ async fn scrape(addr: SocketAddr, name: &str) -> Option<f64> {
         let (n, v) = l.split_once(' ')?;
         (n == name).then(|| v.trim().parse().ok())?
     })
+}
+
+/// Telemetry publishes the broker's gate held (back-pressure), if its
+/// metrics are known.
+async fn held_by_gate(broker_metrics: Option<SocketAddr>) -> Option<f64> {
+    scrape(broker_metrics?, "edgeloop_gate_publishes_held_total").await
 }
 
 /// The agent configuration every device starts from: `base` (the agent's

@@ -1341,9 +1341,7 @@ async fn a_killed_broker_restarts_with_the_retained_model_and_the_ack_watermark_
     wait_for(
         Duration::from_secs(20),
         "ack 100 in edgeloop.acks",
-        || async {
-            Ok((acks_logged(&stack.kafka, device)?.iter().max() == Some(&100)).then_some(()))
-        },
+        || async { Ok((acked_in_kafka(&stack.kafka)?.get(device) == Some(&100)).then_some(())) },
     )
     .await?;
     pump.abort();
@@ -1421,9 +1419,7 @@ async fn a_killed_broker_restarts_with_the_retained_model_and_the_ack_watermark_
     wait_for(
         Duration::from_secs(20),
         "ack 110 in edgeloop.acks",
-        || async {
-            Ok((acks_logged(&stack.kafka, device)?.iter().max() == Some(&110)).then_some(()))
-        },
+        || async { Ok((acked_in_kafka(&stack.kafka)?.get(device) == Some(&110)).then_some(())) },
     )
     .await?;
     let mut broker = stack.broker.take().context("broker")?;
@@ -1668,6 +1664,10 @@ async fn stack_with_a_small_log(max_hold: &str) -> Result<(Stack, SocketAddr, u3
 /// Devices of [`small_log_fleet`].
 const SMALL_LOG_DEVICES: usize = 3;
 
+/// A fleet running in the test, with its agents' reports at the end.
+type FleetTask =
+    tokio::task::JoinHandle<Result<Vec<edgeloop_agent::AgentReport>, edgeloop_agent::Error>>;
+
 /// 3 devices × 1,000 readings/s in batches of 50 (≈ 2.3 KB each): a
 /// 10-second stall is ≈ 7 MB, far more than the log.
 fn small_log_fleet(
@@ -1676,7 +1676,7 @@ fn small_log_fleet(
     per_device: u64,
     resend_after: Duration,
     stats: Arc<AgentStats>,
-) -> tokio::task::JoinHandle<Result<Vec<edgeloop_agent::AgentReport>, edgeloop_agent::Error>> {
+) -> FleetTask {
     let mut template = stack.agent("unused", 701, per_device, 1_000.0, 50);
     template.spool.dir = stack.dir.path().join("spool").join(prefix);
     template.uplink.resend_after = resend_after;
@@ -1717,11 +1717,48 @@ async fn stall_kafka(
     Ok((max_lag, limit, held))
 }
 
+/// A stack with a small log ([`stack_with_a_small_log`]), its processor,
+/// and a [`small_log_fleet`] whose Kafka was stalled ([`stall_kafka`]).
+struct StalledKafka {
+    stack: Stack,
+    _processor: Component,
+    metrics: SocketAddr,
+    stats: Arc<AgentStats>,
+    fleet: FleetTask,
+    max_lag: f64,
+    limit: f64,
+    held: f64,
+}
+
+async fn stall_kafka_under_a_small_log_fleet(
+    max_hold: &str,
+    prefix: &'static str,
+    per_device: u64,
+    resend_after: Duration,
+    stall: Duration,
+) -> Result<StalledKafka> {
+    let (stack, metrics, kafka_pid) = stack_with_a_small_log(max_hold).await?;
+    let processor = stack.processor("processor")?;
+    let stats = Arc::new(AgentStats::default());
+    let fleet = small_log_fleet(&stack, prefix, per_device, resend_after, stats.clone());
+    let (max_lag, limit, held) = stall_kafka(&stack, metrics, kafka_pid, stall).await?;
+    Ok(StalledKafka {
+        stack,
+        _processor: processor,
+        metrics,
+        stats,
+        fleet,
+        max_lag,
+        limit,
+        held,
+    })
+}
+
 /// Waits up to `limit` for the fleet of [`small_log_fleet`] to drain (`why`
 /// names what a timeout means), then for its readings, each in Parquet once.
 async fn drained_and_in_parquet_once(
     stack: &Stack,
-    fleet: tokio::task::JoinHandle<Result<Vec<edgeloop_agent::AgentReport>, edgeloop_agent::Error>>,
+    fleet: FleetTask,
     prefix: &str,
     per_device: u64,
     limit: Duration,
@@ -1749,23 +1786,19 @@ async fn drained_and_in_parquet_once(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_kafka_holds_the_devices_back_instead_of_the_broker_dropping_their_telemetry(
 ) -> Result<()> {
-    // A publish may wait 30 s, longer than the stall.
-    let (stack, metrics, kafka_pid) = stack_with_a_small_log("30s").await?;
-    let _processor = stack.processor("processor")?;
-    // A device resends only after its watermark has not moved for 120 s, so
-    // had the broker dropped anything, the spools could not drain within the
-    // time below.
+    // A publish may wait 30 s, longer than the stall. A device resends only
+    // after its watermark has not moved for 120 s, so had the broker dropped
+    // anything, the spools could not drain within the time below.
     let per_device = 30_000u64;
-    let stats = Arc::new(AgentStats::default());
-    let fleet = small_log_fleet(
-        &stack,
+    let run = stall_kafka_under_a_small_log_fleet(
+        "30s",
         "stalled-kafka",
         per_device,
         Duration::from_secs(120),
-        stats.clone(),
-    );
-    let (max_lag, limit, held) =
-        stall_kafka(&stack, metrics, kafka_pid, Duration::from_secs(10)).await?;
+        Duration::from_secs(10),
+    )
+    .await?;
+    let (max_lag, limit, held) = (run.max_lag, run.limit, run.held);
     ensure!(limit == 65_536.0, "the lag limit is half the log: {limit}");
     ensure!(held > 0.0, "the gate held no publish while Kafka stalled");
     ensure!(
@@ -1774,19 +1807,20 @@ async fn a_stalled_kafka_holds_the_devices_back_instead_of_the_broker_dropping_t
     );
 
     drained_and_in_parquet_once(
-        &stack,
-        fleet,
+        &run.stack,
+        run.fleet,
         "stalled-kafka",
         per_device,
         Duration::from_secs(90),
         "the spools did not drain: the broker dropped telemetry the devices must resend",
     )
     .await?;
-    let resent = stats
+    let resent = run
+        .stats
         .readings_resent
         .load(std::sync::atomic::Ordering::Relaxed);
     ensure!(resent == 0, "{resent} readings were sent twice");
-    let log = std::fs::read_to_string(&stack.broker.as_ref().context("broker")?.log)?;
+    let log = std::fs::read_to_string(&run.stack.broker.as_ref().context("broker")?.log)?;
     ensure!(
         !log.contains("jumped"),
         "rumqttd skipped part of a log (\"Read cursor start jumped\"):\n{log}"
@@ -1800,19 +1834,16 @@ async fn a_stall_longer_than_max_hold_lets_telemetry_in_and_the_count_recovers_a
 {
     // Holds end after 1 s: the stall of 8 s outlasts them, publishes go in
     // anyway (owed to the budget), the log rolls and devices resend (5 s).
-    let (stack, metrics, kafka_pid) = stack_with_a_small_log("1s").await?;
-    let _processor = stack.processor("processor")?;
     let per_device = 20_000u64;
-    let stats = Arc::new(AgentStats::default());
-    let fleet = small_log_fleet(
-        &stack,
+    let run = stall_kafka_under_a_small_log_fleet(
+        "1s",
         "long-stall",
         per_device,
         Duration::from_secs(5),
-        stats.clone(),
-    );
-    let (max_lag, limit, held) =
-        stall_kafka(&stack, metrics, kafka_pid, Duration::from_secs(8)).await?;
+        Duration::from_secs(8),
+    )
+    .await?;
+    let (max_lag, limit, held, metrics) = (run.max_lag, run.limit, run.held, run.metrics);
     ensure!(held > 0.0, "the gate held no publish while Kafka stalled");
     ensure!(
         max_lag > limit,
@@ -1822,8 +1853,8 @@ async fn a_stall_longer_than_max_hold_lets_telemetry_in_and_the_count_recovers_a
     // Nothing stays stuck: the fleet drains, every reading lands once, and
     // the count is back under the limit (the debt paid or reset).
     drained_and_in_parquet_once(
-        &stack,
-        fleet,
+        &run.stack,
+        run.fleet,
         "long-stall",
         per_device,
         Duration::from_secs(120),
@@ -1842,7 +1873,7 @@ async fn a_stall_longer_than_max_hold_lets_telemetry_in_and_the_count_recovers_a
     .await?;
     eprintln!(
         "stall past max_hold: {held} publishes held, lag at most {max_lag} of {limit}, {lag} after, {} readings resent",
-        stats.readings_resent.load(std::sync::atomic::Ordering::Relaxed)
+        run.stats.readings_resent.load(std::sync::atomic::Ordering::Relaxed)
     );
     Ok(())
 }
@@ -1851,17 +1882,9 @@ async fn a_stall_longer_than_max_hold_lets_telemetry_in_and_the_count_recovers_a
 // configured grace period (set here through the environment, as Kubernetes
 // would), and nothing it acknowledged is lost.
 
-/// Every ack watermark of `device` in `edgeloop.acks`, oldest first.
-fn acks_logged(kafka: &LocalKafka, device: &str) -> Result<Vec<u64>> {
-    read_topic(kafka, topics::KAFKA_ACKS)?
-        .iter()
-        .filter(|m| m.key() == Some(device.as_bytes()))
-        .map(|m| Ok(Ack::decode(m.payload().unwrap_or_default())?.committed_seq))
-        .collect()
-}
-
 /// The last ack watermark of each device in `edgeloop.acks`: what the
-/// bridge acknowledged (it writes there before it publishes `ack/{device}`).
+/// bridge acknowledged (it writes there right after it publishes
+/// `ack/{device}`, and only what Kafka holds).
 fn acked_in_kafka(kafka: &LocalKafka) -> Result<HashMap<String, u64>> {
     let mut out = HashMap::new();
     for m in read_topic(kafka, topics::KAFKA_ACKS)? {
@@ -1900,12 +1923,7 @@ fn acknowledged_readings_are_in_kafka(kafka: &LocalKafka) -> Result<u64> {
     Ok(total)
 }
 
-fn fleet(
-    stack: &Stack,
-    prefix: &'static str,
-    devices: usize,
-    per_device: u64,
-) -> tokio::task::JoinHandle<Result<Vec<edgeloop_agent::AgentReport>, edgeloop_agent::Error>> {
+fn fleet(stack: &Stack, prefix: &'static str, devices: usize, per_device: u64) -> FleetTask {
     let mut template = stack.agent("unused", 700, per_device, 400.0, 20);
     template.spool.dir = stack.dir.path().join("spool").join(prefix);
     template.shutdown_grace = Duration::from_secs(60);
