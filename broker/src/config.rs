@@ -57,12 +57,18 @@ pub struct MqttConfig {
     pub tls_listen: Option<SocketAddr>,
     /// Connections at most (devices plus internal links).
     pub max_connections: usize,
+    /// Threads that carry devices' MQTT traffic inside the broker: rumqttd
+    /// listeners behind the gate, each on a thread of its own, that devices
+    /// are spread over. Unset: the CPUs the broker may use, at most 4.
+    pub listener_threads: Option<usize>,
     /// Largest packet a device may send, in bytes (a larger one closes its
     /// connection).
     pub max_payload_bytes: usize,
     /// QoS 1 messages in flight per connection.
     pub max_inflight: usize,
-    /// A client that does not send CONNECT within this time is dropped.
+    /// A client that does not send CONNECT within this time is dropped; and
+    /// if rumqttd does not answer the gate's CONNECT within it, the device
+    /// gets CONNACK "server unavailable".
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// The router's in-memory log per topic filter: segment size and count
@@ -87,6 +93,7 @@ impl Default for MqttConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
             tls_listen: None,
             max_connections: 10_010,
+            listener_threads: None,
             max_payload_bytes: 1 << 20,
             max_inflight: 100,
             connect_timeout: Duration::from_secs(10),
@@ -97,6 +104,14 @@ impl Default for MqttConfig {
             max_segment_count: 4,
             status_segment_bytes: 64 << 10,
         }
+    }
+}
+
+impl MqttConfig {
+    /// `listener_threads` in effect.
+    pub fn listener_threads(&self) -> usize {
+        self.listener_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
     }
 }
 
@@ -207,6 +222,13 @@ impl BrokerConfig {
         if self.bridge.max_in_flight_batches == 0 {
             return Err("bridge.max_in_flight_batches: must be at least 1".into());
         }
+        if self
+            .mqtt
+            .listener_threads
+            .is_some_and(|n| !(1..=64).contains(&n))
+        {
+            return Err("mqtt.listener_threads: must be between 1 and 64".into());
+        }
         if self.mqtt.max_connections == 0 {
             return Err("mqtt.max_connections: must be at least 1".into());
         }
@@ -294,6 +316,21 @@ mod tests {
         config.mqtt.max_segment_count = 1;
         let err = config.validate().expect_err("refused");
         assert!(err.starts_with("mqtt.max_segment_count"), "{err}");
+    }
+
+    #[test]
+    fn listener_threads_default_to_the_cpus_up_to_4_and_0_is_refused_naming_the_field() {
+        let mut config = BrokerConfig::default();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(config.mqtt.listener_threads(), cpus.min(4));
+        config.mqtt.listener_threads = Some(7);
+        assert_eq!(config.mqtt.listener_threads(), 7);
+        config.validate().expect("7 is fine");
+        for wrong in [0, 65] {
+            config.mqtt.listener_threads = Some(wrong);
+            let err = config.validate().expect_err("refused");
+            assert!(err.starts_with("mqtt.listener_threads"), "{err}");
+        }
     }
 
     #[test]

@@ -80,21 +80,26 @@ pub enum Error {
 /// rumqttd behind the gate: loopback listeners for MQTT 3.1.1 and 5 that
 /// accept only the gate's per-process credential.
 struct Inner {
-    v4: SocketAddr,
-    v5: SocketAddr,
+    /// One listener per `mqtt.listener_threads` for each protocol level.
+    v4: Vec<SocketAddr>,
+    v5: Vec<SocketAddr>,
     user: String,
     secret: String,
 }
 
 impl Inner {
-    fn new() -> Result<Inner, Error> {
+    fn new(threads: usize) -> Result<Inner, Error> {
         use argon2::password_hash::rand_core::{OsRng, RngCore};
         let mut raw = [0u8; 16];
         OsRng.fill_bytes(&mut raw);
         let secret = raw.iter().map(|b| format!("{b:02x}")).collect();
         Ok(Inner {
-            v4: free_loopback_port()?,
-            v5: free_loopback_port()?,
+            v4: (0..threads)
+                .map(|_| free_loopback_port())
+                .collect::<Result<_, _>>()?,
+            v5: (0..threads)
+                .map(|_| free_loopback_port())
+                .collect::<Result<_, _>>()?,
             user: "edgeloop-gate".into(),
             secret,
         })
@@ -152,6 +157,17 @@ fn rumqttd_config(config: &config::MqttConfig, inner: &Inner) -> rumqttd::Config
             connections,
         }
     };
+    // rumqttd runs each of these on a thread of its own.
+    let servers = |level: &str, listens: &[SocketAddr]| {
+        listens
+            .iter()
+            .enumerate()
+            .map(|(i, listen)| {
+                let name = format!("{level}-{}", i + 1);
+                (name.clone(), server(&name, *listen))
+            })
+            .collect::<HashMap<_, _>>()
+    };
     rumqttd::Config {
         id: 0,
         router: rumqttd::RouterConfig {
@@ -177,8 +193,8 @@ fn rumqttd_config(config: &config::MqttConfig, inner: &Inner) -> rumqttd::Config
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },
-        v4: Some(HashMap::from([("1".to_string(), server("v4", inner.v4))])),
-        v5: Some(HashMap::from([("1".to_string(), server("v5", inner.v5))])),
+        v4: Some(servers("v4", &inner.v4)),
+        v5: Some(servers("v5", &inner.v5)),
         ..Default::default()
     }
 }
@@ -229,7 +245,7 @@ pub async fn run(
         tasks.clone(),
     ));
 
-    let inner = Inner::new()?;
+    let inner = Inner::new(config.mqtt.listener_threads())?;
     let mut broker = rumqttd::Broker::new(rumqttd_config(&config.mqtt, &inner));
     let (mut link_tx, link_rx) = broker
         .link("edgeloop-bridge")
@@ -272,8 +288,9 @@ pub async fn run(
             mqtt_stats.mqtt_up.store(false, Ordering::Relaxed);
         })
         .map_err(|e| Error::Mqtt(e.to_string()))?;
-    wait_listening(inner.v4, Duration::from_secs(10)).await?;
-    wait_listening(inner.v5, Duration::from_secs(10)).await?;
+    for listen in inner.v4.iter().chain(&inner.v5) {
+        wait_listening(*listen, Duration::from_secs(10)).await?;
+    }
     let credentials = match &config.auth.credentials_file {
         Some(path) => Some(Arc::new(gate::credentials::Credentials::open(path)?)),
         None => None,
@@ -286,8 +303,9 @@ pub async fn run(
     let gate = Arc::new(gate::Gate {
         credentials,
         allow_anonymous: config.auth.allow_anonymous,
-        inner_v4: inner.v4,
-        inner_v5: inner.v5,
+        inner_v4: inner.v4.clone(),
+        inner_v5: inner.v5.clone(),
+        next_upstream: Default::default(),
         inner_user: inner.user.clone(),
         inner_secret: inner.secret.clone(),
         max_packet_bytes: config.mqtt.max_payload_bytes.saturating_add(64 << 10),
@@ -366,11 +384,69 @@ mod tests {
 
     fn inner() -> Inner {
         Inner {
-            v4: SocketAddr::from(([127, 0, 0, 1], 1)),
-            v5: SocketAddr::from(([127, 0, 0, 1], 2)),
+            v4: vec![SocketAddr::from(([127, 0, 0, 1], 1))],
+            v5: vec![SocketAddr::from(([127, 0, 0, 1], 2))],
             user: "u".into(),
             secret: "s".into(),
         }
+    }
+
+    #[test]
+    fn each_listener_thread_is_a_rumqttd_listener_of_its_own_for_each_protocol_level() {
+        let listen = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let inner = Inner {
+            v4: vec![listen(1), listen(2), listen(3)],
+            v5: vec![listen(4), listen(5), listen(6)],
+            ..inner()
+        };
+        let config = rumqttd_config(&config::MqttConfig::default(), &inner);
+        for (servers, want) in [(&config.v4, &inner.v4), (&config.v5, &inner.v5)] {
+            let mut listens: Vec<_> = servers.iter().flatten().map(|(_, s)| s.listen).collect();
+            listens.sort();
+            assert_eq!(&listens, want);
+        }
+        let names: std::collections::BTreeSet<_> = [&config.v4, &config.v5]
+            .into_iter()
+            .flatten()
+            .flat_map(|servers| servers.values().map(|s| s.name.clone()))
+            .collect();
+        assert_eq!(names.len(), 6, "{names:?}");
+    }
+
+    /// The patch in vendor/rumqttd: a remote link waits for the router's
+    /// CONNACK without blocking the thread its listener runs on, so the
+    /// other connections there carry on while a device logs in. Here the
+    /// "router" is this test, on the same single thread as the link: with a
+    /// blocking wait it could never receive the CONNECT, and the runtime
+    /// would hang (the thread below would not finish).
+    #[test]
+    fn a_remote_link_waiting_for_its_connack_leaves_its_thread_free() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime");
+            let outcome = runtime.block_on(async {
+                let (router_tx, router_rx) = flume::bounded(10);
+                let link = rumqttd::local::LinkBuilder::new("dev-1", router_tx).build_async();
+                let router = async move {
+                    // The link's CONNECT arrives while the link waits; the
+                    // router going away unanswered ends that wait.
+                    let (id, connect) = router_rx.recv_async().await.expect("a CONNECT");
+                    drop((connect, router_rx));
+                    id
+                };
+                let (built, id) = tokio::join!(link, router);
+                (built.is_err(), id)
+            });
+            let _ = done_tx.send(outcome);
+        });
+        let outcome = done_rx.recv_timeout(Duration::from_secs(60));
+        assert_eq!(
+            outcome,
+            Ok((true, 0)),
+            "the link blocked its thread waiting for the CONNACK"
+        );
     }
 
     /// rumqttd picks a filter's log size by matching the filter a client

@@ -273,18 +273,17 @@ pub fn render(stats: &BrokerStats) -> String {
         g(&stats.in_flight),
     );
 
-    let name = "edgeloop_bridge_delivery_latency_seconds";
-    let (buckets, count, sum) = stats.delivery_latency.snapshot();
-    let _ = writeln!(
-        out,
-        "# HELP {name} Seconds from handing a record to the producer to Kafka's delivery report (delivered records).\n# TYPE {name} histogram"
+    histogram(
+        &mut out,
+        "edgeloop_bridge_delivery_latency_seconds",
+        "Seconds from handing a record to the producer to Kafka's delivery report (delivered records)",
+        &stats.delivery_latency,
     );
-    for (bound, n) in buckets {
-        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {n}");
-    }
-    let _ = writeln!(
-        out,
-        "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
+    histogram(
+        &mut out,
+        "edgeloop_gate_connect_seconds",
+        "Seconds from the gate connecting an authenticated device to rumqttd to rumqttd's CONNACK",
+        &stats.connect_latency,
     );
 
     let up = |b: &std::sync::atomic::AtomicBool| u8::from(b.load(Ordering::Relaxed));
@@ -383,6 +382,20 @@ pub fn render(stats: &BrokerStats) -> String {
         }
     }
     out
+}
+
+/// Appends a histogram of `h` with its HELP and TYPE lines (`help` without
+/// the final full stop).
+fn histogram(out: &mut String, name: &str, help: &str, h: &crate::stats::LatencyHistogram) {
+    let (buckets, count, sum) = h.snapshot();
+    let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} histogram");
+    for (bound, n) in buckets {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
+    );
 }
 
 #[cfg(test)]

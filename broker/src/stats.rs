@@ -46,6 +46,9 @@ pub struct BrokerStats {
     /// `bridge.max_lag_bytes` behind, and the time they waited in all (µs).
     pub publishes_held: AtomicU64,
     pub publish_hold_micros: AtomicU64,
+    /// From the gate's connect to rumqttd, for a device it authenticated, to
+    /// rumqttd's CONNACK.
+    pub connect_latency: LatencyHistogram,
     /// Telemetry let into rumqttd's log and not yet taken by the bridge
     /// (bytes of log entries; a gauge), and the limit (0: off).
     pub lag_bytes: AtomicU64,

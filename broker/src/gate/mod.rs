@@ -22,11 +22,17 @@
 //! - Packets over the size limit, malformed packets and a second CONNECT
 //!   close the connection; other connections carry on.
 //!
+//! rumqttd runs each of its listeners on a thread of its own, so the gate
+//! spreads devices over several (`mqtt.listener_threads`), in turn.
+//!
 //! Why a relay rather than a patch inside rumqttd: rumqttd's router is not a
 //! public extension point, and a local link per device would mean writing
 //! a broker's session layer. The relay costs one extra loopback hop but
-//! keeps rumqttd unmodified, checks every packet in one place, and sees the
-//! TLS identity. rumqttd itself asks for a per-process secret the gate
+//! keeps rumqttd's router and sessions as they are, checks every packet in
+//! one place, and sees the TLS identity. (rumqttd does carry one small patch,
+//! vendor/README.md: its links waited for the router's CONNACK with a
+//! blocking receive, which stopped every connection of the listener's thread
+//! while a device logged in.) rumqttd itself asks for a per-process secret the gate
 //! presents in place of the device's credential, so a local process that
 //! finds rumqttd's loopback port still cannot bypass the gate.
 //!
@@ -40,7 +46,7 @@ pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,9 +66,11 @@ use packet::{codes, Malformed};
 pub struct Gate {
     pub credentials: Option<Arc<Credentials>>,
     pub allow_anonymous: bool,
-    /// rumqttd's loopback listeners for MQTT 3.1.1 and 5.
-    pub inner_v4: SocketAddr,
-    pub inner_v5: SocketAddr,
+    /// rumqttd's loopback listeners for MQTT 3.1.1 and 5 (at least one of
+    /// each; devices are spread over them in turn).
+    pub inner_v4: Vec<SocketAddr>,
+    pub inner_v5: Vec<SocketAddr>,
+    pub next_upstream: AtomicUsize,
     /// The credential rumqttd accepts (from the gate only).
     pub inner_user: String,
     pub inner_secret: String,
@@ -206,13 +214,7 @@ impl Gate {
             Err(refusal) => {
                 BrokerStats::add(&self.stats.auth_failures, 1);
                 tracing::warn!(%peer, client_id = %parsed.client_id, user = ?parsed.username, reason = %refusal.reason, "connection refused");
-                let _ = client
-                    .write_all(&packet::encode_connack_refused(
-                        parsed.level,
-                        refusal.v4,
-                        refusal.v5,
-                    ))
-                    .await;
+                refuse(&mut client, parsed.level, refusal.v4, refusal.v5).await;
                 let _ = client.shutdown().await;
                 return Ok(());
             }
@@ -221,45 +223,41 @@ impl Gate {
             if !identity.can_publish(will) {
                 BrokerStats::add(&self.stats.acl_refused_publishes, 1);
                 tracing::warn!(%peer, %identity, topic = %will, "connection refused: will topic not allowed");
-                let _ = client
-                    .write_all(&packet::encode_connack_refused(
-                        parsed.level,
-                        codes::V4_NOT_AUTHORIZED,
-                        codes::V5_NOT_AUTHORIZED,
-                    ))
-                    .await;
+                refuse(
+                    &mut client,
+                    parsed.level,
+                    codes::V4_NOT_AUTHORIZED,
+                    codes::V5_NOT_AUTHORIZED,
+                )
+                .await;
                 return Ok(());
             }
         }
-        let inner = if parsed.level == 5 {
-            self.inner_v5
+        let upstreams = if parsed.level == 5 {
+            &self.inner_v5
         } else {
-            self.inner_v4
+            &self.inner_v4
         };
-        let mut upstream = match TcpStream::connect(inner).await {
-            Ok(s) => s,
+        let next = self.next_upstream.fetch_add(1, Ordering::Relaxed);
+        let Some(&inner) = upstreams.get(next % upstreams.len().max(1)) else {
+            return Err("no rumqttd listener for this protocol level".into());
+        };
+        let asked = tokio::time::Instant::now();
+        let mut ubuf = BytesMut::with_capacity(4096);
+        let upstream = match self.log_in_upstream(inner, &connect, &mut ubuf).await {
+            Ok(upstream) => upstream,
             Err(e) => {
-                let _ = client
-                    .write_all(&packet::encode_connack_refused(
-                        parsed.level,
-                        codes::V4_SERVER_UNAVAILABLE,
-                        codes::V5_SERVER_UNAVAILABLE,
-                    ))
-                    .await;
+                refuse(
+                    &mut client,
+                    parsed.level,
+                    codes::V4_SERVER_UNAVAILABLE,
+                    codes::V5_SERVER_UNAVAILABLE,
+                )
+                .await;
                 return Err(format!("rumqttd at {inner}: {e}"));
             }
         };
-        let _ = upstream.set_nodelay(true);
-        let rewritten = packet::rewrite_connect_credentials(
-            &connect,
-            &self.inner_user,
-            self.inner_secret.as_bytes(),
-        )
-        .map_err(|e| format!("CONNECT: {e}"))?;
-        upstream
-            .write_all(&rewritten)
-            .await
-            .map_err(|e| e.to_string())?;
+        self.stats.connect_latency.observe(asked.elapsed());
         tracing::debug!(%peer, %identity, level = parsed.level, "connected");
         let mut session = Session {
             identity,
@@ -269,7 +267,10 @@ impl Gate {
         };
         let (mut ur, mut uw) = upstream.into_split();
         let (mut cr, mut cw) = tokio::io::split(client);
-        let mut ubuf = BytesMut::with_capacity(4096);
+        // rumqttd's CONNACK (and whatever came with it) goes to the client
+        // first.
+        let out = self.upstream_packets(&mut ubuf, &mut session)?;
+        cw.write_all(&out).await.map_err(|e| e.to_string())?;
         // A telemetry publish waiting for the bridge: nothing more is read
         // from the client meanwhile (TCP pushes back on it), while
         // rumqttd's packets to it still pass.
@@ -352,25 +353,64 @@ impl Gate {
                         let _ = cw.shutdown().await;
                         return Ok(());
                     }
-                    // rumqttd's packets pass as they are, but for a SUBACK
-                    // answering a SUBSCRIBE the gate trimmed.
-                    let mut out = Vec::with_capacity(ubuf.len());
-                    loop {
-                        let len = match packet::frame(&ubuf, UPSTREAM_LIMIT) {
-                            Ok(Some(len)) => len,
-                            Ok(None) => break,
-                            Err(e) => return Err(format!("from rumqttd: {e}")),
-                        };
-                        let p = ubuf.split_to(len);
-                        match self.splice_suback(&p, &mut session) {
-                            Some(rewritten) => out.extend_from_slice(&rewritten),
-                            None => out.extend_from_slice(&p),
-                        }
-                    }
+                    let out = self.upstream_packets(&mut ubuf, &mut session)?;
                     if !out.is_empty() {
                         cw.write_all(&out).await.map_err(|e| e.to_string())?;
                     }
                 }
+            }
+        }
+    }
+
+    /// Connects to rumqttd's listener `inner` and logs the device in with
+    /// its CONNECT (the gate's credential in place of the device's); returns
+    /// once rumqttd's CONNACK is in `ubuf`.
+    async fn log_in_upstream(
+        &self,
+        inner: SocketAddr,
+        connect: &[u8],
+        ubuf: &mut BytesMut,
+    ) -> Result<TcpStream, String> {
+        let mut upstream = TcpStream::connect(inner).await.map_err(|e| e.to_string())?;
+        let _ = upstream.set_nodelay(true);
+        let rewritten = packet::rewrite_connect_credentials(
+            connect,
+            &self.inner_user,
+            self.inner_secret.as_bytes(),
+        )
+        .map_err(|e| format!("CONNECT: {e}"))?;
+        upstream
+            .write_all(&rewritten)
+            .await
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(self.connect_timeout, read_whole_packet(&mut upstream, ubuf))
+            .await
+        {
+            Ok(Ok(true)) => Ok(upstream),
+            Ok(Ok(false)) => Err("closed before its CONNACK".into()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!("no CONNACK within {:?}", self.connect_timeout)),
+        }
+    }
+
+    /// The whole packets in `ubuf` from rumqttd, to pass to the client: as
+    /// they are, but for a SUBACK answering a SUBSCRIBE the gate trimmed.
+    fn upstream_packets(
+        &self,
+        ubuf: &mut BytesMut,
+        session: &mut Session,
+    ) -> Result<Vec<u8>, String> {
+        let mut out = Vec::with_capacity(ubuf.len());
+        loop {
+            let len = match packet::frame(ubuf, UPSTREAM_LIMIT) {
+                Ok(Some(len)) => len,
+                Ok(None) => return Ok(out),
+                Err(e) => return Err(format!("from rumqttd: {e}")),
+            };
+            let p = ubuf.split_to(len);
+            match self.splice_suback(&p, session) {
+                Some(rewritten) => out.extend_from_slice(&rewritten),
+                None => out.extend_from_slice(&p),
             }
         }
     }
@@ -600,6 +640,29 @@ enum Verdict {
     Reply(Vec<u8>),
     Drop,
     Close(Option<Vec<u8>>),
+}
+
+/// Answers a CONNECT with a refusal: `v4` for MQTT 3.1.1, `v5` for 5.
+async fn refuse<S: AsyncWrite + Unpin>(client: &mut S, level: u8, v4: u8, v5: u8) {
+    let _ = client
+        .write_all(&packet::encode_connack_refused(level, v4, v5))
+        .await;
+}
+
+/// Reads from rumqttd until `buf` holds a whole packet (true), or rumqttd
+/// closed first (false).
+async fn read_whole_packet(s: &mut TcpStream, buf: &mut BytesMut) -> Result<bool, String> {
+    loop {
+        if packet::frame(buf, UPSTREAM_LIMIT)
+            .map_err(|e| format!("from rumqttd: {e}"))?
+            .is_some()
+        {
+            return Ok(true);
+        }
+        if s.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+            return Ok(false);
+        }
+    }
 }
 
 /// Reads one whole packet; `Ok(None)` if the peer closed first.
