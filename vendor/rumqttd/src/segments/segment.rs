@@ -27,16 +27,21 @@ impl<T> Segment<T>
 where
     T: Storage + Clone,
 {
+    // edgeloop's patch: `Vec::new()`, not `Vec::with_capacity(1024)`. Every
+    // segment of every filter's log reserved 1,024 entries (~230 KiB of
+    // `PublishData`), whatever the segment's size: with a small log per
+    // device (`ack/{device}`, a few dozen entries) that was ~0.5 MiB per
+    // device, ~1 GiB for 2,000. A segment now grows with what it holds.
     pub(crate) fn with_offset(absolute_offset: u64) -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            data: Vec::new(),
             absolute_offset,
             total_size: 0,
         }
     }
     pub(crate) fn new() -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            data: Vec::new(),
             absolute_offset: 0,
             total_size: 0,
         }
