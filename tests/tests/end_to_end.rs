@@ -436,24 +436,11 @@ async fn ack_watermark_reaches_the_device_and_never_passes_what_kafka_holds() ->
             }
         };
 
-    let publish = |first: u64, n: u64| {
-        let client = client.clone();
-        async move {
-            client
-                .publish(
-                    topics::telemetry(device),
-                    rumqttc::QoS::AtLeastOnce,
-                    false,
-                    batch(device, first, n),
-                )
-                .await
-        }
-    };
-    publish(0, 10).await?;
+    send_batch(&client, device, 0, 10).await?;
     ensure!(next_ack(10, &mut acks).await? == 10);
     // 10..20 is withheld: 20..30 reaches Kafka, but the watermark must not
     // jump the gap.
-    publish(20, 10).await?;
+    send_batch(&client, device, 20, 10).await?;
     wait_for(Duration::from_secs(30), "seq 20..30 in Kafka", || {
         let seqs = seqs_in_kafka(&stack.kafka, device);
         async move { Ok(seqs?.contains(&29).then_some(())) }
@@ -465,7 +452,7 @@ async fn ack_watermark_reaches_the_device_and_never_passes_what_kafka_holds() ->
         let ack = ack?;
         ensure!(ack == 10, "the watermark moved past the gap to {ack}");
     }
-    publish(10, 10).await?;
+    send_batch(&client, device, 10, 10).await?;
     ensure!(next_ack(30, &mut acks).await? == 30);
     pump.abort();
     Ok(())
@@ -1209,6 +1196,24 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     response.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Publishes readings `first..first + n` of `device` to its telemetry topic
+/// (QoS 1).
+async fn send_batch(
+    client: &rumqttc::AsyncClient,
+    device: &str,
+    first: u64,
+    n: u64,
+) -> Result<(), rumqttc::ClientError> {
+    client
+        .publish(
+            topics::telemetry(device),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            batch(device, first, n),
+        )
+        .await
+}
+
 /// A fresh MQTT client `id` subscribed with QoS 1 to `filters`; the
 /// publishes it receives arrive on the channel.
 async fn subscriber(
@@ -1311,14 +1316,7 @@ async fn a_killed_broker_restarts_with_the_retained_model_and_the_ack_watermark_
     let filters = [topics::ack(device), model_topic.clone()];
     let (client, mut rx, pump) = subscriber(stack.mqtt, device, &filters).await?;
     for first in (0..100).step_by(10) {
-        client
-            .publish(
-                topics::telemetry(device),
-                rumqttc::QoS::AtLeastOnce,
-                false,
-                batch(device, first, 10),
-            )
-            .await?;
+        send_batch(&client, device, first, 10).await?;
     }
     let (mut got_model, mut last_ack) = (None, 0);
     receive_until(&mut rx, "the model and ack 100", |p| {
@@ -1381,14 +1379,7 @@ async fn a_killed_broker_restarts_with_the_retained_model_and_the_ack_watermark_
 
     // Acks continue from the restored watermark: a batch straddling it moves
     // it on, a batch entirely below it only re-publishes it.
-    client
-        .publish(
-            topics::telemetry(device),
-            rumqttc::QoS::AtLeastOnce,
-            false,
-            batch(device, 90, 20),
-        )
-        .await?;
+    send_batch(&client, device, 90, 20).await?;
     let ack = receive_until(&mut rx, "ack 110", |p| {
         let ack = ack_of(p)?;
         ensure!(ack >= 100, "ack went backwards to {ack}");
@@ -1396,14 +1387,7 @@ async fn a_killed_broker_restarts_with_the_retained_model_and_the_ack_watermark_
     })
     .await?;
     ensure!(ack == 110);
-    client
-        .publish(
-            topics::telemetry(device),
-            rumqttc::QoS::AtLeastOnce,
-            false,
-            batch(device, 0, 10),
-        )
-        .await?;
+    send_batch(&client, device, 0, 10).await?;
     let again = receive_until(&mut rx, "the ack re-published", |p| Ok(Some(ack_of(p)?))).await?;
     ensure!(again == 110, "a stale batch re-publishes 110, not {again}");
     pump.abort();
@@ -1441,14 +1425,7 @@ async fn a_killed_broker_restarts_with_the_retained_model_and_the_ack_watermark_
             status.encode_to_vec(),
         )
         .await?;
-    client
-        .publish(
-            topics::telemetry(device),
-            rumqttc::QoS::AtLeastOnce,
-            false,
-            batch(device, 130, 10),
-        )
-        .await?;
+    send_batch(&client, device, 130, 10).await?;
     receive_until(&mut rx, "ack 140 after the device's status", |p| {
         Ok((p.topic != model_topic && ack_of(p)? == 140).then_some(()))
     })
