@@ -656,10 +656,17 @@ fn cluster_id(dir: &Path) -> Result<String> {
         }
     }
     use base64::Engine as _;
-    let mut bytes: [u8; 16] = rand::random();
-    // Kafka reserves the ids whose first eight bytes are zero.
-    bytes[0] |= 1;
-    let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let id = loop {
+        let mut bytes: [u8; 16] = rand::random();
+        // Kafka reserves the ids whose first eight bytes are zero.
+        bytes[0] |= 1;
+        let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        // As Kafka's `Uuid.randomUuid`: an id that starts with `-` reads as
+        // an option on the storage tool's command line.
+        if !id.starts_with('-') {
+            break id;
+        }
+    };
     std::fs::write(&path, &id).map_err(io(&path))?;
     Ok(id)
 }
