@@ -1455,7 +1455,7 @@ async fn a_killed_broker_restarts_with_the_retained_model_and_the_ack_watermark_
 async fn kafka_down_for_30_seconds_while_devices_publish_loses_and_duplicates_nothing() -> Result<()>
 {
     let dir = tempfile::tempdir()?;
-    let kafka = edgeloop_tests::start_durable_kafka(dir.path()).await?;
+    let kafka = edgeloop_tests::start_kafka(dir.path()).await?;
     let mut stack = Stack::around(dir, kafka)?;
     // A small in-flight limit, so that the outage fills it and the bridge
     // has to stop taking telemetry.
@@ -1538,10 +1538,8 @@ async fn kafka_down_for_30_seconds_while_devices_publish_loses_and_duplicates_no
         })
     };
 
-    // A crash of the Kafka-API broker (SIGKILL: Tansu 0.6 does not come back
-    // cleanly from a SIGTERM while the bridge's idempotent producer has
-    // requests in flight; see LocalKafka), restarted 30 s later on the same
-    // address with the same SQLite storage.
+    // A crash of Kafka (SIGKILL), restarted 30 s later on the same address
+    // with the same storage.
     stack.kafka.kill_keeping_storage().await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     ensure!(
@@ -1619,7 +1617,7 @@ async fn signal(pid: u32, signal: &str) -> Result<()> {
 /// and the Kafka-API broker's pid.
 async fn stack_with_a_small_log(max_hold: &str) -> Result<(Stack, SocketAddr, u32)> {
     let dir = tempfile::tempdir()?;
-    let kafka = edgeloop_tests::start_durable_kafka(dir.path()).await?;
+    let kafka = edgeloop_tests::start_kafka(dir.path()).await?;
     let kafka_pid = kafka.pid().context("kafka pid")?;
     let mut stack = Stack::around(dir, kafka)?;
     let config = stack.dir.path().join("broker.toml");
