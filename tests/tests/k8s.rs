@@ -17,9 +17,12 @@
 //!   on, and the real `edgeloop broker` and `edgeloop processor`, started
 //!   with the containers' args and environment and the files of the rendered
 //!   ConfigMaps and Secrets, answer the probes: `/healthz` 200 at once,
-//!   `/readyz` 200 once Kafka answers (an Apache Kafka started by the test
-//!   harness stands in for the cluster's Kafka, local addresses for
-//!   in-cluster ones).
+//!   `/readyz` 200 once Kafka answers, against an Apache Kafka that the
+//!   test starts from the harness's jars (local addresses stand in for
+//!   in-cluster ones): for dev, one node configured with the server
+//!   properties the overlay's StatefulSet gives its image, each of which
+//!   Kafka must take; for prod, three nodes with the topics its KafkaTopics
+//!   declare.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,7 +31,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use edgeloop_tests::{free_addr, start_kafka, wait_for, Component};
+use edgeloop_kafka::local::{LocalKafka, LocalKafkaOptions};
+use edgeloop_tests::{free_addr, kafka_install, wait_for, Component};
 use serde_json::Value;
 
 /// The Kubernetes version the manifests are validated against: kubectl's
@@ -42,10 +46,6 @@ const OVERLAYS: &[&str] = &["dev", "prod"];
 /// prod overlay's Strimzi `KafkaTopic`s (checked by
 /// [`the_prod_overlay_declares_every_edgeloop_topic`] instead).
 const KINDS_WITHOUT_SCHEMA: &[&str] = &["ServiceMonitor", "KafkaTopic"];
-
-/// The Apache Kafka release of the dev overlay's image, the one the
-/// harness and `edgeloop up` run (`kafka/pom.xml`).
-const KAFKA_IMAGE: &str = "apache/kafka:4.4.0";
 
 fn edgeloop_bin() -> PathBuf {
     std::env::var_os("EDGELOOP_BIN")
@@ -643,9 +643,11 @@ fn the_dev_overlay_runs_a_single_node_kraft_kafka_statefulset() -> Result<()> {
     let containers = pod["containers"].as_array().context("containers")?;
     ensure!(containers.len() == 1, "dev Kafka: one container expected");
     let container = &containers[0];
+    // The release the harness and `edgeloop up` run (kafka/pom.xml).
+    let image = format!("apache/kafka:{}", edgeloop_kafka::local::KAFKA_VERSION);
     ensure!(
-        container["image"] == KAFKA_IMAGE,
-        "dev Kafka: image {}, expected {KAFKA_IMAGE}",
+        container["image"] == image.as_str(),
+        "dev Kafka: image {}, expected {image}",
         container["image"]
     );
     // Every KAFKA_* variable becomes a server property in the image,
@@ -1206,10 +1208,181 @@ async fn start_and_probe(pod: &Pod, dir: &Path) -> Result<Component> {
     Ok(component)
 }
 
+/// Environment variables the `apache/kafka` image does not turn into server
+/// properties (`ExcludeServerPropsEnv` of `kafka.docker.KafkaDockerWrapper`).
+const IMAGE_NON_PROPERTY_ENV: &[&str] = &[
+    "KAFKA_VERSION",
+    "KAFKA_HEAP_OPTS",
+    "KAFKA_LOG4J_OPTS",
+    "KAFKA_OPTS",
+    "KAFKA_JMX_OPTS",
+    "KAFKA_JVM_PERFORMANCE_OPTS",
+    "KAFKA_GC_LOG_OPTS",
+    "KAFKA_LOG4J_ROOT_LOGLEVEL",
+    "KAFKA_LOG4J_LOGGERS",
+    "KAFKA_TOOLS_LOG4J_LOGLEVEL",
+    "KAFKA_JMX_HOSTNAME",
+];
+
+/// The server properties the `apache/kafka` image writes from `container`'s
+/// environment, as its `KafkaDockerWrapper` does: every `KAFKA_*` variable
+/// but the JVM's, `KAFKA_` removed, lower case, `_` → `.`, then `...` → `-`
+/// and `..` → `_`.
+fn image_server_properties(container: &Value) -> Result<Vec<(String, String)>> {
+    let mut properties = Vec::new();
+    for var in container["env"].as_array().context("env")? {
+        let key = str_of(&var["name"], "env name")?;
+        if !key.starts_with("KAFKA_") || IMAGE_NON_PROPERTY_ENV.contains(&key) {
+            continue;
+        }
+        let value = str_of(&var["value"], key)?;
+        let property = key
+            .replace("KAFKA_", "")
+            .to_lowercase()
+            .replace('_', ".")
+            .replace("...", "-")
+            .replace("..", "_");
+        properties.push((property, value.to_string()));
+    }
+    Ok(properties)
+}
+
+/// Properties that place the node in its pod (its id, listeners, advertised
+/// name, quorum, log directory): the harness's loopback node has its own.
+/// The offline test checks them.
+const POD_PLACEMENT_PROPERTIES: &[&str] = &[
+    "node.id",
+    "listeners",
+    "advertised.listeners",
+    "listener.security.protocol.map",
+    "inter.broker.listener.name",
+    "controller.listener.names",
+    "controller.quorum.voters",
+    "log.dirs",
+];
+
+/// Starts, from the harness's Apache Kafka jars, a Kafka configured as the
+/// dev overlay's StatefulSet configures its container (the server
+/// properties its image would write, the heap of `KAFKA_HEAP_OPTS`), but on
+/// loopback ports and local storage; then checks that Kafka took every one
+/// of those properties with its value (its `KafkaConfig values:` log): a
+/// misspelt variable would be a property Kafka does not know, and silently
+/// ignored.
+async fn start_dev_overlay_kafka(docs: &[Value], dir: &Path) -> Result<LocalKafka> {
+    let set = docs
+        .iter()
+        .find(|d| d["kind"] == "StatefulSet")
+        .context("dev: no Kafka StatefulSet")?;
+    let container = &set["spec"]["template"]["spec"]["containers"][0];
+    let properties: Vec<(String, String)> = image_server_properties(container)?
+        .into_iter()
+        .filter(|(k, _)| !POD_PLACEMENT_PROPERTIES.contains(&k.as_str()))
+        .collect();
+    let heap = env_of(container, "KAFKA_HEAP_OPTS").context("dev Kafka: no KAFKA_HEAP_OPTS")?;
+    let max_heap = heap
+        .split_whitespace()
+        .find_map(|o| o.strip_prefix("-Xmx"))
+        .context("dev Kafka: no -Xmx")?;
+    let options = LocalKafkaOptions {
+        max_heap: max_heap.to_string(),
+        properties: properties.clone(),
+        ..LocalKafkaOptions::single(&dir.join("kafka"))
+    };
+    let kafka = LocalKafka::start(&kafka_install()?, &options).await?;
+    let log_path = kafka.log(1).context("the local Kafka's log")?;
+    let log = std::fs::read_to_string(&log_path)?;
+    // `\tkey = value` lines; lists print as `[a, b]`.
+    let taken: HashMap<&str, String> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix('\t')?.split_once(" = "))
+        .map(|(k, v)| {
+            let v = v.trim();
+            let v = v
+                .strip_prefix('[')
+                .and_then(|v| v.strip_suffix(']'))
+                .map_or_else(|| v.to_string(), |list| list.replace(", ", ","));
+            (k, v)
+        })
+        .collect();
+    ensure!(
+        !taken.is_empty(),
+        "no `KafkaConfig values:` in {}: cannot check the dev overlay's properties",
+        log_path.display()
+    );
+    for (key, value) in &properties {
+        let got = taken.get(key.as_str()).with_context(|| {
+            format!(
+                "dev Kafka: {key} (from its environment) is not a property Kafka {} knows",
+                edgeloop_kafka::local::KAFKA_VERSION
+            )
+        })?;
+        ensure!(
+            got == value,
+            "dev Kafka: {key} = {value} in its environment, Kafka runs with {got}"
+        );
+    }
+    Ok(kafka)
+}
+
+/// Starts three loopback Kafka nodes (as a production cluster: internal
+/// topics with three replicas, two in sync) and creates the topics the prod
+/// overlay's KafkaTopics declare, as Strimzi's Topic Operator would, so the
+/// broker and the processor start against topics that exist already.
+async fn start_prod_like_kafka(docs: &[Value], dir: &Path) -> Result<LocalKafka> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let options = LocalKafkaOptions {
+        nodes: 3,
+        ..LocalKafkaOptions::single(&dir.join("kafka"))
+    };
+    let kafka = LocalKafka::start(&kafka_install()?, &options).await?;
+    let mut topics = Vec::new();
+    for topic in docs.iter().filter(|d| d["kind"] == "KafkaTopic") {
+        let spec = &topic["spec"];
+        let name = str_of(&spec["topicName"], "KafkaTopic topicName")?.to_string();
+        let partitions = i32::try_from(spec["partitions"].as_i64().context("partitions")?)?;
+        let replicas = i32::try_from(spec["replicas"].as_i64().context("replicas")?)?;
+        let mut config = Vec::new();
+        for (key, value) in spec["config"].as_object().into_iter().flatten() {
+            let value = match value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            config.push((key.clone(), value));
+        }
+        topics.push((name, partitions, replicas, config));
+    }
+    ensure!(!topics.is_empty(), "prod: no KafkaTopics to create");
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, partitions, replicas, config)| {
+            config.iter().fold(
+                NewTopic::new(name, *partitions, TopicReplication::Fixed(*replicas)),
+                |t, (k, v)| t.set(k, v),
+            )
+        })
+        .collect();
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .create()?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(new_topics.iter(), &options).await? {
+        if let Err((topic, code)) = result {
+            bail!("creating {topic} as its KafkaTopic declares it: {code}");
+        }
+    }
+    Ok(kafka)
+}
+
 async fn overlay_starts_the_real_components(overlay: &str) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let docs = parse(&render(&k8s_dir().join("overlays").join(overlay))?)?;
-    let kafka = start_kafka(dir.path()).await?;
+    // dev: the overlay's own Kafka as its StatefulSet configures it; prod: a
+    // three-node cluster with the topics its KafkaTopics declare.
+    let kafka = match overlay {
+        "dev" => start_dev_overlay_kafka(&docs, dir.path()).await?,
+        _ => start_prod_like_kafka(&docs, dir.path()).await?,
+    };
     let volumes = dir.path().join("volumes");
     let broker = pod(
         &docs,
