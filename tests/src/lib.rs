@@ -408,44 +408,6 @@ pub fn read_topic(kafka: &LocalKafka, topic: &str) -> Result<Vec<rdkafka::messag
     Ok(out)
 }
 
-/// Every record in `topic`, read from the beginning until none has come for
-/// `idle`: unlike [`read_topic`], it does not stop at the high watermarks
-/// the broker reports (Tansu reports them a record or two short under load
-/// at times; what lies past them is there and fetched).
-pub fn read_topic_drained(
-    kafka: &LocalKafka,
-    topic: &str,
-    idle: Duration,
-) -> Result<Vec<rdkafka::message::OwnedMessage>> {
-    let consumer = kafka_consumer(kafka, "test-drainer")?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let mut assignment = TopicPartitionList::new();
-    for t in metadata.topics() {
-        for p in t.partitions() {
-            assignment.add_partition_offset(topic, p.id(), Offset::Beginning)?;
-        }
-    }
-    consumer.assign(&assignment)?;
-    let mut out = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut last = std::time::Instant::now();
-    while last.elapsed() < idle {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "reading {topic}: records still coming after 60 s"
-        );
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                out.push(m.detach());
-                last = std::time::Instant::now();
-            }
-            Some(Err(e)) => bail!("reading {topic}: {e}"),
-            None => {}
-        }
-    }
-    Ok(out)
-}
-
 /// Produces one record and waits for Kafka to take it.
 pub async fn produce(kafka: &LocalKafka, topic: &str, key: &str, payload: &[u8]) -> Result<()> {
     let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
