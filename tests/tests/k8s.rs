@@ -1225,9 +1225,9 @@ const IMAGE_NON_PROPERTY_ENV: &[&str] = &[
 ];
 
 /// The server properties the `apache/kafka` image writes from `container`'s
-/// environment, as its `KafkaDockerWrapper` does: every `KAFKA_*` variable
-/// but the JVM's, `KAFKA_` removed, lower case, `_` → `.`, then `...` → `-`
-/// and `..` → `_`.
+/// environment, as its `KafkaDockerWrapper` (Kafka 4) does: every
+/// `KAFKA_*` variable but the JVM's, the first `KAFKA_` removed, lower case,
+/// `_` → `.`, then `...` → `-` and `..` → `_`.
 fn image_server_properties(container: &Value) -> Result<Vec<(String, String)>> {
     let mut properties = Vec::new();
     for var in container["env"].as_array().context("env")? {
@@ -1237,7 +1237,7 @@ fn image_server_properties(container: &Value) -> Result<Vec<(String, String)>> {
         }
         let value = str_of(&var["value"], key)?;
         let property = key
-            .replace("KAFKA_", "")
+            .replacen("KAFKA_", "", 1)
             .to_lowercase()
             .replace('_', ".")
             .replace("...", "-")
