@@ -141,6 +141,24 @@ pub struct KafkaConfig {
     /// Extra librdkafka settings, passed through as they are (for example
     /// `"security.protocol" = "ssl"`). They override edgeloop's own.
     pub librdkafka_options: BTreeMap<String, String>,
+    /// Topic settings of the compacted topics edgeloop creates (acks,
+    /// status, models, pins), beside `cleanup.policy=compact`. Kafka
+    /// compacts only closed segments, and its default segment lives 7 days
+    /// or 1 GiB: the defaults here (a segment closes after an hour, and is
+    /// cleaned once a tenth of it is superseded) keep these topics near one
+    /// record per key.
+    pub compacted_topic_config: BTreeMap<String, String>,
+}
+
+/// The default [`KafkaConfig::compacted_topic_config`].
+pub fn default_compacted_topic_config() -> BTreeMap<String, String> {
+    [
+        ("segment.ms", "3600000"),
+        ("min.cleanable.dirty.ratio", "0.1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
 }
 
 impl Default for KafkaConfig {
@@ -151,6 +169,7 @@ impl Default for KafkaConfig {
             replication_factor: 1,
             create_topics: true,
             librdkafka_options: BTreeMap::new(),
+            compacted_topic_config: default_compacted_topic_config(),
         }
     }
 }
@@ -221,7 +240,15 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), 
 /// already exists is left as it is, with a warning if its cleanup policy is
 /// not `compact` (its old records may then be deleted by retention).
 pub async fn ensure_compacted_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), Error> {
-    create_topics(config, topics, &[("cleanup.policy", "compact")]).await?;
+    let mut settings = vec![("cleanup.policy", "compact")];
+    settings.extend(
+        config
+            .compacted_topic_config
+            .iter()
+            .filter(|(k, _)| k.as_str() != "cleanup.policy")
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    create_topics(config, topics, &settings).await?;
     if config.create_topics {
         warn_unless_compacted(config, topics).await;
     }

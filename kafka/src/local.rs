@@ -636,6 +636,9 @@ fn server_properties(
         "num.network.threads=2".into(),
         "num.io.threads=4".into(),
         "log.cleaner.threads=1".into(),
+        // The cleaner looks for work every 2 s (15 s by default): compacted
+        // topics shrink soon after a segment closes.
+        "log.cleaner.backoff.ms=2000".into(),
     ];
     lines.extend(opts.properties.iter().map(|(k, v)| format!("{k}={v}")));
     lines.push(String::new());

@@ -147,3 +147,84 @@ async fn three_nodes_keep_taking_acks_all_writes_with_the_leader_killed() -> Res
     kafka.stop(Duration::from_secs(30)).await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compacted_topics_edgeloop_creates_keep_about_one_record_per_key() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let kafka = LocalKafka::start(&install()?, &LocalKafkaOptions::single(dir.path())).await?;
+    let mut config = edgeloop_kafka::KafkaConfig {
+        bootstrap_servers: kafka.bootstrap(),
+        partitions: 1,
+        ..Default::default()
+    };
+    // Segments close after 200 ms here (an hour by default) so that the
+    // test sees the cleaner at work.
+    config
+        .compacted_topic_config
+        .insert("segment.ms".into(), "200".into());
+    edgeloop_kafka::ensure_compacted_topics(&config, &["acks"]).await?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .create()?;
+    let written = 400u32;
+    for round in 0..(written / 10) {
+        for key in 0..10u32 {
+            producer
+                .send(
+                    FutureRecord::to("acks")
+                        .key(&format!("device-{key}"))
+                        .payload(&format!("{round}")),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| e)?;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .set("group.id", "compaction-test")
+        .create()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let (low, high) = consumer.fetch_watermarks("acks", 0, Duration::from_secs(10))?;
+        assert_eq!(high, i64::from(written));
+        // What is left from the start: the latest value of each key, and
+        // the records of the segment still open.
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset("acks", 0, Offset::Beginning)?;
+        consumer.assign(&assignment)?;
+        let mut left = 0u32;
+        let mut latest = std::collections::HashMap::new();
+        let mut next = low;
+        while next < high && std::time::Instant::now() < deadline {
+            if let Some(m) = consumer.poll(Duration::from_millis(500)) {
+                let m = m?;
+                next = m.offset() + 1;
+                left += 1;
+                latest.insert(
+                    m.key().unwrap_or_default().to_vec(),
+                    m.payload().unwrap_or_default().to_vec(),
+                );
+            }
+        }
+        assert_eq!(latest.len(), 10, "a key lost its latest record");
+        let last_round = format!("{}", written / 10 - 1).into_bytes();
+        assert!(
+            latest.values().all(|v| *v == last_round),
+            "a key's latest value is not its last"
+        );
+        if left < written / 2 {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "{left} of {written} records still there after 90 s: not compacted"
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    kafka.stop(Duration::from_secs(30)).await;
+    Ok(())
+}

@@ -546,9 +546,9 @@ pub fn run(
 
 /// Watches how many partitions the group gives this processor. A processor
 /// left without any for long is either one more than the readings topic has
-/// partitions, or in a group whose coordinator no longer completes
-/// rebalances (Tansu 0.6 after a member's session expired, see
-/// docs/operations.md "Processor without partitions"): it says so in the log
+/// partitions, or in a group where another member holds them or a
+/// rebalance does not finish (docs/operations.md "Processor without
+/// partitions"): it says so in the log
 /// and the gauges, since it writes nothing meanwhile.
 struct AssignmentWatch {
     every: Duration,
@@ -601,7 +601,7 @@ impl AssignmentWatch {
             tracing::warn!(
                 seconds = without.as_secs(),
                 topic = topics::KAFKA_READINGS,
-                "no partition assigned for this long: this processor writes nothing. Either the group has more processors than the topic has partitions, or its coordinator stopped completing rebalances (Tansu 0.6 does after a member's session expired; restart Tansu). See docs/operations.md, Processor without partitions"
+                "no partition assigned for this long: this processor writes nothing. Either the group has more processors than the topic has partitions, or another member holds them or the rebalance does not finish (kafka-consumer-groups.sh --describe --members). See docs/operations.md, Processor without partitions"
             );
         }
     }
