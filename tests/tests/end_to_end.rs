@@ -2343,11 +2343,13 @@ async fn a_first_batch_at_seq_2_pow_64_minus_1_is_refused_and_the_device_goes_on
     let _processor = stack.processor("processor")?;
     let device = "seq-max";
     let (client, mut acks, _pump) = subscriber(stack.mqtt, device, &[topics::ack(device)]).await?;
+    let mut last_seq = two_channel_batch(device, 0, 1);
+    last_seq.first_seq = u64::MAX;
     publish_raw(
         &client,
         topics::telemetry(device),
         false,
-        batch(device, u64::MAX, 1),
+        last_seq.encode_to_vec(),
     )
     .await?;
     send_batch(&client, device, 0, 5).await?;
