@@ -82,6 +82,21 @@ fn render(stats: &ProcessorStats, rules: &RuleMetrics) -> String {
             &stats.readings_reported_lost,
         ),
         (
+            "edgeloop_processor_invalid_batches_total",
+            "Batches refused for their content (dead letters) whose seqs were recorded in losses as invalid_batch",
+            &stats.invalid_batches,
+        ),
+        (
+            "edgeloop_processor_readings_invalid_total",
+            "Seqs of batches refused for their content, recorded in losses as invalid_batch",
+            &stats.readings_invalid,
+        ),
+        (
+            "edgeloop_processor_statuses_refused_total",
+            "Device status records the control API refused (not a DeviceStatus, another device than the key, time or seq out of range)",
+            &stats.statuses_refused,
+        ),
+        (
             "edgeloop_processor_duplicates_dropped_total",
             "Readings dropped as already in the data set",
             &stats.duplicates_dropped,

@@ -25,6 +25,15 @@ pub struct ProcessorStats {
     /// readings they cover.
     pub loss_reports: AtomicU64,
     pub readings_reported_lost: AtomicU64,
+    /// Batches refused for their content whose seqs were recorded in
+    /// `losses` as `invalid_batch` (their bytes are dead letters), and those
+    /// seqs.
+    pub invalid_batches: AtomicU64,
+    pub readings_invalid: AtomicU64,
+    /// Records of `edgeloop.status` the control API refused: not a
+    /// `DeviceStatus`, naming another device than their key, or with a time
+    /// or seq out of range.
+    pub statuses_refused: AtomicU64,
     /// Readings (and lost seqs) dropped because the data set already has them.
     pub duplicates_dropped: AtomicU64,
     /// Rules files taken into force, and refused (the previous rules stay).

@@ -174,12 +174,23 @@ impl Sink<'_> {
                         .iter()
                         .position(|name| name == c)
                         .and_then(|i| r.values.get(i).copied())
-                        .filter(|v| !v.is_nan())
+                        .filter(|v| v.is_finite())
                 };
                 state.label(engine, &batch.device_id, &value, r.ts_micros)
             })
             .collect()
     }
+}
+
+/// The hour a record's rows go to: its Kafka timestamp's, else (a record
+/// without one) its first reading's.
+fn bucket_of(message: &BorrowedMessage<'_>, batch: &ReadingBatch) -> Bucket {
+    let millis = message
+        .timestamp()
+        .to_millis()
+        .or_else(|| batch.readings.first().map(|r| r.ts_micros / 1000))
+        .unwrap_or(0);
+    Bucket::of_millis(millis)
 }
 
 impl Sink<'_> {
@@ -335,23 +346,25 @@ impl Sink<'_> {
                 ProcessorStats::add(&self.stats.offset_gaps, 1);
             }
         }
-        let batch = match decode::decode(message.key(), message.payload().unwrap_or_default()) {
+        let batch = match decode::decode(
+            message.key(),
+            message.payload().unwrap_or_default(),
+            &self.config.batch_limits,
+        ) {
             Ok(batch) => batch,
             Err(refused) => {
                 let reason = refused.to_string();
                 tracing::warn!(partition, offset, %reason, "dead-lettering a record");
                 dead.send(message, &reason)?;
                 ProcessorStats::add(&self.stats.dead_letters, 1);
+                if let Some(lost) = &refused.lost {
+                    self.record_invalid(message, lost)?;
+                }
                 return self.commit_if_idle(partition, offset);
             }
         };
         self.stats.saw_batch(&batch);
-        let millis = message
-            .timestamp()
-            .to_millis()
-            .or_else(|| batch.readings.first().map(|r| r.ts_micros / 1000))
-            .unwrap_or(0);
-        let bucket = Bucket::of_millis(millis);
+        let bucket = bucket_of(message, &batch);
         let seen = &mut self.seen.entry(partition).or_default().seen;
         let unseen = seen.unseen(&batch.device_id, batch.first_seq, batch.end_seq());
         let covered: u64 = unseen.iter().map(|(a, b)| b - a).sum();
@@ -373,7 +386,7 @@ impl Sink<'_> {
                 offset,
                 &batch.device_id,
                 &batch.profile,
-                loss,
+                std::slice::from_ref(loss),
             )?;
             tracing::info!(device = %batch.device_id, first_seq = loss.first_seq, end_seq = loss.end_seq, reason = %loss.reason, path = %path.display(), "device reported lost readings");
             self.mark_seen(partition, &batch.device_id, &unseen);
@@ -449,6 +462,61 @@ impl Sink<'_> {
         if file.rows >= self.config.sink.max_rows || file.est_bytes >= self.config.sink.max_bytes {
             self.close(partition)?;
         }
+        Ok(())
+    }
+
+    /// Records in `losses` (reason `invalid_batch`) the seqs of a batch
+    /// refused for its content, those not already in the data set: the
+    /// bridge acknowledged them (the device deleted them), so the gap they
+    /// leave is explained; the dead letter holds the bytes and the reason.
+    fn record_invalid(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        lost: &edgeloop_proto::validate::LostSeqs,
+    ) -> Result<(), SourceError> {
+        let (partition, offset) = (message.partition(), message.offset());
+        let device = message
+            .key()
+            .map(String::from_utf8_lossy)
+            .unwrap_or_default()
+            .into_owned();
+        let unseen = self.seen.entry(partition).or_default().seen.unseen(
+            &device,
+            lost.first_seq,
+            lost.end_seq,
+        );
+        if unseen.is_empty() {
+            return Ok(());
+        }
+        let detected_at_micros = message
+            .timestamp()
+            .to_millis()
+            .map_or(0, |ms| ms.saturating_mul(1000));
+        let reports: Vec<edgeloop_proto::v1::LossReport> = unseen
+            .iter()
+            .map(|&(first_seq, end_seq)| edgeloop_proto::v1::LossReport {
+                device_id: device.clone(),
+                first_seq,
+                end_seq,
+                reason: edgeloop_proto::validate::INVALID_BATCH.into(),
+                detected_at_micros,
+            })
+            .collect();
+        let bucket = Bucket::of_millis(message.timestamp().to_millis().unwrap_or(0));
+        let path = losses::write(
+            &self.config.parquet_root,
+            &bucket,
+            partition,
+            offset,
+            &device,
+            &lost.profile,
+            &reports,
+        )?;
+        let readings: u64 = unseen.iter().map(|(a, b)| b - a).sum();
+        tracing::info!(%device, first_seq = lost.first_seq, end_seq = lost.end_seq, path = %path.display(), "the seqs of a refused batch are recorded as lost (invalid_batch)");
+        self.mark_seen(partition, &device, &unseen);
+        ProcessorStats::add(&self.stats.invalid_batches, 1);
+        ProcessorStats::add(&self.stats.readings_invalid, readings);
         Ok(())
     }
 
