@@ -306,6 +306,11 @@ pub fn render(stats: &BrokerStats) -> String {
             &stats.sessions_revoked,
         ),
         (
+            "edgeloop_gate_upstream_login_retries_total",
+            "Devices logged in to rumqttd a second time, rumqttd having closed the first log-in without a CONNACK",
+            &stats.upstream_login_retries,
+        ),
+        (
             "edgeloop_gate_publishes_telemetry_total",
             "Publishes let through to telemetry/{device}",
             &stats.publishes_telemetry,

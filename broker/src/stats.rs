@@ -43,6 +43,9 @@ pub struct BrokerStats {
     /// Sessions ended because a credentials reload removed or changed the
     /// credential they logged in with.
     pub sessions_revoked: AtomicU64,
+    /// Devices the gate logged in to rumqttd a second time, rumqttd having
+    /// closed the first log-in without a CONNACK.
+    pub upstream_login_retries: AtomicU64,
     /// Publishes from devices let through, by topic class.
     pub publishes_telemetry: AtomicU64,
     pub publishes_status: AtomicU64,

@@ -270,23 +270,37 @@ impl Gate {
         } else {
             &self.inner_v4
         };
-        let next = self.next_upstream.fetch_add(1, Ordering::Relaxed);
-        let Some(&inner) = upstreams.get(next % upstreams.len().max(1)) else {
-            return Err("no rumqttd listener for this protocol level".into());
-        };
         let asked = tokio::time::Instant::now();
         let mut ubuf = BytesMut::with_capacity(4096);
-        let upstream = match self.log_in_upstream(inner, &connect, &mut ubuf).await {
-            Ok(upstream) => upstream,
-            Err(e) => {
-                refuse(
-                    &mut client,
-                    parsed.level,
-                    codes::V4_SERVER_UNAVAILABLE,
-                    codes::V5_SERVER_UNAVAILABLE,
-                )
-                .await;
-                return Err(format!("rumqttd at {inner}: {e}"));
+        // rumqttd sometimes closes a log-in without a CONNACK when the same
+        // client id's previous connections are being taken over at that
+        // moment (rarely: about one in a few hundred when three log in at
+        // once and then a fourth); the gate then logs in once more, on the
+        // next listener, before it answers "server unavailable".
+        let mut retried = false;
+        let upstream = loop {
+            let next = self.next_upstream.fetch_add(1, Ordering::Relaxed);
+            let Some(&inner) = upstreams.get(next % upstreams.len().max(1)) else {
+                return Err("no rumqttd listener for this protocol level".into());
+            };
+            ubuf.clear();
+            match self.log_in_upstream(inner, &connect, &mut ubuf).await {
+                Ok(upstream) => break upstream,
+                Err(UpstreamLogin::Closed(e)) if !retried => {
+                    retried = true;
+                    BrokerStats::add(&self.stats.upstream_login_retries, 1);
+                    tracing::debug!(%peer, %identity, rumqttd = %inner, error = %e, "logging in again");
+                }
+                Err(e) => {
+                    refuse(
+                        &mut client,
+                        parsed.level,
+                        codes::V4_SERVER_UNAVAILABLE,
+                        codes::V5_SERVER_UNAVAILABLE,
+                    )
+                    .await;
+                    return Err(format!("rumqttd at {inner}: {e}"));
+                }
             }
         };
         self.stats.connect_latency.observe(asked.elapsed());
@@ -431,26 +445,32 @@ impl Gate {
         inner: SocketAddr,
         connect: &[u8],
         ubuf: &mut BytesMut,
-    ) -> Result<TcpStream, String> {
-        let mut upstream = TcpStream::connect(inner).await.map_err(|e| e.to_string())?;
+    ) -> Result<TcpStream, UpstreamLogin> {
+        let closed = |e: String| UpstreamLogin::Closed(e);
+        let mut upstream = TcpStream::connect(inner)
+            .await
+            .map_err(|e| closed(e.to_string()))?;
         let _ = upstream.set_nodelay(true);
         let rewritten = packet::rewrite_connect_credentials(
             connect,
             &self.inner_user,
             self.inner_secret.as_bytes(),
         )
-        .map_err(|e| format!("CONNECT: {e}"))?;
+        .map_err(|e| UpstreamLogin::Other(format!("CONNECT: {e}")))?;
         upstream
             .write_all(&rewritten)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| closed(e.to_string()))?;
         match tokio::time::timeout(self.connect_timeout, read_whole_packet(&mut upstream, ubuf))
             .await
         {
             Ok(Ok(true)) => Ok(upstream),
-            Ok(Ok(false)) => Err("closed before its CONNACK".into()),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(format!("no CONNACK within {:?}", self.connect_timeout)),
+            Ok(Ok(false)) => Err(closed("closed before its CONNACK".into())),
+            Ok(Err(e)) => Err(UpstreamLogin::Other(e)),
+            Err(_) => Err(UpstreamLogin::Other(format!(
+                "no CONNACK within {:?}",
+                self.connect_timeout
+            ))),
         }
     }
 
@@ -748,6 +768,24 @@ pub async fn watch_credentials(gate: Arc<Gate>, interval: Duration, shutdown: Ca
                 sessions = ended,
                 "credentials reloaded: ended the sessions of removed or changed credentials"
             );
+        }
+    }
+}
+
+/// Why the gate could not log a device in to rumqttd.
+enum UpstreamLogin {
+    /// rumqttd closed (or refused) the connection before its CONNACK: worth
+    /// one more try.
+    Closed(String),
+    /// Anything else (no CONNACK in time, a CONNECT that cannot be
+    /// rewritten, an answer that does not frame).
+    Other(String),
+}
+
+impl std::fmt::Display for UpstreamLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamLogin::Closed(e) | UpstreamLogin::Other(e) => f.write_str(e),
         }
     }
 }
