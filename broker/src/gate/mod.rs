@@ -20,7 +20,13 @@
 //!   behind ([`crate::backpressure`]); until it goes, nothing more is read
 //!   from that client, so TCP pushes back on it.
 //! - Packets over the size limit, malformed packets and a second CONNECT
-//!   close the connection; other connections carry on.
+//!   close the connection; other connections carry on. The size limit
+//!   (`mqtt.max_payload_bytes`) is the only one: rumqttd behind the gate
+//!   allows as much, so it never drops what the gate let through.
+//! - A session that logged in with a credential of the file ends when a
+//!   reload removes or changes that credential ([`sessions`]).
+//! - What is logged of a refusal is bounded, in size and per source
+//!   ([`refusals`]).
 //!
 //! rumqttd runs each of its listeners on a thread of its own, so the gate
 //! spreads devices over several (`mqtt.listener_threads`), in turn.
