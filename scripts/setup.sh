@@ -1,21 +1,66 @@
 #!/usr/bin/env bash
 # Installs what edgeloop needs beyond cargo's own dependencies, once:
-# the Tansu Kafka-API broker that `edgeloop up` and the tests start, the
-# Python readers (DuckDB, pyarrow) the tests check the data set with,
-# TensorFlow Lite Micro's interpreter (tflite-micro) for the int8 model test, and
-# kubernetes-validate for the offline checks of k8s/ (tests/tests/k8s.rs;
-# they also need kubectl, which this script does not install).
-# Skipped when tansu is already installed. Building it from scratch takes
-# about 20 minutes on a 2-core machine.
+# Apache Kafka 4.4.0's broker, whose jars `edgeloop up`, `edgeloop chaos`,
+# `edgeloop bench --local` and the tests start Kafka from (Maven
+# coordinates pinned in kafka/pom.xml, copied by Maven into a cache outside
+# the checkout); the Python readers (DuckDB, pyarrow) the tests check the
+# data set with; TensorFlow Lite Micro's interpreter (tflite-micro) for the
+# int8 model test; and kubernetes-validate for the offline checks of k8s/
+# (tests/tests/k8s.rs; they also need kubectl, which this script does not
+# install). Each step is skipped when what it installs is already there.
+#
+# Kafka needs Java 17 or newer and Maven 3 (on Debian: apt-get install
+# openjdk-17-jre-headless maven). The jars go to
+# ${EDGELOOP_KAFKA_LIBS:-${XDG_CACHE_HOME:-$HOME/.cache}/edgeloop/kafka-4.4.0/libs}
+# (43 MiB); the first install takes about 10 s with a fast link to Maven's
+# registry (README, "The two commands").
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
-TANSU_VERSION="0.6.0"
+KAFKA_VERSION="4.4.0"
+MIN_JAVA=17
 
-if command -v tansu >/dev/null 2>&1 || [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ]; then
-    echo "setup: tansu already installed"
+java_bin="java"
+if [ -n "${JAVA_HOME:-}" ]; then
+    java_bin="${JAVA_HOME}/bin/java"
+fi
+if ! command -v "$java_bin" >/dev/null 2>&1; then
+    echo "setup: Java ${MIN_JAVA} or newer is needed to run Apache Kafka ${KAFKA_VERSION}, and ${java_bin} was not found;" >&2
+    echo "setup: install a JDK (Debian: apt-get install openjdk-17-jre-headless) or set JAVA_HOME" >&2
+    exit 1
+fi
+java_version=$("$java_bin" -version 2>&1 | sed -n 's/.*version "\([^"]*\)".*/\1/p' | head -n 1)
+java_major=${java_version%%[.+-]*}
+if [ "$java_major" = "1" ]; then
+    java_major=$(echo "$java_version" | cut -d. -f2)
+fi
+if ! [ "${java_major:-0}" -ge "$MIN_JAVA" ] 2>/dev/null; then
+    echo "setup: Java ${MIN_JAVA} or newer is needed to run Apache Kafka ${KAFKA_VERSION}; ${java_bin} is Java ${java_version:-unknown}" >&2
+    echo "setup: install a newer JDK or point JAVA_HOME at one" >&2
+    exit 1
+fi
+
+kafka_libs="${EDGELOOP_KAFKA_LIBS:-${XDG_CACHE_HOME:-$HOME/.cache}/edgeloop/kafka-${KAFKA_VERSION}/libs}"
+pom_sum=$(sha256sum kafka/pom.xml | cut -d' ' -f1)
+if [ -f "${kafka_libs}/kafka_2.13-${KAFKA_VERSION}.jar" ] && [ "$(cat "${kafka_libs}/.pom.sha256" 2>/dev/null)" = "$pom_sum" ]; then
+    echo "setup: Apache Kafka ${KAFKA_VERSION} already installed in ${kafka_libs}"
 else
-    echo "setup: installing tansu ${TANSU_VERSION} with cargo (about 20 minutes from scratch)"
-    cargo install tansu --version "${TANSU_VERSION}" --locked --features dynostore,libsql
+    if ! command -v mvn >/dev/null 2>&1; then
+        echo "setup: Maven 3 (mvn) is needed to install Apache Kafka ${KAFKA_VERSION}'s jars, and it was not found;" >&2
+        echo "setup: install it (Debian: apt-get install maven)" >&2
+        exit 1
+    fi
+    echo "setup: installing Apache Kafka ${KAFKA_VERSION} (jars from Maven, kafka/pom.xml) into ${kafka_libs}"
+    started=$(date +%s)
+    rm -rf "${kafka_libs}.partial"
+    mkdir -p "$(dirname "$kafka_libs")"
+    mvn -B -q -Dstyle.color=never -f kafka/pom.xml \
+        org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
+        -DoutputDirectory="${kafka_libs}.partial" -DincludeScope=runtime
+    echo "$pom_sum" > "${kafka_libs}.partial/.pom.sha256"
+    rm -rf "$kafka_libs"
+    mv "${kafka_libs}.partial" "$kafka_libs"
+    echo "setup: Apache Kafka ${KAFKA_VERSION} installed ($(ls "$kafka_libs" | wc -l) jars) in $(( $(date +%s) - started )) s"
 fi
 
 # Python packages the tests use, each pinned (the tests rely on their APIs and

@@ -6,10 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap::ValueEnum;
 use edgeloop_agent::{AgentConfig, AgentStats};
 use edgeloop_broker::{BrokerConfig, BrokerStats};
-use edgeloop_kafka::local::LocalKafka;
+use edgeloop_kafka::local::{KafkaInstall, LocalKafka, LocalKafkaOptions};
 use edgeloop_processor::{ProcessorConfig, ProcessorStats};
 use tokio_util::sync::CancellationToken;
 
@@ -28,23 +27,27 @@ pub struct UpArgs {
     #[arg(long, env = "EDGELOOP_DURATION", value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
     /// Directory for everything the run writes: Parquet under DIR/parquet/,
-    /// the Kafka-API broker's data and log under DIR/kafka/, each device's
-    /// spool under DIR/spool/{device}/.
+    /// Kafka's storage and log under DIR/kafka/, each device's spool under
+    /// DIR/spool/{device}/.
     #[arg(long, env = "EDGELOOP_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
-    /// Kafka bootstrap servers of an existing cluster; without it a Tansu
-    /// broker is started as a child process.
+    /// Kafka bootstrap servers of an existing cluster; without it a
+    /// single-node Apache Kafka (KRaft) is started as a child process, its
+    /// storage under DIR/kafka/ (Java 17 or newer and scripts/setup.sh's
+    /// install of its jars are needed).
     #[arg(long, env = "EDGELOOP_KAFKA_BOOTSTRAP")]
     kafka: Option<String>,
-    /// Where the started Tansu broker listens.
-    #[arg(long, env = "EDGELOOP_TANSU_LISTEN", default_value = "127.0.0.1:9092")]
-    tansu_listen: SocketAddr,
-    /// Storage of the started Tansu broker: durable SQLite under DIR/kafka/, or memory.
-    #[arg(long, env = "EDGELOOP_TANSU_STORAGE", value_enum, default_value_t = Storage::Sqlite)]
-    tansu_storage: Storage,
-    /// The tansu binary (default: `tansu` on PATH, then ~/.cargo/bin/tansu).
-    #[arg(long, env = "TANSU_BIN")]
-    tansu_bin: Option<PathBuf>,
+    /// Where the started Kafka serves clients; its controller listens on
+    /// the next port up.
+    #[arg(long, env = "EDGELOOP_KAFKA_LISTEN", default_value = "127.0.0.1:19092")]
+    kafka_listen: SocketAddr,
+    /// Where the started Kafka's KRaft controller listens (default: the
+    /// port after --kafka-listen).
+    #[arg(long, env = "EDGELOOP_KAFKA_CONTROLLER_LISTEN")]
+    kafka_controller_listen: Option<SocketAddr>,
+    /// The started Kafka's maximum JVM heap.
+    #[arg(long, env = "EDGELOOP_KAFKA_HEAP", default_value = "1g")]
+    kafka_heap: String,
     /// MQTT listen address of the broker.
     #[arg(long, env = "EDGELOOP_MQTT_LISTEN", default_value = "127.0.0.1:1883")]
     mqtt_listen: SocketAddr,
@@ -70,21 +73,6 @@ pub struct UpArgs {
     /// How often progress is printed.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     progress_every: Duration,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Storage {
-    Sqlite,
-    Memory,
-}
-
-fn find_tansu(explicit: Option<PathBuf>) -> PathBuf {
-    explicit
-        .or_else(|| {
-            let home = std::env::var_os("HOME").map(PathBuf::from);
-            edgeloop_kafka::local::find_tansu(std::env::var_os("PATH").as_deref(), home.as_deref())
-        })
-        .unwrap_or_else(|| PathBuf::from("tansu"))
 }
 
 struct Counters {
@@ -121,23 +109,19 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     let bootstrap = match &args.kafka {
         Some(b) => b.clone(),
         None => {
-            let bin = find_tansu(args.tansu_bin.clone());
-            let storage = match args.tansu_storage {
-                Storage::Memory => "memory://tansu/".to_string(),
-                Storage::Sqlite => {
-                    let db = std::path::absolute(data_dir.join("kafka/tansu.db"))
-                        .context("resolving the data directory")?;
-                    // Tansu reads the URL path as relative to its working
-                    // directory; one more slash makes it absolute.
-                    format!("sqlite:///{}", db.display())
-                }
+            let install = KafkaInstall::locate(|k| std::env::var_os(k))?;
+            let opts = LocalKafkaOptions {
+                listen: Some(args.kafka_listen),
+                controller_listen: args.kafka_controller_listen,
+                max_heap: args.kafka_heap.clone(),
+                ..LocalKafkaOptions::single(&data_dir.join("kafka"))
             };
-            let log = data_dir.join("kafka/tansu.log");
-            let kafka = LocalKafka::start(&bin, args.tansu_listen, &storage, &log).await?;
+            let kafka = LocalKafka::start(&install, &opts).await?;
             println!(
-                "Kafka-API broker (Tansu, {storage}) on {}; log in {}",
+                "Apache Kafka {} (KRaft, one node) on {}; storage and log (kafka.log) in {}",
+                edgeloop_kafka::local::KAFKA_VERSION,
                 kafka.bootstrap(),
-                log.display()
+                data_dir.join("kafka").display()
             );
             let b = kafka.bootstrap();
             local_kafka = Some(kafka);
@@ -349,7 +333,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     processor_stop.cancel();
     processor.await.context("processor task")??;
     if let Some(kafka) = local_kafka {
-        kafka.stop(Duration::from_secs(5)).await;
+        kafka.stop(Duration::from_secs(30)).await;
     }
 
     let taken: u64 = reports.iter().map(|r| r.next_seq).sum();

@@ -4,15 +4,16 @@
 //!
 //! - [`KafkaConfig`]: bootstrap servers, topic layout, and the
 //!   `librdkafka_options` pass-through map.
-//! - [`ensure_topics`]: creates the topics edgeloop needs, at start-up,
-//!   because some Kafka-API brokers (Tansu on SQLite) refuse produce requests
-//!   to a topic that does not exist yet; [`ensure_compacted_topics`] does the
+//! - [`ensure_topics`]: creates the topics edgeloop needs, at start-up, with
+//!   the partitions and replication factor of the config (a cluster may
+//!   have automatic creation off, or create with other settings);
+//!   [`ensure_compacted_topics`] does the
 //!   same for topics that keep the latest record per key
 //!   (`cleanup.policy=compact`).
 //! - [`topic_ends`]: every partition of a topic from its beginning, and
 //!   where each ends now (for followers of compacted topics).
-//! - [`local`]: a Kafka-API broker (Tansu) run as a child process, for one
-//!   machine and for tests.
+//! - [`local`]: Apache Kafka (KRaft, one node or several) run as child
+//!   processes from its Maven jars, for one machine, chaos runs and tests.
 
 pub mod local;
 
@@ -185,8 +186,8 @@ fn admin(config: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, Erro
 /// How long [`ensure_topics`] keeps trying while Kafka does not answer (it
 /// is down, or starting, or too slow to answer within the admin request's
 /// 30 s): a broker or processor started while Kafka restarts waits for it
-/// instead of exiting at once. Found by `edgeloop chaos`: a broker restarted
-/// just after Tansu exited at start-up with `OperationTimedOut`.
+/// instead of exiting at once (`edgeloop chaos` restarts a broker while
+/// Kafka is down).
 pub const CREATE_TOPICS_RETRY_FOR: Duration = Duration::from_secs(120);
 
 async fn create_topics(

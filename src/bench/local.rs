@@ -1,6 +1,6 @@
 //! `edgeloop bench --local DIR`: the whole stack on this machine, each part
-//! its own process so that its CPU and memory can be told apart: a Tansu
-//! Kafka-API broker, `edgeloop broker` (MQTT broker, gate and Kafka bridge)
+//! its own process so that its CPU and memory can be told apart: a
+//! single-node Apache Kafka (KRaft), `edgeloop broker` (MQTT broker, gate and Kafka bridge)
 //! and `edgeloop processor`, on free loopback ports, with their data and
 //! logs under DIR.
 
@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use edgeloop_kafka::local::LocalKafka;
+use edgeloop_kafka::local::{KafkaInstall, LocalKafka, LocalKafkaOptions};
 use tokio::process::{Child, Command};
 
 pub struct LocalStack {
@@ -27,8 +27,8 @@ pub struct LocalStack {
 /// Options of the local stack.
 pub struct LocalOptions {
     pub dir: PathBuf,
-    pub tansu_bin: Option<PathBuf>,
-    pub tansu_memory: bool,
+    /// The Kafka JVM's maximum heap.
+    pub kafka_heap: String,
     pub channels: Vec<String>,
     pub file_max_age: Duration,
     /// Whether the shipped labelling rules apply (they name the default
@@ -75,28 +75,19 @@ impl LocalStack {
             std::fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("creating {}", dir.join(sub).display()))?;
         }
-        let bin = opts
-            .tansu_bin
-            .clone()
-            .or_else(|| {
-                let home = std::env::var_os("HOME").map(PathBuf::from);
-                edgeloop_kafka::local::find_tansu(
-                    std::env::var_os("PATH").as_deref(),
-                    home.as_deref(),
-                )
-            })
-            .unwrap_or_else(|| PathBuf::from("tansu"));
-        let storage = if opts.tansu_memory {
-            "memory://tansu/".to_string()
-        } else {
-            // Tansu reads the URL path as relative; one more slash makes it absolute.
-            format!("sqlite:///{}", dir.join("kafka/tansu.db").display())
+        let install = KafkaInstall::locate(|k| std::env::var_os(k))?;
+        let kafka_opts = LocalKafkaOptions {
+            max_heap: opts.kafka_heap.clone(),
+            ..LocalKafkaOptions::single(&dir.join("kafka"))
         };
-        let kafka = LocalKafka::start(&bin, free_addr()?, &storage, &dir.join("kafka/tansu.log"))
+        let kafka = LocalKafka::start(&install, &kafka_opts)
             .await
-            .with_context(|| format!("starting Tansu ({})", bin.display()))?;
+            .context("starting Kafka")?;
         let bootstrap = kafka.bootstrap();
-        eprintln!("Kafka-API broker (Tansu, {storage}) on {bootstrap}");
+        eprintln!(
+            "Apache Kafka (one KRaft node) on {bootstrap}, log in {}",
+            dir.join("kafka/kafka.log").display()
+        );
 
         let mqtt = free_addr()?;
         let broker_metrics = free_addr()?;

@@ -40,7 +40,7 @@ use parquet_scan::ParquetScan;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Start the whole stack here (Tansu, `edgeloop broker`, `edgeloop
+    /// Start the whole stack here (Apache Kafka, `edgeloop broker`, `edgeloop
     /// processor`, each its own process) with its data and logs under DIR,
     /// and stop it at the end. Without it, bench a running stack (--mqtt).
     /// To profile a part, name a command to start it under in
@@ -104,7 +104,7 @@ pub struct BenchArgs {
     #[arg(long, env = "EDGELOOP_BENCH_BROKER_METRICS")]
     broker_metrics: Option<SocketAddr>,
     /// A local process to watch, NAME=PID (repeatable), e.g.
-    /// `--pid broker=1234 --pid processor=1240 --pid tansu=1200`: CPU and
+    /// `--pid broker=1234 --pid processor=1240 --pid kafka=1200`: CPU and
     /// memory from /proc. The bench's own process is always watched as `fleet`.
     #[arg(long = "pid", value_parser = parse_pid)]
     pids: Vec<(String, u32)>,
@@ -127,12 +127,9 @@ pub struct BenchArgs {
     /// agent under this load. Its readings are not in the fleet's counts.
     #[arg(long)]
     probe_agent: bool,
-    /// With --local: Tansu's storage in memory instead of SQLite (not durable).
-    #[arg(long, requires = "local")]
-    tansu_memory: bool,
-    /// With --local: the tansu binary (default: `tansu` on PATH, then ~/.cargo/bin/tansu).
-    #[arg(long, env = "TANSU_BIN", requires = "local")]
-    tansu_bin: Option<PathBuf>,
+    /// With --local: the Kafka JVM's maximum heap.
+    #[arg(long, default_value = "1g", requires = "local")]
+    kafka_heap: String,
     /// With --local: the processor's `sink.max_age` (files close at this age).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     file_max_age: Duration,
@@ -417,15 +414,14 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<()> {
             Some(dir) => {
                 let s = local::LocalStack::start(&local::LocalOptions {
                     dir: dir.clone(),
-                    tansu_bin: args.tansu_bin.clone(),
-                    tansu_memory: args.tansu_memory,
+                    kafka_heap: args.kafka_heap.clone(),
                     channels: probe_channels.clone(),
                     file_max_age: args.file_max_age,
                     rules: args.channels >= 3,
                 })
                 .await?;
                 for (name, pid) in [
-                    ("tansu", s.kafka.pid()),
+                    ("kafka", s.kafka.pid()),
                     ("broker", s.broker.id()),
                     ("processor", s.processor.id()),
                 ] {

@@ -1,5 +1,5 @@
 //! `edgeloop chaos`: the chaos soak. It starts a whole stack under a work
-//! directory, every part its own child process (Tansu with SQLite storage,
+//! directory, every part its own child process (Apache Kafka, one KRaft node or three,
 //! `edgeloop broker`, `edgeloop processor`, one `edgeloop agent` per
 //! device, each device behind a link proxy of its own), injects faults at
 //! seeded random times for a set duration, then lets the system recover and
@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use edgeloop_agent::AgentConfig;
-use edgeloop_kafka::local::LocalKafka;
+use edgeloop_kafka::local::{KafkaInstall, LocalKafka, LocalKafkaOptions};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -39,11 +39,11 @@ use verify::{Counts, DeviceCounts, DeviceRecord};
 #[derive(clap::Args, Debug)]
 #[command(
     long_about = "The chaos soak. Starts a whole stack under --data-dir, each part its own child \
-                  process: Tansu (SQLite storage), `edgeloop broker`, `edgeloop processor` and one \
+                  process: Apache Kafka (one KRaft node, or three with --kafka-nodes 3), `edgeloop broker`, `edgeloop processor` and one \
                   `edgeloop agent` per device, every device reaching the broker through a link \
                   proxy of its own. For --duration it injects faults at random times from a \
                   seeded RNG (the seed is printed; --seed replays the schedule): SIGKILL and \
-                  restart of the broker, the processor, Tansu, all three at once, or a random agent; \
+                  restart of the broker, the processor, a Kafka node (with three, the leader of a readings partition as often as not), all of them at once, or a random agent; \
                   a device's link \
                   cut for a while; and the small spool of device 0 filled by a long cut, so that \
                   it evicts and reports the loss.\n\n\
@@ -71,7 +71,7 @@ pub struct ChaosArgs {
     #[arg(long, env = "EDGELOOP_CHAOS_SEED")]
     seed: Option<u64>,
     /// Work directory (must not exist or be empty): DIR/parquet (the data
-    /// set), DIR/kafka (Tansu's SQLite file), DIR/spool/{device},
+    /// set), DIR/kafka (Kafka's storage and logs), DIR/spool/{device},
     /// DIR/agents/{device}.toml, DIR/logs/*.log, DIR/report.json.
     #[arg(long, env = "EDGELOOP_CHAOS_DATA_DIR", default_value = "chaos-data")]
     data_dir: PathBuf,
@@ -102,9 +102,12 @@ pub struct ChaosArgs {
     /// (its spools under DIR/spool/ against DIR/parquet) and print the counts.
     #[arg(long)]
     verify_only: bool,
-    /// The tansu binary (default: `tansu` on PATH, then ~/.cargo/bin/tansu).
-    #[arg(long, env = "TANSU_BIN")]
-    tansu_bin: Option<PathBuf>,
+    /// Kafka nodes: 1 (a single KRaft node, killed whole) or 3 (a KRaft
+    /// cluster on loopback: topics with replication factor 3,
+    /// `min.insync.replicas=2`, no unclean leader election; one node at a
+    /// time is killed, the leader of a readings partition as often as not).
+    #[arg(long, env = "EDGELOOP_CHAOS_KAFKA_NODES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=5))]
+    kafka_nodes: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -121,6 +124,9 @@ enum Fault {
 
 /// The consumer group of the soak's processor.
 const PROCESSOR_GROUP: &str = "edgeloop-chaos";
+
+/// Partitions of the topics the soak's broker and processor create.
+const KAFKA_PARTITIONS: i32 = 4;
 
 const FAULTS: [Fault; 7] = [
     Fault::KillBroker,
@@ -140,6 +146,9 @@ struct FaultEvent {
     /// The device, for agent and link faults.
     #[serde(skip_serializing_if = "Option::is_none")]
     device: Option<String>,
+    /// The Kafka node killed (node ids from 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kafka_node: Option<u32>,
     /// How long the part was down or the link cut.
     down_s: f64,
 }
@@ -174,15 +183,6 @@ struct Report {
     /// Every invariant that failed (empty: the run passed).
     failures: Vec<String>,
     passed: bool,
-}
-
-fn find_tansu(explicit: Option<PathBuf>) -> PathBuf {
-    explicit
-        .or_else(|| {
-            let home = std::env::var_os("HOME").map(PathBuf::from);
-            edgeloop_kafka::local::find_tansu(std::env::var_os("PATH").as_deref(), home.as_deref())
-        })
-        .unwrap_or_else(|| PathBuf::from("tansu"))
 }
 
 fn free_addr() -> Result<SocketAddr> {
@@ -252,8 +252,24 @@ impl Stack {
     async fn start_kafka(&mut self) {
         if let Err(e) = self.kafka.start_again().await {
             self.problems
-                .push(format!("Tansu did not come back after a kill: {e}"));
+                .push(format!("Kafka did not come back after a kill: {e}"));
         }
+    }
+
+    /// The Kafka node to kill: with several, the leader of a random
+    /// partition of the readings topic half the time, else a random node.
+    fn kafka_victim(&self, rng: &mut ChaCha8Rng) -> u32 {
+        let ids = self.kafka.node_ids();
+        if ids.len() > 1 && rng.gen_bool(0.5) {
+            let partition = rng.gen_range(0..KAFKA_PARTITIONS);
+            if let Some(leader) = self
+                .kafka
+                .leader(edgeloop_proto::topics::KAFKA_READINGS, partition)
+            {
+                return leader;
+            }
+        }
+        ids.choose(rng).copied().unwrap_or(1)
     }
 
     fn spool_totals(&self) -> (u64, u64) {
@@ -270,14 +286,16 @@ impl Stack {
     /// is not running again (the agents too unless `agents` is false: at the
     /// end they are stopped on purpose).
     async fn revive(&mut self, agents: bool) {
-        let kafka_addr = self.kafka.bootstrap().parse::<SocketAddr>();
-        if let Ok(addr) = kafka_addr {
-            if tokio::net::TcpStream::connect(addr).await.is_err() {
-                self.problems
-                    .push("Tansu was not listening (it exited by itself)".into());
-                self.kafka.kill_keeping_storage().await;
-                self.start_kafka().await;
-            }
+        let exited: Vec<u32> = self
+            .kafka
+            .node_ids()
+            .into_iter()
+            .filter(|&id| !self.kafka.running(id))
+            .collect();
+        if !exited.is_empty() {
+            self.problems
+                .push(format!("Kafka node(s) {exited:?} had exited by themselves"));
+            self.start_kafka().await;
         }
         if self.broker.note_exit() || !self.broker.running() {
             self.start_broker().await;
@@ -346,17 +364,34 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
     ));
     let bin = std::env::current_exe().context("finding the edgeloop binary")?;
 
-    // Kafka: Tansu with SQLite storage, killed with SIGKILL only (a SIGTERM
-    // breaks it on restart with idempotent producers, see edgeloop_kafka::local).
-    let kafka_addr = free_addr()?;
-    let db = dir.join("kafka/tansu.db");
+    // Kafka: one KRaft node, or a cluster whose topics are replicated to
+    // three nodes with two in sync for a write (server defaults set by
+    // edgeloop_kafka::local; the topics' replication factor below).
+    let install = KafkaInstall::locate(|k| std::env::var_os(k))?;
     let kafka = LocalKafka::start(
-        &find_tansu(args.tansu_bin.clone()),
-        kafka_addr,
-        &format!("sqlite:///{}", db.display()),
-        &dir.join("logs/tansu.log"),
+        &install,
+        &LocalKafkaOptions {
+            nodes: args.kafka_nodes,
+            ..LocalKafkaOptions::single(&dir.join("kafka"))
+        },
     )
     .await?;
+    out.line(&format!(
+        "chaos: Apache Kafka, {} KRaft node(s) on {}; logs under {}",
+        args.kafka_nodes,
+        kafka.bootstrap(),
+        dir.join("kafka").display()
+    ));
+    // Broker and processor create the topics with this replication factor.
+    let kafka_toml = dir.join("kafka.toml");
+    std::fs::write(
+        &kafka_toml,
+        format!(
+            "[kafka]\npartitions = {KAFKA_PARTITIONS}\nreplication_factor = {}\n",
+            args.kafka_nodes.min(3)
+        ),
+    )
+    .with_context(|| format!("writing {}", kafka_toml.display()))?;
     let bootstrap = kafka.bootstrap();
 
     // Device identities.
@@ -378,6 +413,8 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
         &bin,
         vec![
             "broker".into(),
+            "--config".into(),
+            kafka_toml.clone().into(),
             "--listen".into(),
             mqtt.to_string().into(),
             "--kafka".into(),
@@ -394,8 +431,9 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
             dir.join("logs/broker.log").display()
         );
     }
-    let mut processor_args = os(&[
-        "processor",
+    let mut processor_args = os(&["processor", "--config"]);
+    processor_args.push(kafka_toml.clone().into());
+    processor_args.extend(os(&[
         "--kafka",
         &bootstrap,
         "--group-id",
@@ -405,7 +443,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
         "--max-age",
         "2s",
         "--parquet-root",
-    ]);
+    ]));
     processor_args.push(dir.join("parquet").into());
     let mut processor = Proc::new(
         "processor",
@@ -524,6 +562,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
             };
             let at_s = start.elapsed().as_secs_f64();
             let mut device = None;
+            let mut kafka_node = None;
             let downtime;
             match fault {
                 Fault::KillBroker => {
@@ -540,9 +579,15 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
                 }
                 Fault::KillKafka => {
                     downtime = down(&mut rng, args.max_down * 2);
-                    stack.kafka.kill_keeping_storage().await;
+                    let node = stack.kafka_victim(&mut rng);
+                    kafka_node = Some(node);
+                    stack.kafka.kill_node(node).await;
                     tokio::time::sleep(downtime).await;
-                    stack.start_kafka().await;
+                    if let Err(e) = stack.kafka.start_node(node).await {
+                        stack
+                            .problems
+                            .push(format!("Kafka node {node} did not come back: {e}"));
+                    }
                 }
                 Fault::KillAgent => {
                     downtime = down(&mut rng, args.max_down);
@@ -585,6 +630,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
                 at_s,
                 fault,
                 device,
+                kafka_node,
                 down_s: downtime.as_secs_f64(),
             };
             out.line(&format!(
@@ -595,6 +641,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
                     .device
                     .as_deref()
                     .map(|d| format!(" {d}"))
+                    .or(event.kafka_node.map(|n| format!(" node {n}")))
                     .unwrap_or_default(),
                 event.down_s
             ));
@@ -718,7 +765,10 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
             }
         }
     }
-    stack.kafka.kill_keeping_storage().await;
+    stack
+        .kafka
+        .stop_keeping_storage(Duration::from_secs(30))
+        .await;
     for agent in &stack.agents {
         stack
             .problems
@@ -734,11 +784,9 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
     let data = verify::read_dataset(&parquet)?;
     let (counts, per_device) = verify::verify(&records, &data);
     if shutdown.is_cancelled() {
-        stack.problems.push(
-            "interrupted by a signal before --duration ended (Tansu, in the soak's process \
-             group, may have been stopped by it too)"
-                .into(),
-        );
+        stack
+            .problems
+            .push("interrupted by a signal before --duration ended".into());
     }
     let mut failures = counts.failures();
     failures.extend(stack.problems.iter().cloned());

@@ -16,13 +16,13 @@ pub struct ProcessorConfig {
     /// Static group membership (`group.instance.id`): a stable name per
     /// processor instance (a StatefulSet pod name, say). A processor that
     /// restarts under the same name takes its partitions back at once instead
-    /// of waiting for the group to notice the old member is gone (which some
-    /// Kafka-API brokers, Tansu among them, never do).
+    /// of waiting for the group to notice the old member is gone (Kafka's
+    /// static membership, `group.instance.id`).
     pub instance_id: Option<String>,
     /// Consumer session timeout: how long a silent member keeps its
-    /// partitions. Kafka's default (45 s): it must outlast a Kafka-API
-    /// broker's stall, since Tansu 0.6 stops completing the group's
-    /// rebalances once a member's session expired (docs/operations.md).
+    /// partitions before the group gives them to the others (10 s: a
+    /// processor that died hands its partitions on within that; one that
+    /// restarts under the same `instance_id` takes them back at once).
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
     /// Root of the Parquet data set (files go under `{root}/readings/…`).
@@ -77,7 +77,7 @@ impl Default for ProcessorConfig {
             kafka: KafkaConfig::default(),
             group_id: "edgeloop-processor".into(),
             instance_id: None,
-            session_timeout: Duration::from_secs(45),
+            session_timeout: Duration::from_secs(10),
             parquet_root: PathBuf::from("data/parquet"),
             sink: SinkConfig::default(),
             rules_file: None,

@@ -57,9 +57,9 @@ fn render(stats: &ProcessorStats, rules: &RuleMetrics) -> String {
             &stats.commit_errors,
         ),
         (
-            "edgeloop_processor_seeks_back_total",
-            "Partitions whose first record after assignment came past the committed offset (the consumer sought back)",
-            &stats.seeks_back,
+            "edgeloop_processor_offset_gaps_total",
+            "Partitions whose first record after assignment came past the committed offset (records between were no longer in Kafka)",
+            &stats.offset_gaps,
         ),
         (
             "edgeloop_processor_files_aborted_total",

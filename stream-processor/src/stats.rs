@@ -17,8 +17,8 @@ pub struct ProcessorStats {
     /// Offset commits that failed (the records are re-read; files replaced).
     pub commit_errors: AtomicU64,
     /// Times a partition's first record after assignment came past the
-    /// committed offset and the consumer sought back to it.
-    pub seeks_back: AtomicU64,
+    /// committed offset (what lay between was no longer in Kafka).
+    pub offset_gaps: AtomicU64,
     /// Loss reports from devices written to the `losses` table, and the
     /// readings they cover.
     pub loss_reports: AtomicU64,

@@ -1,5 +1,5 @@
 //! Harness of the end-to-end tests (`tests/tests/*.rs`): it starts the real
-//! components, a Tansu Kafka-API broker and `edgeloop broker` / `edgeloop
+//! components, Apache Kafka (KRaft) and `edgeloop broker` / `edgeloop
 //! processor` as child processes, on free loopback ports, and reads the
 //! Parquet data set back with the parquet crate's reader.
 
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
-use edgeloop_kafka::local::LocalKafka;
+use edgeloop_kafka::local::{KafkaInstall, LocalKafka, LocalKafkaOptions};
 use edgeloop_proto::v1::{Reading, ReadingBatch};
 use edgeloop_proto::Message as _;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -26,38 +26,22 @@ pub fn free_addr() -> Result<SocketAddr> {
     Ok(listener.local_addr()?)
 }
 
-/// The tansu binary: `TANSU_BIN`, `tansu` on PATH, or ~/.cargo/bin/tansu.
-pub fn tansu_bin() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("TANSU_BIN") {
-        return Ok(PathBuf::from(bin));
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from);
-    edgeloop_kafka::local::find_tansu(std::env::var_os("PATH").as_deref(), home.as_deref())
-        .context("tansu is not installed: run scripts/setup.sh (cargo install tansu) first")
+/// Java and Apache Kafka's jars, from the environment (`JAVA_HOME`, `PATH`,
+/// `EDGELOOP_KAFKA_LIBS`; installed by scripts/setup.sh).
+pub fn kafka_install() -> Result<KafkaInstall> {
+    Ok(KafkaInstall::locate(|k| std::env::var_os(k))?)
 }
 
-/// Starts a Tansu broker with its memory engine on a free port.
+/// Starts a single-node Apache Kafka (KRaft) with its storage under
+/// `dir/kafka` on free loopback ports. It can be killed and started again
+/// ([`LocalKafka::kill_keeping_storage`], [`LocalKafka::start_again`]) with
+/// what it held.
 pub async fn start_kafka(dir: &Path) -> Result<LocalKafka> {
-    let addr = free_addr()?;
     Ok(LocalKafka::start(
-        &tansu_bin()?,
-        addr,
-        "memory://tansu/",
-        &dir.join("tansu.log"),
+        &kafka_install()?,
+        &LocalKafkaOptions::single(&dir.join("kafka")),
     )
     .await?)
-}
-
-/// Starts a Tansu broker with SQLite storage under `dir` on a free port: it
-/// can be stopped and started again ([`LocalKafka::stop_keeping_storage`],
-/// [`LocalKafka::start_again`]) with what it held.
-pub async fn start_durable_kafka(dir: &Path) -> Result<LocalKafka> {
-    let addr = free_addr()?;
-    let db = std::path::absolute(dir.join("tansu.db"))?;
-    // Tansu reads the URL path as relative to its working directory; one
-    // more slash makes it absolute.
-    let storage = format!("sqlite:///{}", db.display());
-    Ok(LocalKafka::start(&tansu_bin()?, addr, &storage, &dir.join("tansu.log")).await?)
 }
 
 /// Resident set size of process `pid` in KiB (`VmRSS` of /proc/PID/status).
@@ -417,44 +401,6 @@ pub fn read_topic(kafka: &LocalKafka, topic: &str) -> Result<Vec<rdkafka::messag
                 out.push(m.detach());
             }
             Some(Ok(_)) => {}
-            Some(Err(e)) => bail!("reading {topic}: {e}"),
-            None => {}
-        }
-    }
-    Ok(out)
-}
-
-/// Every record in `topic`, read from the beginning until none has come for
-/// `idle`: unlike [`read_topic`], it does not stop at the high watermarks
-/// the broker reports (Tansu reports them a record or two short under load
-/// at times; what lies past them is there and fetched).
-pub fn read_topic_drained(
-    kafka: &LocalKafka,
-    topic: &str,
-    idle: Duration,
-) -> Result<Vec<rdkafka::message::OwnedMessage>> {
-    let consumer = kafka_consumer(kafka, "test-drainer")?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let mut assignment = TopicPartitionList::new();
-    for t in metadata.topics() {
-        for p in t.partitions() {
-            assignment.add_partition_offset(topic, p.id(), Offset::Beginning)?;
-        }
-    }
-    consumer.assign(&assignment)?;
-    let mut out = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut last = std::time::Instant::now();
-    while last.elapsed() < idle {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "reading {topic}: records still coming after 60 s"
-        );
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                out.push(m.detach());
-                last = std::time::Instant::now();
-            }
             Some(Err(e)) => bail!("reading {topic}: {e}"),
             None => {}
         }

@@ -1,5 +1,5 @@
 //! The chaos soak, short: `edgeloop chaos` runs a whole stack of child
-//! processes (Tansu, broker, processor, four agents behind link proxies),
+//! processes (Apache Kafka, broker, processor, four agents behind link proxies),
 //! kills and restarts each kind of part and cuts links for a while, then
 //! checks its invariants. This test asserts them from its JSON report,
 //! recounts them from the data set and the spools with the test harness's
@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use edgeloop_tests::{identity_counts, parquet_files, read_losses, read_rows, tansu_bin};
+use edgeloop_tests::{identity_counts, parquet_files, read_losses, read_rows};
 use serde_json::Value;
 
 fn edgeloop_bin() -> PathBuf {
@@ -56,7 +56,6 @@ fn count(report: &Value, key: &str) -> Result<u64> {
 async fn chaos_soak_lands_every_fsynced_reading_once_or_reports_it_lost() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("run");
-    let tansu = tansu_bin()?;
     let (ok, report, stderr) = chaos(
         &[
             "--duration",
@@ -67,28 +66,26 @@ async fn chaos_soak_lands_every_fsynced_reading_once_or_reports_it_lost() -> Res
             "20261130",
             "--fill-cut",
             "25s",
-            "--tansu-bin",
-            &tansu.to_string_lossy(),
             "--data-dir",
             &dir.to_string_lossy(),
         ],
         Duration::from_secs(15 * 60),
     )
     .await?;
-    // On failure: the tails of the processor's, Tansu's and the broker's
+    // On failure: the tails of the processor's, Kafka's and the broker's
     // logs (the run's directory goes with the test), which say where a stall
     // was or why a part exited.
     let tail = |name: &str| {
-        let text = std::fs::read_to_string(dir.join("logs").join(name)).unwrap_or_default();
+        let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     };
     let context = || {
         format!(
-            "report: {report:#}\nprogress:\n{stderr}\nprocessor.log (tail):\n{}\ntansu.log (tail):\n{}\nbroker.log (tail):\n{}",
-            tail("processor.log"),
-            tail("tansu.log"),
-            tail("broker.log")
+            "report: {report:#}\nprogress:\n{stderr}\nprocessor.log (tail):\n{}\nkafka.log (tail):\n{}\nbroker.log (tail):\n{}",
+            tail("logs/processor.log"),
+            tail("kafka/kafka.log"),
+            tail("logs/broker.log")
         )
     };
     ensure!(ok, "edgeloop chaos failed; {}", context());

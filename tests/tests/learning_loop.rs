@@ -193,7 +193,8 @@ for d, s, v in rows:
 async fn models_are_trained_published_applied_retrained_on_new_rules_and_pinned() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("run");
-    let (mqtt, tansu, listen) = (free_addr()?, free_addr()?, free_addr()?);
+    let (mqtt, kafka, controller, listen) =
+        (free_addr()?, free_addr()?, free_addr()?, free_addr()?);
     let args = [
         "up",
         "--devices",
@@ -204,8 +205,10 @@ async fn models_are_trained_published_applied_retrained_on_new_rules_and_pinned(
         data.to_str().context("path")?,
         "--mqtt-listen",
         &mqtt.to_string(),
-        "--tansu-listen",
-        &tansu.to_string(),
+        "--kafka-listen",
+        &kafka.to_string(),
+        "--kafka-controller-listen",
+        &controller.to_string(),
         "--control-listen",
         &listen.to_string(),
     ]

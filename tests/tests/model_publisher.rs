@@ -1,5 +1,5 @@
 //! The trainer's Kafka model publisher against a real Kafka-API broker
-//! (Tansu): signed versions on `edgeloop.models`, versions written by
+//! (Apache Kafka): signed versions on `edgeloop.models`, versions written by
 //! another producer (a rollback through the control API) followed, and
 //! publishing held while `edgeloop.pins` pins the (task, profile).
 
@@ -20,7 +20,7 @@ use edgeloop_proto::model::{quantize, Artifact, FloatModel};
 use edgeloop_proto::signing::{self, SigningKey};
 use edgeloop_proto::v1::{ModelUpdate, Reading, ReadingBatch};
 use edgeloop_proto::{topics, Message as _};
-use edgeloop_tests::{produce, read_topic_drained, start_kafka, wait_for};
+use edgeloop_tests::{produce, read_topic, start_kafka, wait_for};
 
 const TASK: &str = "anomaly";
 const PROFILE: &str = "mcu8";
@@ -66,7 +66,7 @@ fn publish(p: &mut KafkaPublisher, a: &Artifact) -> Result<u64, PublishError> {
 }
 
 fn models(kafka: &edgeloop_kafka::local::LocalKafka) -> Result<Vec<(String, ModelUpdate)>> {
-    read_topic_drained(kafka, topics::KAFKA_MODELS, Duration::from_secs(1))?
+    read_topic(kafka, topics::KAFKA_MODELS)?
         .into_iter()
         .map(|m| {
             use rdkafka::Message as _;

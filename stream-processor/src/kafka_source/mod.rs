@@ -51,18 +51,6 @@ pub enum SourceError {
     DeadLetter(#[from] DeadLetterError),
     #[error(transparent)]
     Dedup(#[from] DedupError),
-    #[error("could not seek back to the committed offset: {0}")]
-    Seek(KafkaError),
-}
-
-/// A partition re-read from before its committed offset `at`.
-struct Resume {
-    at: i64,
-    /// How far before `at` the last seek went.
-    back: i64,
-    /// Whether a record before `at` arrived (the re-read reached back far
-    /// enough).
-    saw_before: bool,
 }
 
 /// Records revoked partitions during a rebalance (called inside `poll`).
@@ -99,9 +87,6 @@ struct Sink<'a> {
     /// Seqs in the data set (and the open file) and labeller state per
     /// partition; loaded from the snapshot of the offset it resumes at.
     seen: HashMap<i32, PartitionSnapshot>,
-    /// Partitions being re-read from before their committed offset (see
-    /// `Sink::resume_check`).
-    resuming: HashMap<i32, Resume>,
     /// The labelling rules in force, if any, and where they come from.
     rules: Option<Engine>,
     rule_metrics: &'a SharedRuleMetrics,
@@ -318,7 +303,6 @@ impl Sink<'_> {
     /// Drops what was in progress for a revoked partition.
     fn revoke(&mut self, partition: i32) {
         self.seen.remove(&partition);
-        self.resuming.remove(&partition);
         if let Some(file) = self.open.remove(&partition) {
             tracing::info!(partition, "partition revoked: dropping its open file");
             file.abort();
@@ -338,18 +322,17 @@ impl Sink<'_> {
             let (loaded, at) = dedup::load(&self.config.parquet_root, partition, offset)?;
             self.seen.insert(partition, loaded);
             if let Some(at) = at.filter(|at| *at < offset) {
-                self.resuming.insert(
+                // Kafka serves a partition from the committed offset on;
+                // records before this one are no longer there (retention
+                // deleted them before the processor read them).
+                tracing::error!(
                     partition,
-                    Resume {
-                        at,
-                        back: 0,
-                        saw_before: false,
-                    },
+                    committed = at,
+                    first = offset,
+                    "the first record after assignment is past the committed offset: records between are no longer in Kafka (retention shorter than the processor's lag?)"
                 );
+                ProcessorStats::add(&self.stats.offset_gaps, 1);
             }
-        }
-        if !self.resume_check(partition, offset)? {
-            return Ok(());
         }
         let batch = match decode::decode(message.key(), message.payload().unwrap_or_default()) {
             Ok(batch) => batch,
@@ -468,51 +451,6 @@ impl Sink<'_> {
         Ok(())
     }
 
-    /// Whether the record at `offset` is to be handled, for a partition whose
-    /// first record after assignment came past the offset its dedup
-    /// snapshot was saved at (the committed offset).
-    ///
-    /// Tansu has been seen to do this after a crash: a fetch at an offset in
-    /// the middle of a record batch returns only the batches after it, so
-    /// the records from that offset to the end of its batch never arrive
-    /// (reading the partition from an earlier offset returns them). The
-    /// processor then seeks back, further each time (1, 2, 4… records),
-    /// skips what comes before the snapshot's offset (already in the data
-    /// set) and resumes at it. Re-reading is always safe: the snapshot's
-    /// seen set drops what was written.
-    fn resume_check(&mut self, partition: i32, offset: i64) -> Result<bool, SourceError> {
-        let Some(resume) = self.resuming.get_mut(&partition) else {
-            return Ok(true);
-        };
-        if offset < resume.at {
-            resume.saw_before = true;
-            return Ok(false);
-        }
-        if offset == resume.at || resume.saw_before || resume.at - resume.back <= 0 {
-            self.resuming.remove(&partition);
-            return Ok(true);
-        }
-        resume.back = (resume.back * 2).max(1);
-        let to = (resume.at - resume.back).max(0);
-        tracing::warn!(
-            partition,
-            offset,
-            committed = resume.at,
-            seek = to,
-            "records at the committed offset did not arrive; seeking back to re-read them"
-        );
-        ProcessorStats::add(&self.stats.seeks_back, 1);
-        self.consumer
-            .seek(
-                topics::KAFKA_READINGS,
-                partition,
-                Offset::Offset(to),
-                Duration::from_secs(10),
-            )
-            .map_err(SourceError::Seek)?;
-        Ok(false)
-    }
-
     fn close_aged(&mut self) -> Result<(), SourceError> {
         let aged: Vec<i32> = self
             .open
@@ -566,7 +504,6 @@ pub fn run(
         stats,
         open: HashMap::new(),
         seen: HashMap::new(),
-        resuming: HashMap::new(),
         rules: None,
         rule_metrics,
         rules_file: RulesWatch {

@@ -16,9 +16,7 @@
 //!
 //! [`KafkaPublisher::start`] waits (at most the given time) until both
 //! topics are caught up: every partition read up to the end it had at the
-//! start, then no record for [`IDLE`] (Tansu reports high watermarks a record
-//! or two short at times, and the records past them still come). If the wait
-//! ends first, the publisher starts all the same, with a warning; the
+//! start. If the wait ends first, the publisher starts all the same, with a warning; the
 //! followers keep reading.
 //!
 //! [`Publisher::publish`] first brings the table up to the topics' current
@@ -58,8 +56,6 @@ use crate::control::registry::Pin;
 
 /// Decoded artifacts kept per (task, profile): the most recent versions.
 pub const CACHED_VERSIONS: usize = 32;
-/// Quiet time after the known ends before the topics count as caught up.
-pub const IDLE: Duration = Duration::from_millis(300);
 /// Longest wait, before a publication, for the table to reach the topics'
 /// current ends.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
@@ -75,7 +71,6 @@ struct Known {
     next: HashMap<(&'static str, i32), i64>,
     /// Topics read up to the end they had when following started.
     caught_up: HashMap<&'static str, bool>,
-    last_record: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -184,14 +179,13 @@ impl KafkaPublisher {
         Ok(publisher)
     }
 
-    /// Whether both topics were read to their ends and have been quiet for
-    /// [`IDLE`].
+    /// Whether both topics were read to the ends they had when following
+    /// started.
     pub fn caught_up(&self) -> bool {
         let k = lock(&self.known);
         [topics::KAFKA_MODELS, topics::KAFKA_PINS]
             .iter()
             .all(|t| k.caught_up.get(t).copied().unwrap_or(false))
-            && k.last_record.is_none_or(|t| t.elapsed() >= IDLE)
     }
 
     /// The pinned version of (task, profile), if pinned.
@@ -212,8 +206,7 @@ impl KafkaPublisher {
     }
 
     /// Waits (at most [`SYNC_TIMEOUT`]) until the followers have read up to
-    /// the topics' ends as Kafka reports them now, then for [`IDLE`] without
-    /// a record. Best effort: on a timeout or error, what is known is used.
+    /// the topics' ends as Kafka reports them now. Best effort: on a timeout or error, what is known is used.
     fn sync(&self) {
         let client = self.producer.client();
         let timeout = Duration::from_secs(2);
@@ -246,7 +239,7 @@ impl KafkaPublisher {
                 let reached = ends
                     .iter()
                     .all(|(tp, high)| k.next.get(tp).is_some_and(|n| n >= high));
-                if reached && k.last_record.is_none_or(|t| t.elapsed() >= IDLE) {
+                if reached {
                     return;
                 }
             }
@@ -326,7 +319,6 @@ fn follow(
                 let mut k = lock(known);
                 apply(topic, &mut k, &message, verify);
                 k.next.insert((topic, partition), offset + 1);
-                k.last_record = Some(Instant::now());
                 if remaining
                     .get(&partition)
                     .is_some_and(|end| offset + 1 >= *end)
