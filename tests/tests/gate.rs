@@ -552,8 +552,12 @@ async fn edgeloop_up_serves_the_brokers_metrics_and_keeps_device_passwords_priva
     })
     .await?;
     ensure!(telemetry > 0.0);
+    // Ready: Kafka answers and every rumqttd listener logs devices in.
     let ready = http_get(metrics, "/readyz").await?;
-    ensure!(!ready.is_empty(), "/readyz answered nothing");
+    ensure!(
+        ready.split_whitespace().nth(1) == Some("200"),
+        "/readyz: {ready}"
+    );
     for secret in ["fleet/passwords.toml", "broker/credentials.toml"] {
         let path = data.join(secret);
         assert_eq!(mode(&path), 0o600, "{}", path.display());
