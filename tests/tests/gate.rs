@@ -506,3 +506,146 @@ async fn malformed_and_oversized_packets_close_their_connection_and_others_carry
     ensure!(acked.is_ok(), "good-1: {acked:?}");
     Ok(())
 }
+
+/// Mode bits of `path` (0 if it cannot be read).
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).map_or(0, |m| m.permissions().mode() & 0o777)
+}
+
+/// `edgeloop up` serves the broker's /metrics, /healthz and /readyz (as
+/// `edgeloop broker --metrics-listen` does), and the fleet's passwords and
+/// the broker's credentials are readable by their owner only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edgeloop_up_serves_the_brokers_metrics_and_keeps_device_passwords_private() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let kafka = start_kafka(dir.path()).await?;
+    let data = dir.path().join("run");
+    let (mqtt, metrics, control) = (free_addr()?, free_addr()?, free_addr()?);
+    let args = [
+        "up",
+        "--devices",
+        "2",
+        "--kafka",
+        &kafka.bootstrap(),
+        "--data-dir",
+        data.to_str().context("path")?,
+        "--mqtt-listen",
+        &mqtt.to_string(),
+        "--broker-metrics-listen",
+        &metrics.to_string(),
+        "--control-listen",
+        &control.to_string(),
+    ]
+    .map(String::from);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut up = Component::start(Path::new(BIN), "up", &args, dir.path())?;
+    let telemetry = wait_for(Duration::from_secs(120), "the broker's /metrics", || {
+        let running = up.check_running();
+        async move {
+            running?;
+            let Ok(m) = http_get(metrics, "/metrics").await else {
+                return Ok(None);
+            };
+            Ok(metric(&m, "edgeloop_gate_publishes_telemetry_total").filter(|n| *n > 0.0))
+        }
+    })
+    .await?;
+    ensure!(telemetry > 0.0);
+    // Ready: Kafka answers and every rumqttd listener logs devices in.
+    let ready = http_get(metrics, "/readyz").await?;
+    ensure!(
+        ready.split_whitespace().nth(1) == Some("200"),
+        "/readyz: {ready}"
+    );
+    for secret in ["fleet/passwords.toml", "broker/credentials.toml"] {
+        let path = data.join(secret);
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
+    up.terminate(Duration::from_secs(60)).await?;
+    Ok(())
+}
+
+/// The agent's password comes from a file (or the environment), never
+/// from its command line, where every local user would see it in `ps`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_password_on_the_command_line_is_refused_before_anything_runs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spool = dir.path().join("spool");
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(BIN)
+            .args(["agent", "--device-id", "dev-a", "--password", "hunter2"])
+            .args(["--mqtt", "127.0.0.1:9", "--limit", "1", "--spool-dir"])
+            .arg(&spool)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("the agent ran instead of refusing --password")??;
+    ensure!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(stderr.contains("--password-file"), "{stderr}");
+    ensure!(!spool.exists(), "the agent started (its spool exists)");
+    Ok(())
+}
+
+/// An agent given `--password-file` logs in with it and its readings are
+/// acknowledged; the password is nowhere on its command line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_logs_in_with_the_password_in_its_password_file() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let kafka = start_kafka(dir.path()).await?;
+    let credentials = dir.path().join("credentials.toml");
+    let password = add_device(&credentials, "dev-a")?;
+    let file = dir.path().join("dev-a.password");
+    std::fs::write(&file, format!("{password}\n"))?;
+    let mqtt = free_addr()?;
+    let cred_arg = credentials.to_string_lossy().into_owned();
+    let mut broker = start_broker(dir.path(), &kafka, mqtt, &["--credentials", &cred_arg]).await?;
+    let (spool, file_arg, mqtt_arg) = (
+        dir.path().join("spool").to_string_lossy().into_owned(),
+        file.to_string_lossy().into_owned(),
+        mqtt.to_string(),
+    );
+    let args = [
+        "agent",
+        "--device-id",
+        "dev-a",
+        "--password-file",
+        &file_arg,
+        "--mqtt",
+        &mqtt_arg,
+        "--rate",
+        "100",
+        "--limit",
+        "50",
+        "--spool-dir",
+        &spool,
+    ];
+    let mut agent = Component::start(Path::new(BIN), "agent", &args, dir.path())?;
+    let pid = agent.pid().context("agent pid")?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+    ensure!(
+        !String::from_utf8_lossy(&cmdline).contains(&password),
+        "the password is on the agent's command line"
+    );
+    wait_for(
+        Duration::from_secs(120),
+        "the agent's 50 readings acknowledged",
+        || {
+            let exited = agent.check_running().is_err();
+            let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+            async move {
+                if log.contains("all acknowledged") {
+                    return Ok(Some(()));
+                }
+                ensure!(!exited, "the agent exited: {log}");
+                Ok(None)
+            }
+        },
+    )
+    .await?;
+    broker.check_running()?;
+    Ok(())
+}
