@@ -2,12 +2,11 @@
 //! watermark back to the devices, and the models out.
 //!
 //! A local rumqttd link subscribed to `telemetry/+` receives every batch. Each
-//! is produced to Kafka (key = device id, `acks=all`, idempotence on, no
-//! headers but on a dead letter: the key names the device and the Kafka topic the kind of MQTT
-//! topic; Tansu 0.6's SQLite storage has no index on its header table and
-//! scans all of it for every record it serves, so headers made fetches
-//! slower with every record ever stored, until consumers timed out); Kafka's
-//! delivery report feeds the
+//! is produced to Kafka (key = device id, `acks=all`, idempotence on, with
+//! the headers a Kafka user filters on: `device_id`, `profile`, `schema`
+//! (`edgeloop.v1.ReadingBatch`) and `content-type`, plus `reason` on a dead
+//! letter; docs/device-protocol.md, "In Kafka"); Kafka's delivery report
+//! feeds the
 //! [`acks::AckTracker`]; every `ack_interval` the changed watermarks are
 //! published retained on `ack/{device}` and written to the compacted topic
 //! `edgeloop.acks` ([`ack_log`]).
