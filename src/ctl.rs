@@ -159,13 +159,22 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
-/// Micros since the epoch as `YYYY-MM-DD HH:MM:SS` UTC ("-" for 0).
+/// Micros since the epoch as RFC 3339 UTC to the second ("-" for 0 or
+/// less: never). Total over every i64: a time RFC 3339 cannot show (after
+/// 9999, where humantime would panic) is shown as its number of µs. The
+/// cloud accepts only 1970–2099 from devices (edgeloop_proto::validate),
+/// but a table must not break on what an older processor let in.
 fn time(micros: i64) -> String {
+    // 9999-12-31T23:59:59Z, the last second RFC 3339 has.
+    const LAST_RFC3339_MICROS: i64 = 253_402_300_799_999_999;
     if micros <= 0 {
         return "-".into();
     }
+    if micros > LAST_RFC3339_MICROS {
+        return format!("{micros}µs after the epoch");
+    }
     humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_micros(micros as u64),
+        std::time::UNIX_EPOCH + std::time::Duration::from_micros(micros.unsigned_abs()),
     )
     .to_string()
 }
@@ -631,6 +640,21 @@ mod tests {
         assert_eq!(t, "A    BB\nxxx  y\n");
         assert_eq!(time(0), "-");
         assert_eq!(time(1_700_000_000_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn any_timestamp_formats_without_a_panic() {
+        // Year 3000, the last and first i64, and the edges of RFC 3339.
+        assert_eq!(time(32_503_680_000_000_000), "3000-01-01T00:00:00Z");
+        assert_eq!(time(253_402_300_799_999_999), "9999-12-31T23:59:59Z");
+        assert_eq!(
+            time(253_402_300_800_000_000),
+            "253402300800000000µs after the epoch"
+        );
+        assert_eq!(time(i64::MAX), "9223372036854775807µs after the epoch");
+        assert_eq!(time(i64::MIN), "-");
+        let t = table(&["T"], &[vec![time(i64::MAX)], vec![time(i64::MIN)]]);
+        assert_eq!(t.lines().count(), 3);
     }
 
     #[test]

@@ -59,7 +59,7 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the whole loop on this machine: a Kafka-API broker (Tansu), the MQTT
+    /// Run the whole loop on this machine: a single-node Apache Kafka (KRaft), the MQTT
     /// broker and its Kafka bridge, the stream processor, and a fleet of
     /// simulated devices. Prints progress; Ctrl-C stops everything in order.
     Up(up::UpArgs),

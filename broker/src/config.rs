@@ -159,6 +159,12 @@ pub struct BridgeConfig {
     /// devices' MQTT keep-alive.
     #[serde(with = "humantime_serde")]
     pub max_hold: Duration,
+    /// What one batch may carry (channels per device profile); give the
+    /// processor's `batch_limits` the same. A batch over it, like any batch
+    /// refused for its content, is acknowledged and recorded as lost by the
+    /// processor (docs/device-protocol.md, "What happens to a bad payload").
+    /// Default: 64 channels for every profile.
+    pub batch_limits: edgeloop_proto::validate::BatchLimits,
 }
 
 impl Default for BridgeConfig {
@@ -172,6 +178,7 @@ impl Default for BridgeConfig {
             statistics_interval: Duration::from_secs(5),
             max_lag_bytes: None,
             max_hold: Duration::from_secs(10),
+            batch_limits: Default::default(),
         }
     }
 }
@@ -244,6 +251,7 @@ impl BrokerConfig {
                 self.bridge.compression
             ));
         }
+        self.bridge.batch_limits.validate("bridge.batch_limits")?;
         if self.bridge.max_in_flight_batches == 0 {
             return Err("bridge.max_in_flight_batches: must be at least 1".into());
         }

@@ -247,8 +247,18 @@ pub fn render(stats: &BrokerStats) -> String {
         ),
         (
             "edgeloop_bridge_malformed_forwarded_total",
-            "Telemetry payloads that did not decode, forwarded for dead-lettering",
+            "Telemetry refused with no seqs to acknowledge (does not decode, names another device, seqs past 2^63-1): forwarded for dead-lettering, not acknowledged",
             &stats.malformed_forwarded,
+        ),
+        (
+            "edgeloop_bridge_batches_invalid_total",
+            "Telemetry refused for its content (channels, values, timestamps): acknowledged, dead-lettered and recorded as lost (invalid_batch) by the processor",
+            &stats.batches_invalid,
+        ),
+        (
+            "edgeloop_bridge_statuses_refused_total",
+            "Device statuses refused (not a DeviceStatus, another device than the topic's, time or seq out of range): dead-lettered",
+            &stats.statuses_refused,
         ),
         (
             "edgeloop_bridge_batches_in_kafka_total",

@@ -16,8 +16,18 @@ pub struct BrokerStats {
     pub watermarks_raised_by_device: AtomicU64,
     /// Batches not sent again because they were acknowledged or in flight.
     pub batches_skipped: AtomicU64,
-    /// Payloads that did not decode (forwarded for dead-lettering).
+    /// Telemetry refused with no seqs to take (it does not decode, names
+    /// another device, or its seqs are past 2^63 - 1): forwarded for the
+    /// processor to dead-letter, never acknowledged.
     pub malformed_forwarded: AtomicU64,
+    /// Telemetry refused for its content (channels, value counts,
+    /// timestamps): forwarded and acknowledged; the processor dead-letters
+    /// it and records its seqs in `losses` as `invalid_batch`.
+    pub batches_invalid: AtomicU64,
+    /// Device statuses refused (not a `DeviceStatus`, naming another device
+    /// than their topic's, time or seq out of range): sent to
+    /// `edgeloop.deadletter` with the reason instead of `edgeloop.status`.
+    pub statuses_refused: AtomicU64,
     /// Readings records (batches and loss reports) and readings Kafka
     /// acknowledged (status messages not counted).
     pub batches_in_kafka: AtomicU64,

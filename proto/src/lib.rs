@@ -10,6 +10,9 @@
 //!   readings (one function for trainer and device).
 //! - [`model`]: the float model, its int8 quantization the TFLite way, the
 //!   integer-only kernel, the artifact formats and the `.tflite` export.
+//! - [`validate`]: what the cloud accepts in a `ReadingBatch` and a
+//!   `DeviceStatus` (identity, seq and time ranges, channels), checked the
+//!   same way by the broker's bridge and the processor.
 //!
 //! Code that both the device and the cloud run lives in this crate and
 //! nowhere else, so the two sides cannot drift apart.
@@ -19,6 +22,7 @@ pub mod features;
 pub mod model;
 pub mod signing;
 pub mod topics;
+pub mod validate;
 
 /// Generated protobuf types, package `edgeloop.v1`.
 #[allow(clippy::all, missing_docs)]

@@ -14,7 +14,7 @@
 //! | `edgeloop.models` | model publisher | `task/profile` | `ModelUpdate` | compact |
 //! | `edgeloop.pins` | control API (`edgeloop ctl models pin`) | `task/profile` | JSON `{"task","profile","version","pinned_at_micros"}`; no value: unpinned | compact |
 //! | `edgeloop.acks` | bridge | device id | `Ack` (the watermark published on `ack/{device}`) | compact |
-//! | `edgeloop.deadletter` | processor | as received | original bytes, `reason` header | delete |
+//! | `edgeloop.deadletter` | processor (refused readings), bridge (refused statuses) | as received (the sending device) | original bytes, `reason` header | delete |
 
 /// Kafka topic of reading batches, key = device id.
 pub const KAFKA_READINGS: &str = "edgeloop.readings";
@@ -30,7 +30,8 @@ pub const KAFKA_PINS: &str = "edgeloop.pins";
 /// device id): the bridge restores `ack/{device}` and its watermarks from it
 /// after a restart.
 pub const KAFKA_ACKS: &str = "edgeloop.acks";
-/// Kafka topic of payloads that failed to decode, with the reason in a header.
+/// Kafka topic of refused payloads (readings that do not decode or are not
+/// valid, statuses naming another device…), with the reason in a header.
 pub const KAFKA_DEADLETTER: &str = "edgeloop.deadletter";
 
 /// Filter that matches every device's telemetry topic.

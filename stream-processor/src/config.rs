@@ -52,6 +52,12 @@ pub struct ProcessorConfig {
     pub control: crate::control::ControlConfig,
     /// Training, device profiles and the quality gate (docs/training.md).
     pub trainer: crate::trainer::TrainerConfig,
+    /// What one batch may carry (channels per device profile): give the
+    /// broker's `bridge.batch_limits` the same, since the bridge decides from
+    /// it what to acknowledge. A batch over it is a dead letter and its seqs
+    /// a `losses` row (`invalid_batch`). Default: 64 channels for every
+    /// profile.
+    pub batch_limits: edgeloop_proto::validate::BatchLimits,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -87,6 +93,7 @@ impl Default for ProcessorConfig {
             shutdown_grace: Duration::from_secs(30),
             control: Default::default(),
             trainer: crate::trainer::TrainerConfig::default(),
+            batch_limits: Default::default(),
         }
     }
 }
@@ -113,6 +120,7 @@ impl ProcessorConfig {
         if self.parquet_root.as_os_str().is_empty() {
             return Err("parquet_root: must not be empty".into());
         }
+        self.batch_limits.validate("batch_limits")?;
         if self.sink.max_rows == 0 {
             return Err("sink.max_rows: must be at least 1".into());
         }

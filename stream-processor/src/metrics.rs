@@ -57,6 +57,11 @@ fn render(stats: &ProcessorStats, rules: &RuleMetrics) -> String {
             &stats.commit_errors,
         ),
         (
+            "edgeloop_processor_consumer_restarts_total",
+            "Kafka consumers replaced after Kafka fenced them for good (a fatal librdkafka error)",
+            &stats.consumer_restarts,
+        ),
+        (
             "edgeloop_processor_offset_gaps_total",
             "Partitions whose first record after assignment came past the committed offset (records between were no longer in Kafka)",
             &stats.offset_gaps,
@@ -75,6 +80,21 @@ fn render(stats: &ProcessorStats, rules: &RuleMetrics) -> String {
             "edgeloop_processor_readings_reported_lost_total",
             "Readings devices reported lost",
             &stats.readings_reported_lost,
+        ),
+        (
+            "edgeloop_processor_invalid_batches_total",
+            "Batches refused for their content (dead letters) whose seqs were recorded in losses as invalid_batch",
+            &stats.invalid_batches,
+        ),
+        (
+            "edgeloop_processor_readings_invalid_total",
+            "Seqs of batches refused for their content, recorded in losses as invalid_batch",
+            &stats.readings_invalid,
+        ),
+        (
+            "edgeloop_processor_statuses_refused_total",
+            "Device status records the control API refused (not a DeviceStatus, another device than the key, time or seq out of range)",
+            &stats.statuses_refused,
         ),
         (
             "edgeloop_processor_duplicates_dropped_total",

@@ -16,6 +16,8 @@ pub struct ProcessorStats {
     pub dead_letters: AtomicU64,
     /// Offset commits that failed (the records are re-read; files replaced).
     pub commit_errors: AtomicU64,
+    /// Consumers replaced after Kafka fenced them for good.
+    pub consumer_restarts: AtomicU64,
     /// Times a partition's first record after assignment came past the
     /// committed offset (what lay between was no longer in Kafka).
     pub offset_gaps: AtomicU64,
@@ -23,6 +25,15 @@ pub struct ProcessorStats {
     /// readings they cover.
     pub loss_reports: AtomicU64,
     pub readings_reported_lost: AtomicU64,
+    /// Batches refused for their content whose seqs were recorded in
+    /// `losses` as `invalid_batch` (their bytes are dead letters), and those
+    /// seqs.
+    pub invalid_batches: AtomicU64,
+    pub readings_invalid: AtomicU64,
+    /// Records of `edgeloop.status` the control API refused: not a
+    /// `DeviceStatus`, naming another device than their key, or with a time
+    /// or seq out of range.
+    pub statuses_refused: AtomicU64,
     /// Readings (and lost seqs) dropped because the data set already has them.
     pub duplicates_dropped: AtomicU64,
     /// Rules files taken into force, and refused (the previous rules stay).

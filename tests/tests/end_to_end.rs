@@ -1,5 +1,5 @@
 //! End-to-end tests of the slice device → MQTT → Kafka → Parquet, against the
-//! real components: a Tansu Kafka-API broker, `edgeloop broker` and
+//! real components: Apache Kafka, `edgeloop broker` and
 //! `edgeloop processor` as child processes, agents in-process with rumqttc.
 
 use std::collections::{BTreeSet, HashMap};
@@ -2167,6 +2167,455 @@ async fn sigterm_to_an_agent_under_load_exits_within_its_grace_and_its_spool_kee
     ensure!(
         edgeloop_tests::read_losses(&stack.parquet)?.is_empty(),
         "a SIGTERM loses nothing"
+    );
+    Ok(())
+}
+
+/// The control API's token in the tests that start it.
+const CONTROL_TOKEN: &str = "test-token-0123456789";
+
+/// A `ReadingBatch` of `device` with channels `a` and `b`, readings
+/// `first..first + n` whose values are their seq.
+fn two_channel_batch(device: &str, first: u64, n: u64) -> ReadingBatch {
+    ReadingBatch {
+        device_id: device.into(),
+        profile: "f32".into(),
+        first_seq: first,
+        channels: vec!["a".into(), "b".into()],
+        readings: (first..first + n)
+            .map(|s| edgeloop_proto::v1::Reading {
+                ts_micros: 1_800_000_000_000_000 + s as i64,
+                values: vec![s as f64, s as f64],
+                true_label: String::new(),
+                predictions: Vec::new(),
+            })
+            .collect(),
+        loss: None,
+    }
+}
+
+/// Publishes `payload` on `topic` with QoS 1.
+async fn publish_raw(
+    client: &rumqttc::AsyncClient,
+    topic: String,
+    retain: bool,
+    payload: Vec<u8>,
+) -> Result<()> {
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
+        .await?;
+    Ok(())
+}
+
+/// The `reason` header of a dead letter.
+fn reason_of(letter: &rdkafka::message::OwnedMessage) -> String {
+    letter
+        .headers()
+        .and_then(|h| h.iter().find(|h| h.key == "reason").and_then(|h| h.value))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default()
+}
+
+/// Dead letters keyed `key`, once there are at least `n`.
+async fn dead_letters_of(
+    stack: &Stack,
+    key: &str,
+    n: usize,
+) -> Result<Vec<rdkafka::message::OwnedMessage>> {
+    wait_for(
+        Duration::from_secs(60),
+        &format!("{n} dead letters of {key}"),
+        || {
+            let read = read_topic(&stack.kafka, topics::KAFKA_DEADLETTER);
+            async move {
+                let letters: Vec<_> = read?
+                    .into_iter()
+                    .filter(|l| l.key() == Some(key.as_bytes()))
+                    .collect();
+                Ok((letters.len() >= n).then_some(letters))
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_invalid_for_its_content_is_acknowledged_dead_lettered_and_its_seqs_recorded_as_lost(
+) -> Result<()> {
+    let stack = Stack::start().await?;
+    let _processor = stack.processor("processor")?;
+    let device = "bad-content";
+    let (client, mut acks, _pump) = subscriber(stack.mqtt, device, &[topics::ack(device)]).await?;
+    // 0..10: valid, with the three non-finite values in it.
+    let mut first = two_channel_batch(device, 0, 10);
+    first.readings[5].values = vec![f64::INFINITY, f64::NEG_INFINITY];
+    first.readings[6].values = vec![f64::NAN, 1.0];
+    // 10..20: one reading with three values for two channels.
+    let mut values = two_channel_batch(device, 10, 10);
+    values.readings[3].values.push(3.0);
+    // 20..21: 3,000 channels (the data set would grow to 3,016 columns).
+    let mut wide = two_channel_batch(device, 20, 1);
+    wide.channels = (0..3000).map(|i| format!("c{i}")).collect();
+    wide.readings[0].values = vec![1.0; 3000];
+    // 21..22: taken in the year 3000.
+    let mut future = two_channel_batch(device, 21, 1);
+    future.readings[0].ts_micros = 32_503_680_000_000_000;
+    let last = two_channel_batch(device, 22, 10);
+    for b in [&first, &values, &wide, &future, &last] {
+        publish_raw(&client, topics::telemetry(device), false, b.encode_to_vec()).await?;
+    }
+    // The device is not left resending the invalid batches forever.
+    receive_until(&mut acks, "the ack of 32", |p| {
+        let ack = ack_of(p)?;
+        ensure!(ack <= 32, "ack {ack} is past what the device sent");
+        Ok((ack == 32).then_some(()))
+    })
+    .await?;
+
+    // Every gap the acknowledged invalid batches left is explained.
+    let losses = wait_for(
+        Duration::from_secs(60),
+        "three invalid_batch losses",
+        || {
+            let read = edgeloop_tests::read_losses(&stack.parquet);
+            async move {
+                let mut rows: Vec<(i64, i64)> = read?
+                    .into_iter()
+                    .filter(|l| l.device_id == device && l.reason == "invalid_batch")
+                    .map(|l| (l.first_seq, l.end_seq))
+                    .collect();
+                rows.sort();
+                Ok((rows.len() >= 3).then_some(rows))
+            }
+        },
+    )
+    .await?;
+    ensure!(losses == [(10, 20), (20, 21), (21, 22)], "{losses:?}");
+    let rows = wait_for_rows(&stack, 20, Duration::from_secs(60)).await?;
+    let mut seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    seqs.sort();
+    ensure!(
+        seqs == (0..10).chain(22..32).collect::<Vec<i64>>(),
+        "{seqs:?}"
+    );
+    for row in &rows {
+        ensure!(
+            row.channels.keys().all(|c| c == "a" || c == "b"),
+            "the data set grew columns: {:?}",
+            row.channels.keys().collect::<Vec<_>>()
+        );
+    }
+    let value = |seq: i64, channel: &str| -> Result<Option<f64>> {
+        let row = rows.iter().find(|r| r.seq == seq).context("row")?;
+        Ok(row.channels.get(channel).copied().flatten())
+    };
+    // NaN, +inf and -inf are all "no value": null.
+    ensure!(value(5, "a")?.is_none() && value(5, "b")?.is_none());
+    ensure!(value(6, "a")?.is_none() && value(6, "b")? == Some(1.0));
+    ensure!(value(7, "a")? == Some(7.0));
+
+    let letters = dead_letters_of(&stack, device, 3).await?;
+    let reasons: Vec<String> = letters.iter().map(reason_of).collect();
+    ensure!(letters.len() == 3, "{reasons:?}");
+    for expected in [
+        "3 values for 2 channels",
+        "allows at most 64",
+        "outside the accepted range",
+    ] {
+        ensure!(
+            reasons.iter().any(|r| r.contains(expected)),
+            "no dead letter says {expected:?}: {reasons:?}"
+        );
+    }
+    ensure!(
+        letters
+            .iter()
+            .any(|l| l.payload() == Some(values.encode_to_vec().as_slice())),
+        "the dead letter keeps the original bytes"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_batch_at_seq_2_pow_64_minus_1_is_refused_and_the_device_goes_on_from_0(
+) -> Result<()> {
+    let stack = Stack::start().await?;
+    let _processor = stack.processor("processor")?;
+    let device = "seq-max";
+    let (client, mut acks, _pump) = subscriber(stack.mqtt, device, &[topics::ack(device)]).await?;
+    let mut last_seq = two_channel_batch(device, 0, 1);
+    last_seq.first_seq = u64::MAX;
+    publish_raw(
+        &client,
+        topics::telemetry(device),
+        false,
+        last_seq.encode_to_vec(),
+    )
+    .await?;
+    send_batch(&client, device, 0, 5).await?;
+    // Before: the bridge published an ack of u64::MAX with nothing in Kafka
+    // and skipped every later batch of the device.
+    receive_until(&mut acks, "the ack of 5", |p| {
+        let ack = ack_of(p)?;
+        ensure!(ack <= 5, "ack {ack} is past what the device sent");
+        Ok((ack == 5).then_some(()))
+    })
+    .await?;
+    let rows = wait_for_rows(&stack, 5, Duration::from_secs(60)).await?;
+    check_exactly_once(&rows, &HashMap::from([(device.to_string(), 5)]))?;
+    let letters = dead_letters_of(&stack, device, 1).await?;
+    ensure!(
+        reason_of(&letters[0]).contains("largest seq"),
+        "{}",
+        reason_of(&letters[0])
+    );
+    ensure!(
+        edgeloop_tests::read_losses(&stack.parquet)?.is_empty(),
+        "an impossible seq is not recorded as lost"
+    );
+    Ok(())
+}
+
+/// A `DeviceStatus` of `device` as the agent sends it.
+fn status_of(device: &str, agent_version: &str, ts_micros: i64) -> DeviceStatus {
+    DeviceStatus {
+        device_id: device.into(),
+        profile: "f32".into(),
+        agent_version: agent_version.into(),
+        online: true,
+        ts_micros,
+        ..DeviceStatus::default()
+    }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Runs `edgeloop ctl --addr ADDR ARGS…` with the token; its exit status
+/// and what it printed.
+async fn ctl(addr: SocketAddr, args: &[&str]) -> Result<std::process::Output> {
+    Ok(tokio::process::Command::new(edgeloop_bin())
+        .arg("ctl")
+        .arg("--addr")
+        .arg(addr.to_string())
+        .args(args)
+        .env("EDGELOOP_CONTROL_TOKEN", CONTROL_TOKEN)
+        .output()
+        .await?)
+}
+
+/// `ctl ARGS… --json`, parsed.
+async fn ctl_json(addr: SocketAddr, args: &[&str]) -> Result<serde_json::Value> {
+    let mut with_json = args.to_vec();
+    with_json.push("--json");
+    let out = ctl(addr, &with_json).await?;
+    ensure!(
+        out.status.success(),
+        "edgeloop ctl {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// A processor with the control API and `/metrics`; their addresses.
+fn processor_with_control(stack: &Stack) -> Result<(Component, SocketAddr, SocketAddr)> {
+    let control = edgeloop_tests::free_addr()?;
+    let metrics = edgeloop_tests::free_addr()?;
+    let (control_arg, metrics_arg) = (control.to_string(), metrics.to_string());
+    let processor = stack.processor_with(
+        "processor",
+        &[
+            "--control-listen",
+            &control_arg,
+            "--control-token",
+            CONTROL_TOKEN,
+            "--metrics-listen",
+            &metrics_arg,
+        ],
+    )?;
+    Ok((processor, control, metrics))
+}
+
+async fn metric_at_least(addr: SocketAddr, name: &str, n: f64) -> Result<()> {
+    wait_for(
+        Duration::from_secs(60),
+        &format!("{name} >= {n}"),
+        || async move {
+            let Ok(text) = http_get(addr, "/metrics").await else {
+                return Ok(None);
+            };
+            Ok(metric(&text, name).filter(|v| *v >= n).map(|_| ()))
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_naming_another_device_is_refused_and_that_device_keeps_its_own_record(
+) -> Result<()> {
+    let mut stack = Stack::without_broker().await?;
+    let broker_metrics = edgeloop_tests::free_addr()?;
+    stack.broker_args = vec!["--metrics-listen".into(), broker_metrics.to_string()];
+    stack.start_broker().await?;
+    let (_processor, control, processor_metrics) = processor_with_control(&stack)?;
+    let now = now_micros();
+    let (victim, _victim_rx, _victim_pump) = subscriber(stack.mqtt, "victim", &[]).await?;
+    publish_raw(
+        &victim,
+        topics::status("victim"),
+        true,
+        status_of("victim", "victim-1.0", now).encode_to_vec(),
+    )
+    .await?;
+    wait_for(
+        Duration::from_secs(60),
+        "the victim's status in the control API",
+        || async move {
+            let Ok(d) = ctl_json(control, &["device", "victim"]).await else {
+                return Ok(None);
+            };
+            Ok((d["agent_version"] == "victim-1.0").then_some(()))
+        },
+    )
+    .await?;
+
+    // Through the broker: published on status/forger, naming the victim.
+    let (forger, _forger_rx, _forger_pump) = subscriber(stack.mqtt, "forger", &[]).await?;
+    let mut forged = status_of("victim", "forged", now + 1_000_000);
+    forged.last_model_error = "forged".into();
+    publish_raw(
+        &forger,
+        topics::status("forger"),
+        true,
+        forged.encode_to_vec(),
+    )
+    .await?;
+    metric_at_least(
+        broker_metrics,
+        "edgeloop_bridge_statuses_refused_total",
+        1.0,
+    )
+    .await?;
+    let letters = dead_letters_of(&stack, "forger", 1).await?;
+    ensure!(
+        reason_of(&letters[0]).contains("names device \"victim\""),
+        "{}",
+        reason_of(&letters[0])
+    );
+    // Straight into edgeloop.status, as a bridge that did not check would
+    // have filed it: the control API refuses it too.
+    produce(
+        &stack.kafka,
+        topics::KAFKA_STATUS,
+        "forger",
+        &forged.encode_to_vec(),
+    )
+    .await?;
+    metric_at_least(
+        processor_metrics,
+        "edgeloop_processor_statuses_refused_total",
+        1.0,
+    )
+    .await?;
+
+    let d = ctl_json(control, &["device", "victim"]).await?;
+    ensure!(d["agent_version"] == "victim-1.0", "{d}");
+    ensure!(d["last_model_error"] == "", "{d}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_devices_prints_its_table_after_a_device_sent_timestamps_out_of_range() -> Result<()> {
+    let stack = Stack::start().await?;
+    let (_processor, control, _metrics) = processor_with_control(&stack)?;
+    let device = "bad-clock";
+    let (client, _rx, _pump) = subscriber(stack.mqtt, device, &[]).await?;
+    publish_raw(
+        &client,
+        topics::status(device),
+        true,
+        status_of(device, "1.0", now_micros()).encode_to_vec(),
+    )
+    .await?;
+    let mut bad = two_channel_batch(device, 0, 3);
+    for (r, ts) in bad
+        .readings
+        .iter_mut()
+        .zip([i64::MAX, i64::MIN, 32_503_680_000_000_000])
+    {
+        r.ts_micros = ts;
+    }
+    publish_raw(
+        &client,
+        topics::telemetry(device),
+        false,
+        bad.encode_to_vec(),
+    )
+    .await?;
+    publish_raw(
+        &client,
+        topics::status(device),
+        true,
+        status_of(device, "1.0", i64::MAX).encode_to_vec(),
+    )
+    .await?;
+    publish_raw(
+        &client,
+        topics::telemetry(device),
+        false,
+        two_channel_batch(device, 3, 1).encode_to_vec(),
+    )
+    .await?;
+    // Seq 3 comes after the bad batch in the device's partition: once it is
+    // in the data set, the bad batch was handled.
+    wait_for_rows(&stack, 1, Duration::from_secs(60)).await?;
+    wait_for(
+        Duration::from_secs(60),
+        "the device in the control API",
+        || async move {
+            let Ok(d) = ctl_json(control, &["device", device]).await else {
+                return Ok(None);
+            };
+            Ok((d["readings_seen"].as_u64() >= Some(1)).then_some(()))
+        },
+    )
+    .await?;
+
+    let out = ctl(control, &["devices"]).await?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "edgeloop ctl devices failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(table.contains(device), "{table}");
+    let out = ctl(control, &["device", device]).await?;
+    ensure!(
+        out.status.success(),
+        "edgeloop ctl device failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The readings out of range are refused, their seqs explained.
+    let losses = edgeloop_tests::read_losses(&stack.parquet)?;
+    ensure!(
+        losses.iter().any(|l| l.device_id == device
+            && l.reason == "invalid_batch"
+            && (l.first_seq, l.end_seq) == (0, 3)),
+        "{losses:?}"
+    );
+    let rows = read_rows(&stack.parquet)?;
+    ensure!(
+        rows.iter().all(|r| r.seq == 3),
+        "{:?}",
+        rows.iter()
+            .map(|r| (r.seq, r.ts_micros))
+            .collect::<Vec<_>>()
     );
     Ok(())
 }

@@ -3,7 +3,7 @@
 //!
 //! A local rumqttd link subscribed to `telemetry/+` receives every batch. Each
 //! is produced to Kafka (key = device id, `acks=all`, idempotence on, no
-//! headers: the key names the device and the Kafka topic the kind of MQTT
+//! headers but on a dead letter: the key names the device and the Kafka topic the kind of MQTT
 //! topic; Tansu 0.6's SQLite storage has no index on its header table and
 //! scans all of it for every record it serves, so headers made fetches
 //! slower with every record ever stored, until consumers timed out); Kafka's
@@ -14,11 +14,20 @@
 //!
 //! Retained `status/{device}` messages (`DeviceStatus`, the last will
 //! included) go to the compacted Kafka topic `edgeloop.status`, keyed by
-//! device.
+//! device, once [`edgeloop_proto::validate::check_status`] passes; one that
+//! does not (it names another device, say) goes to `edgeloop.deadletter`
+//! instead, with a `reason` header, and is counted.
 //!
-//! A payload that does not decode is still produced (keyed by the topic's
-//! device) so the stream processor dead-letters it with its reason; it is
-//! never acknowledged to the device.
+//! Telemetry is checked by [`edgeloop_proto::validate::decode_batch`], the
+//! check the processor runs too, and every batch is produced keyed by the
+//! topic's device (the identity; never the payload's). A valid batch counts
+//! for the ack watermark. A batch refused for its content (channels, value
+//! counts, timestamps) whose seqs are real counts too, so the device does
+//! not resend it forever: the processor dead-letters it with its reason and
+//! records its seqs in `losses` (`invalid_batch`), so the gap is explained.
+//! Any other refusal (it does not decode, names another device, seqs past
+//! 2^63 - 1) is produced for the processor to dead-letter and never
+//! acknowledged.
 //!
 //! After a restart: [`restore_acks`] reads `edgeloop.acks` back, republishes
 //! each retained `ack/{device}` and seeds the tracker, before the bridge
@@ -47,13 +56,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgeloop_kafka::KafkaConfig;
-use edgeloop_proto::v1::{Ack, DeviceStatus, ReadingBatch};
+use edgeloop_proto::v1::Ack;
+use edgeloop_proto::validate::{self, BatchLimits};
 use edgeloop_proto::{topics, Message as _};
 use futures::channel::oneshot::Canceled;
 use futures::future;
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
@@ -142,6 +153,8 @@ enum Kind {
     },
     /// A device status.
     Status,
+    /// A refused device status, to `edgeloop.deadletter`.
+    DeadLetter,
     /// The ack record of watermark `seq` in `edgeloop.acks`.
     Ack { seq: u64 },
 }
@@ -223,6 +236,17 @@ pub async fn restore_acks(
             .filter(|d| edgeloop_proto::device_id::validate(d).is_ok());
         let ack = message.payload().map(Ack::decode);
         match (device, ack) {
+            (Some(device), Some(Ok(ack))) if ack.committed_seq > validate::MAX_SEQ => {
+                // Written before seqs were bounded (a first batch at seq
+                // 2^64 - 1 made the watermark u64::MAX): restoring it would
+                // skip every batch of the device forever.
+                tracing::warn!(
+                    %device,
+                    committed_seq = ack.committed_seq,
+                    "skipping an ack record past the largest possible seq (2^63 - 1)"
+                );
+                BrokerStats::add(&stats.records_undecodable, 1);
+            }
             (Some(device), Some(Ok(ack))) => {
                 let w = watermarks.entry(device.to_string()).or_default();
                 *w = (*w).max(ack.committed_seq);
@@ -322,7 +346,7 @@ pub async fn run(
                                 forward.publish.payload.len(),
                             ));
                         }
-                        if let Some(sent) = take(&producer, &mut tracker, forward.publish, &stats).await {
+                        if let Some(sent) = take(&producer, &mut tracker, forward.publish, &config.batch_limits, &stats).await {
                             in_flight.push(sent);
                             telemetry_in_flight += 1;
                         }
@@ -411,6 +435,12 @@ fn on_delivered(
                 BrokerStats::add(&stats.delivery_errors, 1);
             }
         }
+        Kind::DeadLetter => {
+            if let Some(error) = error {
+                tracing::warn!(device = %record.device, %error, "Kafka did not take the dead letter of a refused device status");
+                BrokerStats::add(&stats.delivery_errors, 1);
+            }
+        }
         Kind::Ack { seq } => {
             if let Some(error) = &error {
                 tracing::warn!(device = %record.device, seq, %error, "Kafka did not take an ack record; writing it again");
@@ -477,16 +507,56 @@ fn count_produced(stats: &BrokerStats, bytes: usize) {
     BrokerStats::add(&stats.bytes_produced, bytes as u64);
 }
 
+/// What the bridge makes of a telemetry payload from `device`.
+#[derive(Debug, PartialEq)]
+enum Telemetry {
+    /// A valid batch of seqs `[first, end)`: acknowledged once in Kafka.
+    Valid { first: u64, end: u64, readings: u64 },
+    /// Refused for its content, its seqs real: acknowledged once in Kafka,
+    /// where the processor dead-letters it and records `[first, end)` in
+    /// `losses` (`invalid_batch`).
+    Invalid {
+        first: u64,
+        end: u64,
+        reason: String,
+    },
+    /// Refused, no seqs to take (does not decode, names another device,
+    /// seqs past 2^63 - 1): forwarded for dead-lettering, never acknowledged.
+    Refused { reason: String },
+}
+
+/// Judges a telemetry payload with the check the processor runs too.
+fn judge_telemetry(device: &str, payload: &[u8], limits: &BatchLimits) -> Telemetry {
+    match validate::decode_batch(device, payload, limits) {
+        Ok(batch) => Telemetry::Valid {
+            first: batch.first_seq,
+            end: batch.end_seq(),
+            readings: batch.readings.len() as u64,
+        },
+        Err(refused) => match refused.lost {
+            Some(lost) => Telemetry::Invalid {
+                first: lost.first_seq,
+                end: lost.end_seq,
+                reason: refused.reason.to_string(),
+            },
+            None => Telemetry::Refused {
+                reason: refused.reason.to_string(),
+            },
+        },
+    }
+}
+
 /// Decides what to do with one telemetry publish and, if it goes to Kafka,
 /// enqueues it there. Waits (backpressure) while librdkafka's queue is full.
 async fn take(
     producer: &Producer,
     tracker: &mut AckTracker,
     publish: Publish,
+    limits: &BatchLimits,
     stats: &BrokerStats,
 ) -> Option<Pending> {
     let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-    let (device, kafka_topic) = if let Some(d) = topics::device_of_telemetry(&topic) {
+    let (device, mut kafka_topic) = if let Some(d) = topics::device_of_telemetry(&topic) {
         (d.to_owned(), topics::KAFKA_READINGS)
     } else if let Some(d) = topics::device_of_status(&topic) {
         (d.to_owned(), topics::KAFKA_STATUS)
@@ -494,28 +564,54 @@ async fn take(
         tracing::warn!(%topic, "ignoring a publish outside telemetry/ and status/");
         return None;
     };
+    let mut refusal: Option<String> = None;
     let kind = if kafka_topic == topics::KAFKA_STATUS {
-        // Device status goes to the compacted status topic as it is. The ack
-        // the device holds is a floor for its watermark.
+        // Device status goes to the compacted status topic as it is, if it
+        // is the device's own. The ack the device holds is a floor for its
+        // watermark.
         BrokerStats::add(&stats.statuses_received, 1);
-        if let Ok(status) = DeviceStatus::decode(publish.payload.as_ref()) {
-            if status.device_id == device && tracker.raise_to_device_ack(&device, status.acked_seq)
-            {
-                BrokerStats::add(&stats.watermarks_raised_by_device, 1);
-                tracing::info!(
-                    %device,
-                    acked_seq = status.acked_seq,
-                    "ack watermark raised to the ack the device holds (the restore had less)"
-                );
+        match validate::decode_status(&device, publish.payload.as_ref()) {
+            Ok(status) => {
+                if tracker.raise_to_device_ack(&device, status.acked_seq) {
+                    BrokerStats::add(&stats.watermarks_raised_by_device, 1);
+                    tracing::info!(
+                        %device,
+                        acked_seq = status.acked_seq,
+                        "ack watermark raised to the ack the device holds (the restore had less)"
+                    );
+                }
+                Kind::Status
+            }
+            Err(reason) => {
+                tracing::warn!(%device, %reason, "refusing a device status: dead-lettered instead of filed");
+                BrokerStats::add(&stats.statuses_refused, 1);
+                kafka_topic = topics::KAFKA_DEADLETTER;
+                refusal = Some(reason.to_string());
+                Kind::DeadLetter
             }
         }
-        Kind::Status
     } else {
         BrokerStats::add(&stats.batches_received, 1);
-        match ReadingBatch::decode(publish.payload.as_ref()) {
-            Ok(batch) if batch.device_id == device => {
-                let first = batch.first_seq;
-                let end = batch.end_seq();
+        // The seqs to acknowledge once the record is in Kafka, if any.
+        let (seqs, readings) = match judge_telemetry(&device, publish.payload.as_ref(), limits) {
+            Telemetry::Valid {
+                first,
+                end,
+                readings,
+            } => (Some((first, end)), readings),
+            Telemetry::Invalid { first, end, reason } => {
+                tracing::debug!(%device, first_seq = first, end_seq = end, %reason, "an invalid batch: acknowledged, and recorded as lost by the processor");
+                BrokerStats::add(&stats.batches_invalid, 1);
+                (Some((first, end)), 0)
+            }
+            Telemetry::Refused { reason } => {
+                tracing::debug!(%device, %reason, "a refused batch: forwarded for dead-lettering, not acknowledged");
+                BrokerStats::add(&stats.malformed_forwarded, 1);
+                (None, 0)
+            }
+        };
+        match seqs {
+            Some((first, end)) => {
                 if tracker.on_received(&device, first, end) == Take::Skip {
                     BrokerStats::add(&stats.batches_skipped, 1);
                     return None;
@@ -523,26 +619,39 @@ async fn take(
                 Kind::Readings {
                     first,
                     end,
-                    readings: batch.readings.len() as u64,
+                    readings,
                     tracked: true,
                 }
             }
-            // Not ours to judge in detail: the processor dead-letters it with the
-            // reason. It is never acknowledged.
-            Ok(_) | Err(_) => {
-                BrokerStats::add(&stats.malformed_forwarded, 1);
-                Kind::Readings {
-                    first: 0,
-                    end: 0,
-                    readings: 0,
-                    tracked: false,
-                }
-            }
+            None => Kind::Readings {
+                first: 0,
+                end: 0,
+                readings: 0,
+                tracked: false,
+            },
         }
     };
+    let headers = refusal.as_deref().map(|reason| {
+        OwnedHeaders::new()
+            .insert(Header {
+                key: "reason",
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: "source_topic",
+                value: Some(topic.as_str()),
+            })
+            .insert(Header {
+                key: "written_by",
+                value: Some("edgeloop-bridge"),
+            })
+    });
     let mut record = FutureRecord::to(kafka_topic)
         .key(device.as_bytes())
         .payload(publish.payload.as_ref());
+    if let Some(headers) = headers {
+        record = record.headers(headers);
+    }
     loop {
         match producer.send_result(record) {
             Ok(delivery) => {
@@ -601,4 +710,75 @@ async fn publish_ack(
         .map_err(|e| BridgeError::Link(e.to_string()))?;
     BrokerStats::add(&stats.acks_published, 1);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeloop_proto::v1::{Reading, ReadingBatch};
+
+    fn batch(device: &str, first_seq: u64, values: usize) -> Vec<u8> {
+        ReadingBatch {
+            device_id: device.into(),
+            profile: "f32".into(),
+            first_seq,
+            channels: vec!["temp".into(), "hum".into()],
+            readings: vec![Reading {
+                ts_micros: 1_700_000_000_000_000,
+                values: vec![1.0; values],
+                true_label: String::new(),
+                predictions: Vec::new(),
+            }],
+            loss: None,
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn an_invalid_batch_is_acknowledged_as_lost_and_a_forged_or_impossible_one_is_not() {
+        let limits = BatchLimits::default();
+        assert_eq!(
+            judge_telemetry("d", &batch("d", 5, 2), &limits),
+            Telemetry::Valid {
+                first: 5,
+                end: 6,
+                readings: 1
+            }
+        );
+        // Three values for two channels: its seqs are taken (and recorded as
+        // lost downstream), so the device does not resend it forever.
+        assert!(matches!(
+            judge_telemetry("d", &batch("d", 5, 3), &limits),
+            Telemetry::Invalid {
+                first: 5,
+                end: 6,
+                ..
+            }
+        ));
+        // Another device's name, seq 2^64 - 1, garbage: nothing is taken.
+        for (payload, why) in [
+            (batch("other", 5, 2), "names device \"other\""),
+            (batch("d", u64::MAX, 2), "largest seq"),
+            (b"\xff\xff".to_vec(), "does not decode"),
+        ] {
+            match judge_telemetry("d", &payload, &limits) {
+                Telemetry::Refused { reason } => assert!(reason.contains(why), "{reason}"),
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_first_batch_at_the_last_u64_seq_never_moves_the_watermark() {
+        // What made the bridge publish an ack of u64::MAX: the tracker took
+        // the batch's end (saturated to u64::MAX) as its first watermark.
+        let mut tracker = AckTracker::default();
+        let judged = judge_telemetry("d", &batch("d", u64::MAX, 2), &BatchLimits::default());
+        if let Telemetry::Valid { first, end, .. } | Telemetry::Invalid { first, end, .. } = judged
+        {
+            tracker.on_received("d", first, end);
+        }
+        assert_eq!(tracker.watermark("d"), None);
+        assert!(tracker.take_dirty().is_empty());
+    }
 }

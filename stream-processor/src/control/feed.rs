@@ -8,15 +8,18 @@
 //! the table it holds) and keeps going after it reached the end the topic
 //! had at the start (then its [`FeedHealth::caught_up`] turns true). A
 //! record that does not decode is logged and skipped; it never stops the
-//! follower. If Kafka cannot be reached the follower retries every few
+//! follower. A status record is filed under its key, the device whose topic
+//! it came on, and only if [`validate::check_status`] passes: one naming
+//! another device, or with a time or seq out of range, is refused and
+//! counted (`edgeloop_processor_statuses_refused_total`). If Kafka cannot be reached the follower retries every few
 //! seconds and reports the error in its health.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edgeloop_proto::v1::{DeviceStatus, ModelUpdate};
-use edgeloop_proto::{topics, Message as _};
+use edgeloop_proto::{topics, validate, Message as _};
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
@@ -26,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::registry::Pin;
 use super::{lock, ControlError, FeedHealth, State};
+use crate::stats::ProcessorStats;
 
 /// Ignores end-of-partition events (expected: they mark "caught up").
 pub struct FeedContext;
@@ -187,31 +191,12 @@ fn apply(kind: Kind, state: &State, message: &BorrowedMessage<'_>) {
                 lock(&state.statuses).remove(key.as_ref());
             }
         }
-        (Kind::Status, Some(payload)) => match DeviceStatus::decode(payload) {
-            Ok(status) if !status.device_id.is_empty() => {
-                let mut statuses = lock(&state.statuses);
-                // Keep the newest report: a record read out of order (or
-                // the last will published after a newer report) does not
-                // turn back the clock, but the online flag of a last will
-                // at the same time does apply.
-                let newer = statuses
-                    .get(&status.device_id)
-                    .is_none_or(|old| status.ts_micros >= old.ts_micros || !status.online);
-                if newer {
-                    statuses.insert(status.device_id.clone(), status);
-                }
+        (Kind::Status, Some(payload)) => {
+            let key = key.as_deref().unwrap_or_default();
+            if let Err(reason) = file_status_record(&state.statuses, &state.stats, key, payload) {
+                tracing::warn!(partition, offset, key, %reason, "a status record refused");
             }
-            Ok(_) => {
-                tracing::warn!(
-                    partition,
-                    offset,
-                    "a status record without a device id; skipped"
-                )
-            }
-            Err(e) => {
-                tracing::warn!(partition, offset, error = %e, "a status record that is not a DeviceStatus; skipped")
-            }
-        },
+        }
         (Kind::Models, None) => {
             if let Some((task, profile)) = key.as_deref().and_then(|k| k.split_once('/')) {
                 lock(&state.registry).withdraw(task, profile);
@@ -240,5 +225,71 @@ fn apply(kind: Kind, state: &State, message: &BorrowedMessage<'_>) {
                 tracing::warn!(partition, offset, error = %e, "a pin record that is not a pin; skipped")
             }
         },
+    }
+}
+
+/// Files the status record of key `key` (the device whose `status/` topic it
+/// came on, as the bridge keys it) as that device's newest report, unless an
+/// older one. The key is the identity: a status naming another device, or
+/// with a time or seq out of range, is refused (and counted), never filed
+/// under the device it names.
+fn file_status_record(
+    statuses: &Mutex<BTreeMap<String, DeviceStatus>>,
+    stats: &ProcessorStats,
+    key: &str,
+    payload: &[u8],
+) -> Result<(), validate::InvalidStatus> {
+    let status = validate::decode_status(key, payload).inspect_err(|_| {
+        ProcessorStats::add(&stats.statuses_refused, 1);
+    })?;
+    let mut statuses = lock(statuses);
+    // Keep the newest report: a record read out of order (or the last will
+    // published after a newer report) does not turn back the clock, but the
+    // online flag of a last will at the same time does apply.
+    let newer = statuses
+        .get(&status.device_id)
+        .is_none_or(|old| status.ts_micros >= old.ts_micros || !status.online);
+    if newer {
+        statuses.insert(status.device_id.clone(), status);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    fn status(device: &str, agent: &str, ts_micros: i64) -> Vec<u8> {
+        DeviceStatus {
+            device_id: device.into(),
+            agent_version: agent.into(),
+            online: true,
+            ts_micros,
+            ..DeviceStatus::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn a_status_from_one_device_naming_another_is_refused_and_counted_not_filed() {
+        let statuses = Mutex::new(BTreeMap::new());
+        let stats = ProcessorStats::default();
+        let now = 1_700_000_000_000_000;
+        file_status_record(&statuses, &stats, "b", &status("b", "b's own", now))
+            .expect("b's own status is filed");
+        // Published on status/a, so keyed a, but naming b, and newer.
+        let forged = file_status_record(&statuses, &stats, "a", &status("b", "forged", now + 1));
+        assert!(
+            matches!(forged, Err(validate::InvalidStatus::DeviceMismatch { .. })),
+            "{forged:?}"
+        );
+        // A status from year 292,277 would pin b's record for good.
+        assert!(file_status_record(&statuses, &stats, "b", &status("b", "far", i64::MAX)).is_err());
+        assert!(file_status_record(&statuses, &stats, "b", b"\xff\xff").is_err());
+        let statuses = lock(&statuses);
+        assert_eq!(statuses.len(), 1, "{statuses:?}");
+        assert_eq!(statuses["b"].agent_version, "b's own");
+        assert_eq!(stats.statuses_refused.load(Ordering::Relaxed), 3);
     }
 }

@@ -1,112 +1,35 @@
 //! Decoding and checking one Kafka record of `edgeloop.readings`.
 //!
-//! A record is accepted only if it decodes as a `ReadingBatch`, its device id
-//! is valid and equals the record's key, every reading has one value per
-//! channel, and no channel name collides with a fixed column. Anything else
-//! gets a reason, a sentence, and goes to the dead-letter topic.
+//! The check is [`edgeloop_proto::validate`]'s, the one the broker's bridge
+//! ran before acknowledging the batch: the record's key is the sending
+//! device, a payload naming another one is refused, and so are seqs past
+//! 2^63 − 1, bad channels, too many of them, wrong value counts and
+//! timestamps outside 1970–2099. A refused record gets its reason, a
+//! sentence, and goes to the dead-letter topic; when its seqs are real
+//! ([`Refused::lost`]) the caller also records them in `losses`.
+//!
+//! A value that is not finite (NaN, +inf, −inf) is "no value": it is made NaN
+//! here, so every later stage (labels, training, the Parquet sink, where it
+//! is null) sees one kind of missing value.
 
 use edgeloop_proto::v1::ReadingBatch;
-use edgeloop_proto::Message;
+pub use edgeloop_proto::validate::{BatchLimits, Refused};
 
-/// Column names the data set reserves; a channel may not use them.
-pub const RESERVED_COLUMNS: &[&str] = &[
-    "device_id",
-    "profile",
-    "seq",
-    "ts",
-    "true_label",
-    "kafka_partition",
-    "kafka_offset",
-    "date",
-    "hour",
-];
-
-/// Why a record was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refused {
-    #[error("payload does not decode as a ReadingBatch: {0}")]
-    Undecodable(String),
-    #[error("the batch's device_id {batch:?} differs from the Kafka key {key:?}")]
-    KeyMismatch { batch: String, key: String },
-    #[error("invalid device id: {0}")]
-    DeviceId(String),
-    #[error("channel {index} is named {name:?}, which is not a valid column name")]
-    BadChannel { index: usize, name: String },
-    #[error("channel name {0:?} appears twice")]
-    DuplicateChannel(String),
-    #[error("reading {index} has {values} values for {channels} channels")]
-    ValueCount {
-        index: usize,
-        values: usize,
-        channels: usize,
-    },
-    #[error("the batch's seq range overflows (first_seq {0})")]
-    SeqOverflow(u64),
-    #[error("a loss report must carry no readings and cover first_seq {first}.. (it covers {loss_first}..{loss_end} with {readings} readings)")]
-    BadLoss {
-        first: u64,
-        loss_first: u64,
-        loss_end: u64,
-        readings: usize,
-    },
-}
-
-/// Decodes and checks a record's payload.
-pub fn decode(key: Option<&[u8]>, payload: &[u8]) -> Result<ReadingBatch, Refused> {
-    let batch = ReadingBatch::decode(payload).map_err(|e| Refused::Undecodable(e.to_string()))?;
-    edgeloop_proto::device_id::validate(&batch.device_id).map_err(Refused::DeviceId)?;
+/// Decodes and checks a record's payload (`key`: the Kafka key, the device
+/// that sent it), with every non-finite value made NaN.
+pub fn decode(
+    key: Option<&[u8]>,
+    payload: &[u8],
+    limits: &BatchLimits,
+) -> Result<ReadingBatch, Refused> {
     let key = key.map(String::from_utf8_lossy).unwrap_or_default();
-    if key != batch.device_id {
-        return Err(Refused::KeyMismatch {
-            batch: batch.device_id.clone(),
-            key: key.into_owned(),
-        });
-    }
-    let mut seen = std::collections::HashSet::new();
-    for (index, name) in batch.channels.iter().enumerate() {
-        let valid = !name.is_empty()
-            && name.len() <= 64
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && !RESERVED_COLUMNS.contains(&name.as_str());
-        if !valid {
-            return Err(Refused::BadChannel {
-                index,
-                name: name.clone(),
-            });
+    let mut batch = edgeloop_proto::validate::decode_batch(&key, payload, limits)?;
+    for reading in &mut batch.readings {
+        for v in &mut reading.values {
+            if !v.is_finite() {
+                *v = f64::NAN;
+            }
         }
-        if !seen.insert(name) {
-            return Err(Refused::DuplicateChannel(name.clone()));
-        }
-    }
-    for (index, r) in batch.readings.iter().enumerate() {
-        if r.values.len() != batch.channels.len() {
-            return Err(Refused::ValueCount {
-                index,
-                values: r.values.len(),
-                channels: batch.channels.len(),
-            });
-        }
-    }
-    if let Some(loss) = &batch.loss {
-        if !batch.readings.is_empty()
-            || loss.first_seq != batch.first_seq
-            || loss.end_seq <= loss.first_seq
-        {
-            return Err(Refused::BadLoss {
-                first: batch.first_seq,
-                loss_first: loss.first_seq,
-                loss_end: loss.end_seq,
-                readings: batch.readings.len(),
-            });
-        }
-    }
-    if batch
-        .first_seq
-        .checked_add(batch.readings.len() as u64)
-        .is_none()
-        || batch.end_seq() > i64::MAX as u64
-    {
-        return Err(Refused::SeqOverflow(batch.first_seq));
     }
     Ok(batch)
 }
@@ -115,6 +38,8 @@ pub fn decode(key: Option<&[u8]>, payload: &[u8]) -> Result<ReadingBatch, Refuse
 mod tests {
     use super::*;
     use edgeloop_proto::v1::Reading;
+    use edgeloop_proto::validate::{Invalid, LostSeqs};
+    use edgeloop_proto::Message as _;
 
     fn batch() -> ReadingBatch {
         ReadingBatch {
@@ -132,6 +57,10 @@ mod tests {
         }
     }
 
+    fn decoded(key: &[u8], b: &ReadingBatch) -> Result<ReadingBatch, Refused> {
+        decode(Some(key), &b.encode_to_vec(), &BatchLimits::default())
+    }
+
     #[test]
     fn loss_report_with_readings_or_an_empty_range_is_refused() {
         let loss = |first, end| edgeloop_proto::v1::LossReport {
@@ -144,51 +73,108 @@ mod tests {
         let mut b = batch();
         b.loss = Some(loss(0, 10));
         assert!(matches!(
-            decode(Some(b"d1"), &b.encode_to_vec()),
-            Err(Refused::BadLoss { .. })
+            decoded(b"d1", &b).map_err(|r| r.reason),
+            Err(Invalid::BadLoss { .. })
         ));
         b.readings.clear();
-        assert!(decode(Some(b"d1"), &b.encode_to_vec()).is_ok());
+        assert!(decoded(b"d1", &b).is_ok());
         b.loss = Some(loss(0, 0));
         assert!(matches!(
-            decode(Some(b"d1"), &b.encode_to_vec()),
-            Err(Refused::BadLoss { .. })
+            decoded(b"d1", &b).map_err(|r| r.reason),
+            Err(Invalid::BadLoss { .. })
         ));
     }
 
     #[test]
     fn well_formed_batch_is_accepted() {
-        let bytes = batch().encode_to_vec();
-        assert_eq!(decode(Some(b"d1"), &bytes), Ok(batch()));
+        assert_eq!(decoded(b"d1", &batch()), Ok(batch()));
     }
 
     #[test]
     fn garbage_is_refused_with_a_reason() {
-        let err = decode(Some(b"d1"), b"\xff\xff\xff not protobuf").expect_err("refused");
+        let err = decode(
+            Some(b"d1"),
+            b"\xff\xff\xff not protobuf",
+            &BatchLimits::default(),
+        )
+        .expect_err("refused");
         assert!(
             err.to_string().starts_with("payload does not decode"),
             "{err}"
         );
+        assert_eq!(err.lost, None);
     }
 
     #[test]
     fn mismatched_key_wrong_value_count_and_reserved_channel_are_refused() {
-        let bytes = batch().encode_to_vec();
         assert!(matches!(
-            decode(Some(b"d2"), &bytes),
-            Err(Refused::KeyMismatch { .. })
+            decoded(b"d2", &batch()).map_err(|r| r.reason),
+            Err(Invalid::DeviceMismatch { .. })
         ));
         let mut b = batch();
         b.readings[0].values.push(2.0);
-        assert!(matches!(
-            decode(Some(b"d1"), &b.encode_to_vec()),
-            Err(Refused::ValueCount { .. })
-        ));
+        let refused = decoded(b"d1", &b).expect_err("refused");
+        assert!(matches!(refused.reason, Invalid::ValueCount { .. }));
+        assert_eq!(
+            refused.lost,
+            Some(LostSeqs {
+                first_seq: 0,
+                end_seq: 1,
+                profile: "f32".into()
+            }),
+            "a content refusal keeps its seqs, to be recorded as lost"
+        );
         let mut b = batch();
         b.channels[0] = "seq".into();
         assert!(matches!(
-            decode(Some(b"d1"), &b.encode_to_vec()),
-            Err(Refused::BadChannel { .. })
+            decoded(b"d1", &b).map_err(|r| r.reason),
+            Err(Invalid::BadChannel { .. })
+        ));
+    }
+
+    #[test]
+    fn a_batch_naming_another_device_than_its_key_is_refused_with_no_seqs_to_record() {
+        let refused = decoded(b"forger", &batch()).expect_err("refused");
+        assert!(
+            refused.to_string().contains("came from device \"forger\""),
+            "{refused}"
+        );
+        assert_eq!(refused.lost, None);
+        assert!(decode(None, &batch().encode_to_vec(), &BatchLimits::default()).is_err());
+    }
+
+    #[test]
+    fn timestamps_outside_1970_to_2099_are_refused() {
+        for ts in [i64::MAX, i64::MIN, 32_503_680_000_000_000] {
+            let mut b = batch();
+            b.readings[0].ts_micros = ts;
+            let refused = decoded(b"d1", &b).expect_err("refused");
+            assert!(
+                matches!(refused.reason, Invalid::TimestampOutOfRange { ts_micros, .. } if ts_micros == ts),
+                "{refused}"
+            );
+        }
+    }
+
+    #[test]
+    fn nan_and_both_infinities_become_the_same_missing_value() {
+        let mut b = batch();
+        b.channels = vec!["a".into(), "b".into(), "c".into(), "d".into()];
+        b.readings[0].values = vec![f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.5];
+        let got = decoded(b"d1", &b).expect("accepted");
+        let values = &got.readings[0].values;
+        assert!(values[..3].iter().all(|v| v.is_nan()), "{values:?}");
+        assert_eq!(values[3], -0.5);
+    }
+
+    #[test]
+    fn a_batch_over_the_channel_limit_is_refused() {
+        let mut b = batch();
+        b.channels = (0..3000).map(|i| format!("c{i}")).collect();
+        b.readings[0].values = vec![0.0; 3000];
+        assert!(matches!(
+            decoded(b"d1", &b).map_err(|r| r.reason),
+            Err(Invalid::TooManyChannels { channels: 3000, .. })
         ));
     }
 }

@@ -25,6 +25,7 @@ use edgeloop_proto::topics;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
@@ -173,12 +174,23 @@ impl Sink<'_> {
                         .iter()
                         .position(|name| name == c)
                         .and_then(|i| r.values.get(i).copied())
-                        .filter(|v| !v.is_nan())
+                        .filter(|v| v.is_finite())
                 };
                 state.label(engine, &batch.device_id, &value, r.ts_micros)
             })
             .collect()
     }
+}
+
+/// The hour a record's rows go to: its Kafka timestamp's, else (a record
+/// without one) its first reading's.
+fn bucket_of(message: &BorrowedMessage<'_>, batch: &ReadingBatch) -> Bucket {
+    let millis = message
+        .timestamp()
+        .to_millis()
+        .or_else(|| batch.readings.first().map(|r| r.ts_micros / 1000))
+        .unwrap_or(0);
+    Bucket::of_millis(millis)
 }
 
 impl Sink<'_> {
@@ -334,23 +346,25 @@ impl Sink<'_> {
                 ProcessorStats::add(&self.stats.offset_gaps, 1);
             }
         }
-        let batch = match decode::decode(message.key(), message.payload().unwrap_or_default()) {
+        let batch = match decode::decode(
+            message.key(),
+            message.payload().unwrap_or_default(),
+            &self.config.batch_limits,
+        ) {
             Ok(batch) => batch,
             Err(refused) => {
                 let reason = refused.to_string();
                 tracing::warn!(partition, offset, %reason, "dead-lettering a record");
                 dead.send(message, &reason)?;
                 ProcessorStats::add(&self.stats.dead_letters, 1);
+                if let Some(lost) = &refused.lost {
+                    self.record_invalid(message, lost)?;
+                }
                 return self.commit_if_idle(partition, offset);
             }
         };
         self.stats.saw_batch(&batch);
-        let millis = message
-            .timestamp()
-            .to_millis()
-            .or_else(|| batch.readings.first().map(|r| r.ts_micros / 1000))
-            .unwrap_or(0);
-        let bucket = Bucket::of_millis(millis);
+        let bucket = bucket_of(message, &batch);
         let seen = &mut self.seen.entry(partition).or_default().seen;
         let unseen = seen.unseen(&batch.device_id, batch.first_seq, batch.end_seq());
         let covered: u64 = unseen.iter().map(|(a, b)| b - a).sum();
@@ -372,7 +386,7 @@ impl Sink<'_> {
                 offset,
                 &batch.device_id,
                 &batch.profile,
-                loss,
+                std::slice::from_ref(loss),
             )?;
             tracing::info!(device = %batch.device_id, first_seq = loss.first_seq, end_seq = loss.end_seq, reason = %loss.reason, path = %path.display(), "device reported lost readings");
             self.mark_seen(partition, &batch.device_id, &unseen);
@@ -451,6 +465,61 @@ impl Sink<'_> {
         Ok(())
     }
 
+    /// Records in `losses` (reason `invalid_batch`) the seqs of a batch
+    /// refused for its content, those not already in the data set: the
+    /// bridge acknowledged them (the device deleted them), so the gap they
+    /// leave is explained; the dead letter holds the bytes and the reason.
+    fn record_invalid(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        lost: &edgeloop_proto::validate::LostSeqs,
+    ) -> Result<(), SourceError> {
+        let (partition, offset) = (message.partition(), message.offset());
+        let device = message
+            .key()
+            .map(String::from_utf8_lossy)
+            .unwrap_or_default()
+            .into_owned();
+        let unseen = self.seen.entry(partition).or_default().seen.unseen(
+            &device,
+            lost.first_seq,
+            lost.end_seq,
+        );
+        if unseen.is_empty() {
+            return Ok(());
+        }
+        let detected_at_micros = message
+            .timestamp()
+            .to_millis()
+            .map_or(0, |ms| ms.saturating_mul(1000));
+        let reports: Vec<edgeloop_proto::v1::LossReport> = unseen
+            .iter()
+            .map(|&(first_seq, end_seq)| edgeloop_proto::v1::LossReport {
+                device_id: device.clone(),
+                first_seq,
+                end_seq,
+                reason: edgeloop_proto::validate::INVALID_BATCH.into(),
+                detected_at_micros,
+            })
+            .collect();
+        let bucket = Bucket::of_millis(message.timestamp().to_millis().unwrap_or(0));
+        let path = losses::write(
+            &self.config.parquet_root,
+            &bucket,
+            partition,
+            offset,
+            &device,
+            &lost.profile,
+            &reports,
+        )?;
+        let readings: u64 = unseen.iter().map(|(a, b)| b - a).sum();
+        tracing::info!(%device, first_seq = lost.first_seq, end_seq = lost.end_seq, path = %path.display(), "the seqs of a refused batch are recorded as lost (invalid_batch)");
+        self.mark_seen(partition, &device, &unseen);
+        ProcessorStats::add(&self.stats.invalid_batches, 1);
+        ProcessorStats::add(&self.stats.readings_invalid, readings);
+        Ok(())
+    }
+
     fn close_aged(&mut self) -> Result<(), SourceError> {
         let aged: Vec<i32> = self
             .open
@@ -466,6 +535,13 @@ impl Sink<'_> {
 }
 
 /// Consumes until `shutdown`, then closes every open file and commits.
+///
+/// A consumer that Kafka has fenced for good (librdkafka's fatal errors:
+/// with static membership, `FencedInstanceId` after the consumer's own
+/// session expired during a Kafka outage and it rejoined under the same
+/// `group.instance.id`) is replaced by a new one: its open files are
+/// dropped uncommitted (they are written again from the committed offsets),
+/// and the new consumer joins the group as the old one did.
 pub fn run(
     config: &ProcessorConfig,
     shutdown: &CancellationToken,
@@ -473,6 +549,36 @@ pub fn run(
     rule_metrics: &SharedRuleMetrics,
     trainer: Option<TrainerHandle>,
 ) -> Result<(), SourceError> {
+    let dead = DeadLetters::new(&config.kafka)?;
+    ensure_dir(&config.parquet_root)?;
+    while let Some((code, reason)) = consume(
+        config,
+        shutdown,
+        stats,
+        rule_metrics,
+        trainer.clone(),
+        &dead,
+    )? {
+        tracing::warn!(
+            ?code,
+            %reason,
+            "the Kafka consumer was fenced for good; starting a new one (open files are written again from the committed offsets)"
+        );
+        ProcessorStats::add(&stats.consumer_restarts, 1);
+    }
+    Ok(())
+}
+
+/// One consumer's life: until `shutdown` (then `None`), or until librdkafka
+/// reports a fatal error (then that error, and the open files are dropped).
+fn consume(
+    config: &ProcessorConfig,
+    shutdown: &CancellationToken,
+    stats: &ProcessorStats,
+    rule_metrics: &SharedRuleMetrics,
+    trainer: Option<TrainerHandle>,
+    dead: &DeadLetters,
+) -> Result<Option<(RDKafkaErrorCode, String)>, SourceError> {
     let session = config.session_timeout.as_millis().to_string();
     let mut settings = vec![
         ("group.id", config.group_id.as_str()),
@@ -496,8 +602,6 @@ pub fn run(
             topic: topics::KAFKA_READINGS.into(),
             source,
         })?;
-    let dead = DeadLetters::new(&config.kafka)?;
-    ensure_dir(&config.parquet_root)?;
     let mut sink = Sink {
         config,
         consumer: &consumer,
@@ -530,8 +634,17 @@ pub fn run(
         }
         match polled {
             None => {}
-            Some(Ok(message)) => sink.handle(&message, &dead)?,
-            Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error"),
+            Some(Ok(message)) => sink.handle(&message, dead)?,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "Kafka consumer error");
+                if let Some(fatal) = consumer.client().fatal_error() {
+                    let open: Vec<i32> = sink.open.keys().copied().collect();
+                    for p in open {
+                        sink.revoke(p);
+                    }
+                    return Ok(Some(fatal));
+                }
+            }
         }
         sink.close_aged()?;
         sink.reload_rules()?;
@@ -541,14 +654,14 @@ pub fn run(
         sink.close(p)?;
     }
     consumer.unsubscribe();
-    Ok(())
+    Ok(None)
 }
 
 /// Watches how many partitions the group gives this processor. A processor
 /// left without any for long is either one more than the readings topic has
-/// partitions, or in a group whose coordinator no longer completes
-/// rebalances (Tansu 0.6 after a member's session expired, see
-/// docs/operations.md "Processor without partitions"): it says so in the log
+/// partitions, or in a group where another member holds them or a
+/// rebalance does not finish (docs/operations.md "Processor without
+/// partitions"): it says so in the log
 /// and the gauges, since it writes nothing meanwhile.
 struct AssignmentWatch {
     every: Duration,
@@ -601,7 +714,7 @@ impl AssignmentWatch {
             tracing::warn!(
                 seconds = without.as_secs(),
                 topic = topics::KAFKA_READINGS,
-                "no partition assigned for this long: this processor writes nothing. Either the group has more processors than the topic has partitions, or its coordinator stopped completing rebalances (Tansu 0.6 does after a member's session expired; restart Tansu). See docs/operations.md, Processor without partitions"
+                "no partition assigned for this long: this processor writes nothing. Either the group has more processors than the topic has partitions, or another member holds them or the rebalance does not finish (kafka-consumer-groups.sh --describe --members). See docs/operations.md, Processor without partitions"
             );
         }
     }

@@ -2,7 +2,7 @@
 //! in `seq` in `readings` is always explained.
 //!
 //! `{root}/losses/date=YYYY-MM-DD/hour=HH/part-{partition}-{offset}.parquet`,
-//! one small file per report (they are rare), named after the Kafka record so
+//! one small file per report (or refused batch) (they are rare), named after the Kafka record so
 //! that a replay after a crash rewrites the same file instead of adding one.
 
 use std::fs::{self, File};
@@ -33,7 +33,9 @@ pub fn schema() -> SchemaRef {
     ]))
 }
 
-/// Writes the loss report of Kafka record `offset` of `partition`.
+/// Writes the loss reports of Kafka record `offset` of `partition`: the one
+/// a device sent, or the seqs of a batch refused for its content (reason
+/// `invalid_batch`, one report per range not already in the data set).
 pub fn write(
     root: &Path,
     bucket: &Bucket,
@@ -41,7 +43,7 @@ pub fn write(
     offset: i64,
     device_id: &str,
     profile: &str,
-    loss: &LossReport,
+    losses: &[LossReport],
 ) -> Result<PathBuf, SinkError> {
     let dir = bucket.dir_of(root, "losses");
     fs::create_dir_all(&dir).map_err(|source| SinkError::Io {
@@ -53,22 +55,37 @@ pub fn write(
     let final_path = dir.join(&name);
     let tmp = dir.join(format!(".{name}.tmp"));
     let schema = schema();
+    let n = losses.len();
+    // Seqs are at most 2^63 - 1 (edgeloop_proto::validate::MAX_SEQ), so
+    // they fit in int64; saturate all the same rather than wrap.
+    let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let batch = RecordBatch::try_new(
         schema.clone(),
         vec![
-            Arc::new(StringArray::from(vec![device_id])),
-            Arc::new(StringArray::from(vec![profile])),
-            Arc::new(Int64Array::from(vec![loss.first_seq as i64])),
-            Arc::new(Int64Array::from(vec![loss.end_seq as i64])),
-            Arc::new(Int64Array::from(vec![
-                (loss.end_seq - loss.first_seq) as i64,
-            ])),
-            Arc::new(StringArray::from(vec![loss.reason.as_str()])),
+            Arc::new(StringArray::from(vec![device_id; n])),
+            Arc::new(StringArray::from(vec![profile; n])),
+            Arc::new(Int64Array::from_iter_values(
+                losses.iter().map(|l| int(l.first_seq)),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                losses.iter().map(|l| int(l.end_seq)),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                losses
+                    .iter()
+                    .map(|l| int(l.end_seq.saturating_sub(l.first_seq))),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                losses.iter().map(|l| l.reason.as_str()),
+            )),
             Arc::new(
-                TimestampMicrosecondArray::from(vec![loss.detected_at_micros]).with_timezone("UTC"),
+                TimestampMicrosecondArray::from_iter_values(
+                    losses.iter().map(|l| l.detected_at_micros),
+                )
+                .with_timezone("UTC"),
             ),
-            Arc::new(Int32Array::from(vec![partition])),
-            Arc::new(Int64Array::from(vec![offset])),
+            Arc::new(Int32Array::from(vec![partition; n])),
+            Arc::new(Int64Array::from(vec![offset; n])),
         ],
     )
     .map_err(|source| SinkError::Arrow {

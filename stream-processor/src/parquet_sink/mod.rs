@@ -352,7 +352,8 @@ impl OpenFile {
             values.iter_mut().for_each(|v| *v = None);
             for (&col, &v) in index.iter().zip(&r.values) {
                 if let Some(slot) = values.get_mut(col) {
-                    *slot = (!v.is_nan()).then_some(v);
+                    // Every non-finite value is "no value" (docs/dataset.md).
+                    *slot = v.is_finite().then_some(v);
                 }
             }
             for (builder, v) in b.channels.iter_mut().zip(&values) {
@@ -689,6 +690,39 @@ mod tests {
         assert_eq!(first.path, second.path);
         let meta = ParquetRecordBatchReaderBuilder::try_new(File::open(&second.path)?)?;
         assert_eq!(meta.metadata().file_metadata().num_rows(), 6);
+        Ok(())
+    }
+
+    #[test]
+    fn nan_and_both_infinities_are_written_as_null() -> Result<(), Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        let bucket = Bucket::of_millis(0);
+        let mut f = OpenFile::open(
+            root.path(),
+            0,
+            0,
+            bucket,
+            vec!["a".into()],
+            &SinkConfig::default(),
+        )?;
+        let mut b = batch(0, &["a"], 4);
+        for (r, v) in b
+            .readings
+            .iter_mut()
+            .zip([f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 2.5])
+        {
+            r.values = vec![v];
+        }
+        f.append(&b, 0, &[], None)?;
+        let closed = f.close()?;
+        let reader =
+            ParquetRecordBatchReaderBuilder::try_new(File::open(&closed.path)?)?.build()?;
+        let batches: Vec<RecordBatch> = reader.collect::<Result<_, _>>()?;
+        let a = f64_column(&batches[0], "a");
+        let got: Vec<Option<f64>> = (0..a.len())
+            .map(|i| (!a.is_null(i)).then(|| a.value(i)))
+            .collect();
+        assert_eq!(got, [None, None, None, Some(2.5)]);
         Ok(())
     }
 }
