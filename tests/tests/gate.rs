@@ -670,3 +670,131 @@ async fn an_agent_logs_in_with_the_password_in_its_password_file() -> Result<()>
     broker.check_running()?;
     Ok(())
 }
+
+/// Three clones of one device logging in at once, again and again (two
+/// auto-reconnecting copies of a device do this by accident), through a
+/// standalone broker: afterwards every device still logs in, whichever
+/// rumqttd listener the gate gives it, and the broker is ready. (rumqttd's
+/// takeover panicked under a lock of its listener: half the devices then
+/// got "server unavailable".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clones_of_a_device_logging_in_at_once_leave_the_broker_logging_in_every_device(
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let kafka = start_kafka(dir.path()).await?;
+    let credentials = dir.path().join("credentials.toml");
+    let pass_a = add_device(&credentials, "dev-a")?;
+    let pass_b = add_device(&credentials, "dev-b")?;
+    let (mqtt, ops) = (free_addr()?, free_addr()?);
+    let (cred_arg, ops_arg) = (credentials.to_string_lossy().into_owned(), ops.to_string());
+    let mut broker = start_broker(
+        dir.path(),
+        &kafka,
+        mqtt,
+        &["--credentials", &cred_arg, "--metrics-listen", &ops_arg],
+    )
+    .await?;
+    let mut open = Vec::new();
+    for _ in 0..30 {
+        let clones: Vec<_> = (0..3)
+            .map(|_| {
+                let pass = pass_a.clone();
+                tokio::spawn(async move {
+                    tokio::time::timeout(
+                        Duration::from_secs(10),
+                        rumqttc_connect(mqtt, "dev-a", Some(("dev-a", &pass))),
+                    )
+                    .await
+                })
+            })
+            .collect();
+        let mut round = Vec::new();
+        for c in clones {
+            if let Ok(Ok(Ok(connected))) = c.await {
+                round.push(connected);
+            }
+        }
+        open = round;
+    }
+    drop(open);
+    for i in 0..8 {
+        let connected = tokio::time::timeout(
+            Duration::from_secs(10),
+            rumqttc_connect(mqtt, "dev-b", Some(("dev-b", &pass_b))),
+        )
+        .await
+        .with_context(|| format!("dev-b's log-in {i} hung"))?;
+        ensure!(
+            connected.is_ok(),
+            "dev-b's log-in {i}: {:?}",
+            connected.err()
+        );
+    }
+    broker.check_running()?;
+    let ready = http_get(ops, "/readyz").await?;
+    ensure!(
+        ready.split_whitespace().nth(1) == Some("200"),
+        "/readyz: {ready}"
+    );
+    Ok(())
+}
+
+/// A device removed from the credentials file while connected is
+/// disconnected by the broker at the next reload; another device carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_removed_from_the_credentials_is_disconnected_and_others_carry_on() -> Result<()> {
+    use edgeloop_broker::gate::credentials::CredentialsFile;
+    let dir = tempfile::tempdir()?;
+    let kafka = start_kafka(dir.path()).await?;
+    let credentials = dir.path().join("credentials.toml");
+    let pass_a = add_device(&credentials, "dev-a")?;
+    let pass_b = add_device(&credentials, "dev-b")?;
+    let mqtt = free_addr()?;
+    let cred_arg = credentials.to_string_lossy().into_owned();
+    let _broker = start_broker(dir.path(), &kafka, mqtt, &["--credentials", &cred_arg]).await?;
+    let (_a, mut events_a) = rumqttc_connect(mqtt, "dev-a", Some(("dev-a", &pass_a)))
+        .await
+        .context("dev-a connects")?;
+    let (b, mut events_b) = rumqttc_connect(mqtt, "dev-b", Some(("dev-b", &pass_b)))
+        .await
+        .context("dev-b connects")?;
+    let mut file = CredentialsFile::read(&credentials)?;
+    file.credentials.retain(|c| c.id != "dev-a");
+    file.write(&credentials)?;
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if events_a.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    ensure!(
+        ended.is_ok(),
+        "dev-a is still connected 30 s after its removal"
+    );
+    b.publish(
+        "telemetry/dev-b",
+        QoS::AtLeastOnce,
+        false,
+        batch("dev-b", 0, 3),
+    )
+    .await?;
+    let acked = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events_b.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await?;
+    ensure!(acked.is_ok(), "dev-b: {acked:?}");
+    // dev-a cannot come back.
+    assert_eq!(
+        refused_with(mqtt, "dev-a", Some(("dev-a", &pass_a))).await?,
+        ConnectReturnCode::BadUserNamePassword
+    );
+    Ok(())
+}

@@ -316,9 +316,9 @@ impl Gate {
         // registering covers a reload between authenticating and here).
         let registered = credential.map(|c| self.sessions.register(c));
         if let (Some(r), Some(credentials)) = (&registered, &self.credentials) {
-            let ended = self.sessions.revoke_changed(&credentials.current());
-            BrokerStats::add(&self.stats.sessions_revoked, ended as u64);
-            if r.revoked.is_cancelled() {
+            // Only this session: the others are the watcher's.
+            if !sessions::still_granted(r.credential(), &credentials.current()) {
+                BrokerStats::add(&self.stats.sessions_revoked, 1);
                 tracing::info!(%peer, %identity, "session ended: its credential was removed or changed");
                 return Ok(());
             }

@@ -25,8 +25,16 @@ pub struct Sessions {
 pub struct Registered {
     sessions: Arc<Sessions>,
     key: u64,
+    credential: Credential,
     /// Cancelled when the session's credential is revoked.
     pub revoked: CancellationToken,
+}
+
+impl Registered {
+    /// The credential the session logged in with.
+    pub fn credential(&self) -> &Credential {
+        &self.credential
+    }
 }
 
 impl Drop for Registered {
@@ -44,10 +52,12 @@ impl Sessions {
     pub fn register(self: &Arc<Self>, credential: Credential) -> Registered {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let revoked = CancellationToken::new();
-        self.lock().insert(key, (credential, revoked.clone()));
+        self.lock()
+            .insert(key, (credential.clone(), revoked.clone()));
         Registered {
             sessions: self.clone(),
             key,
+            credential,
             revoked,
         }
     }
