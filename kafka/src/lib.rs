@@ -65,8 +65,9 @@ where
 /// topic to have a leader.
 pub const LEADER_WAIT: Duration = Duration::from_secs(30);
 
-/// Whether `e` says a partition's leader is not (yet) known: an answer to
-/// ask again shortly, not a fault.
+/// Whether `e` says a partition's leader is not (yet) known, or a node did
+/// not answer in time (a cluster starting, or busy): an answer to ask again
+/// shortly, not a fault.
 fn is_leader_moving(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
@@ -74,6 +75,9 @@ fn is_leader_moving(e: &KafkaError) -> bool {
             RDKafkaErrorCode::NotLeaderForPartition
                 | RDKafkaErrorCode::LeaderNotAvailable
                 | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::BrokerTransportFailure
         )
     )
 }
