@@ -18,6 +18,7 @@ use edgeloop_broker::BrokerStats;
 use edgeloop_kafka::KafkaConfig;
 use edgeloop_proto::v1::{Reading, ReadingBatch};
 use edgeloop_proto::Message as _;
+use rand::{Rng, SeedableRng};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
@@ -61,6 +62,10 @@ pub async fn run(
         .collect();
     let names: Vec<String> = (0..channels).map(|c| format!("ch{c}")).collect();
     let mut next_seq = vec![0u64; ids.len()];
+    // Sensor-like values (a level and noise), as compressible as the
+    // simulator's: constant values would compress far better than a
+    // fleet's readings and flatter the ceiling.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let mut in_flight = VecDeque::new();
     let (mut records, mut readings, mut record_bytes) = (0u64, 0u64, 0usize);
     let started = Instant::now();
@@ -79,7 +84,7 @@ pub async fn run(
                 .map(|k| Reading {
                     ts_micros: 1_700_000_000_000_000 + (first_seq + k as u64) as i64 * 1_000,
                     values: (0..channels)
-                        .map(|c| 20.0 + (k + c) as f64 * 0.25)
+                        .map(|c| 20.0 + c as f64 * 10.0 + rng.gen_range(-1.0..1.0))
                         .collect(),
                     ..Reading::default()
                 })
