@@ -5,7 +5,7 @@
 //! `cargo bench --bench broker -- [SECONDS]` (default 5 per cell);
 //! `BENCH_PAYLOADS=100,1024` and `BENCH_CONNECTIONS=1,100,1000` choose the
 //! cells, `BENCH_BROKER_LOG` the broker's log filter (default `warn`). Needs
-//! tansu (`scripts/setup.sh`) and the `mosquitto` binary (Debian package
+//! Apache Kafka's jars and Java 17+ (`scripts/setup.sh`) and the `mosquitto` binary (Debian package
 //! `mosquitto`; `scripts/bench-broker.sh` installs it). Prints figures;
 //! asserts nothing.
 
@@ -185,7 +185,7 @@ async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kafka = edgeloop_tests::start_kafka(dir.path())
         .await
-        .expect("tansu (scripts/setup.sh)");
+        .expect("Apache Kafka (scripts/setup.sh)");
     let edgeloop_addr = edgeloop_tests::free_addr().expect("port");
     let _broker = edgeloop_tests::Component::start(
         Path::new(BIN),
@@ -236,7 +236,7 @@ async fn main() {
         .unwrap_or_default();
     println!("QoS 1 publishes acknowledged per second, {secs} s per cell, one load generator (rumqttc, 20 in flight per connection)");
     println!(
-        "edgeloop broker = gate + rumqttd + bridge into Kafka (Tansu, acks=all); peer: {version}"
+        "edgeloop broker = gate + rumqttd + bridge into Kafka (Apache Kafka, acks=all); peer: {version}"
     );
     let counter: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", kafka.bootstrap())

@@ -2,7 +2,7 @@
 //! the same run, pyarrow writing the same rows with the same compression.
 //!
 //! `cargo bench --bench processor -- [READINGS]` (default 1,000,000). Needs
-//! tansu and pyarrow (`scripts/setup.sh`). Prints figures; asserts nothing.
+//! Apache Kafka (Java 17+) and pyarrow (`scripts/setup.sh`). Prints figures; asserts nothing.
 
 // A benchmark program: a failure ends it with the reason, like a test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -31,7 +31,7 @@ async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kafka = edgeloop_tests::start_kafka(dir.path())
         .await
-        .expect("tansu (scripts/setup.sh)");
+        .expect("Apache Kafka (scripts/setup.sh)");
     let config = KafkaConfig {
         bootstrap_servers: kafka.bootstrap(),
         ..KafkaConfig::default()
@@ -108,7 +108,7 @@ async fn main() {
     }
     let total = per_device * DEVICES;
     println!(
-        "produced {total} readings in {records} records to Tansu in {:.1} s",
+        "produced {total} readings in {records} records to Apache Kafka in {:.1} s",
         start.elapsed().as_secs_f64()
     );
 

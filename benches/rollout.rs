@@ -2,7 +2,7 @@
 //! simulated fleet reporting that it applied it (issue 6's benchmark).
 //!
 //! `cargo bench --bench rollout` (`EDGELOOP_ROLLOUT_DEVICES`, default 1000):
-//! a Tansu Kafka-API broker (memory storage), the broker (gate, rumqttd,
+//! a single-node Apache Kafka, the broker (gate, rumqttd,
 //! bridge) and the fleet run on this machine; every device is an
 //! `edgeloop_agent::run` with its own MQTT connection, spool and the
 //! provisioned public key, subscribed to `models/anomaly/f32`. Once every

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fleet benchmark in one command: builds edgeloop in release mode, then
-# runs `edgeloop bench --local DIR` (Tansu, broker and processor started as
+# runs `edgeloop bench --local DIR` (Apache Kafka, broker and processor started as
 # child processes, a simulated fleet in this process) and prints the figures.
 # DIR is $BENCH_DIR (default /tmp/edgeloop-bench, emptied first); further
 # arguments go to `edgeloop bench`, e.g.

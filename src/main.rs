@@ -59,7 +59,7 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the whole loop on this machine: a Kafka-API broker (Tansu), the MQTT
+    /// Run the whole loop on this machine: a single-node Apache Kafka (KRaft), the MQTT
     /// broker and its Kafka bridge, the stream processor, and a fleet of
     /// simulated devices. Prints progress; Ctrl-C stops everything in order.
     Up(up::UpArgs),
@@ -299,9 +299,15 @@ struct AgentArgs {
     /// MQTT broker, HOST:PORT.
     #[arg(long, env = "EDGELOOP_MQTT")]
     mqtt: Option<String>,
-    /// MQTT password (from `edgeloop broker add-device`); the user name is
-    /// the device id.
-    #[arg(long, env = "EDGELOOP_MQTT_PASSWORD", hide_env_values = true)]
+    /// File holding the MQTT password (from `edgeloop broker add-device`;
+    /// surrounding whitespace ignored); the user name is the device id.
+    /// Without it the password is taken from the environment variable
+    /// EDGELOOP_MQTT_PASSWORD, if set. There is no flag for the password
+    /// itself: a command line is visible to every local user (`ps`).
+    #[arg(long, env = "EDGELOOP_MQTT_PASSWORD_FILE")]
+    password_file: Option<PathBuf>,
+    /// Refused: see --password-file.
+    #[arg(long, hide = true)]
     password: Option<String>,
     /// Simulated readings per second.
     #[arg(long, env = "EDGELOOP_RATE")]
@@ -361,6 +367,35 @@ struct AgentArgs {
 enum InputFormat {
     Csv,
     JsonLines,
+}
+
+/// The agent's MQTT password: the contents of `file` (trimmed), else
+/// `from_env` (EDGELOOP_MQTT_PASSWORD). Never from the command line, which
+/// every local user can read in `ps`: `on_command_line` (a `--password`
+/// flag, as earlier versions had) is refused, saying what to use instead.
+fn agent_password(
+    on_command_line: bool,
+    file: Option<&Path>,
+    from_env: Option<String>,
+) -> Result<Option<String>> {
+    anyhow::ensure!(
+        !on_command_line,
+        "--password is not accepted: a command line is visible to every local user (ps). \
+         Put the password in a file readable only by the agent's user and pass \
+         --password-file FILE (or EDGELOOP_MQTT_PASSWORD_FILE), or set EDGELOOP_MQTT_PASSWORD"
+    );
+    if let Some(file) = file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading the MQTT password from {}", file.display()))?;
+        let password = text.trim();
+        anyhow::ensure!(
+            !password.is_empty(),
+            "{} is empty: no MQTT password in it",
+            file.display()
+        );
+        return Ok(Some(password.to_string()));
+    }
+    Ok(from_env.filter(|p| !p.is_empty()))
 }
 
 /// A component's config: its TOML file, with every key overridable from
@@ -613,7 +648,11 @@ async fn main() -> Result<()> {
             if let Some(mqtt) = args.mqtt {
                 (config.mqtt.host, config.mqtt.port) = split_host_port(&mqtt)?;
             }
-            if let Some(password) = args.password {
+            if let Some(password) = agent_password(
+                args.password.is_some(),
+                args.password_file.as_deref(),
+                std::env::var("EDGELOOP_MQTT_PASSWORD").ok(),
+            )? {
                 config.mqtt.username = Some(config.device_id.clone());
                 config.mqtt.password = Some(password);
             }
@@ -694,5 +733,34 @@ async fn main() -> Result<()> {
             println!("{} readings taken, all acknowledged", report.next_seq);
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_takes_its_password_from_a_file_or_the_environment_never_the_command_line(
+    ) -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("password");
+        std::fs::write(&file, "s3cret\n")?;
+        assert_eq!(
+            agent_password(false, Some(&file), Some("env".into()))?,
+            Some("s3cret".into())
+        );
+        assert_eq!(
+            agent_password(false, None, Some("env".into()))?,
+            Some("env".into())
+        );
+        assert_eq!(agent_password(false, None, None)?, None);
+        let refused = agent_password(true, Some(&file), None)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("--password-file"), "{refused}");
+        std::fs::write(&file, "  \n")?;
+        assert!(agent_password(false, Some(&file), None).is_err());
+        Ok(())
     }
 }

@@ -62,6 +62,14 @@ pub struct UpArgs {
         default_value = "127.0.0.1:9470"
     )]
     control_listen: std::net::SocketAddr,
+    /// Where the MQTT broker serves /healthz, /readyz and Prometheus
+    /// /metrics, as `edgeloop broker --metrics-listen` does (docs/operations.md).
+    #[arg(
+        long,
+        env = "EDGELOOP_BROKER_METRICS_LISTEN",
+        default_value = "127.0.0.1:9465"
+    )]
+    broker_metrics_listen: SocketAddr,
     /// How often progress is printed.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     progress_every: Duration,
@@ -123,6 +131,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
 
     let mut broker_config = BrokerConfig::default();
     broker_config.mqtt.listen = args.mqtt_listen;
+    broker_config.metrics_listen = Some(args.broker_metrics_listen);
     // Device identity: each simulated device gets a credential of its own
     // (the broker keeps the hash, the device its password), kept across runs.
     let (credentials_file, passwords) = provision_fleet(&data_dir, "device", args.devices)?;
@@ -229,8 +238,8 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         }
     }
     println!(
-        "MQTT broker on {}; bridge to Kafka {bootstrap}",
-        args.mqtt_listen
+        "MQTT broker on {}; bridge to Kafka {bootstrap}; broker metrics on http://{}/metrics",
+        args.mqtt_listen, args.broker_metrics_listen
     );
 
     let processor_stop = CancellationToken::new();
@@ -480,7 +489,7 @@ fn provision_fleet(
             passwords.insert(id, password);
         }
         std::fs::create_dir_all(data_dir.join("fleet"))?;
-        std::fs::write(&secrets, toml::to_string(&passwords)?)
+        write_private(&secrets, toml::to_string(&passwords)?.as_bytes())
             .with_context(|| format!("writing {}", secrets.display()))?;
         println!(
             "Provisioned {} device credential(s) in {}",
@@ -488,5 +497,58 @@ fn provision_fleet(
             credentials.display()
         );
     }
+    // A passwords file of an earlier version was readable by every local
+    // user: replaced by one that is not.
+    if readable_by_others(&secrets) {
+        write_private(&secrets, toml::to_string(&passwords)?.as_bytes())
+            .with_context(|| format!("writing {}", secrets.display()))?;
+        println!(
+            "{} was readable by other users; rewritten with mode 0600",
+            secrets.display()
+        );
+    }
     Ok((credentials, passwords.into_iter().collect()))
+}
+
+use edgeloop_broker::gate::credentials::write_private;
+
+/// Whether `path` exists with any permission for its group or others.
+fn readable_by_others(path: &std::path::Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &std::path::Path) -> u32 {
+        std::fs::metadata(p).map_or(0, |m| m.permissions().mode() & 0o777)
+    }
+
+    #[test]
+    fn the_fleet_passwords_and_credentials_are_readable_by_their_owner_only() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (credentials, passwords) = provision_fleet(dir.path(), "device", 2)?;
+        let secrets = dir.path().join("fleet/passwords.toml");
+        assert_eq!(passwords.len(), 2);
+        assert_eq!(mode(&secrets), 0o600, "{}", secrets.display());
+        assert_eq!(mode(&credentials), 0o600, "{}", credentials.display());
+        // A file left world-readable by an earlier version is replaced,
+        // with the same passwords.
+        std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o644))?;
+        let (_, again) = provision_fleet(dir.path(), "device", 2)?;
+        assert_eq!(again, passwords);
+        assert_eq!(mode(&secrets), 0o600);
+        Ok(())
+    }
 }

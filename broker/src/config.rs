@@ -61,8 +61,12 @@ pub struct MqttConfig {
     /// listeners behind the gate, each on a thread of its own, that devices
     /// are spread over. Unset: the CPUs the broker may use, at most 4.
     pub listener_threads: Option<usize>,
-    /// Largest packet a device may send, in bytes (a larger one closes its
-    /// connection).
+    /// Largest packet a device may send, in bytes, fixed header included
+    /// (a larger one closes its connection: MQTT 5 clients are told the
+    /// limit in the CONNACK and get DISCONNECT 0x95). The gate enforces it
+    /// and counts refusals (`edgeloop_gate_packets_too_large_total`);
+    /// rumqttd behind it allows as much, so never drops what the gate let
+    /// through.
     pub max_payload_bytes: usize,
     /// QoS 1 messages in flight per connection.
     pub max_inflight: usize,
@@ -85,6 +89,11 @@ pub struct MqttConfig {
     /// 680–1,360 of them, 100–200 s of a 200-device fleet reporting every
     /// 30 s (docs/operations.md, "Broker memory").
     pub status_segment_bytes: usize,
+    /// How often each rumqttd listener behind the gate is probed with a
+    /// CONNECT (waiting at most `connect_timeout`): the broker is not ready
+    /// while one does not answer (`edgeloop_broker_mqtt_listeners_down`).
+    #[serde(with = "humantime_serde")]
+    pub listener_check_interval: Duration,
 }
 
 impl Default for MqttConfig {
@@ -103,6 +112,7 @@ impl Default for MqttConfig {
             max_segment_bytes: 16 << 20,
             max_segment_count: 4,
             status_segment_bytes: 64 << 10,
+            listener_check_interval: Duration::from_secs(5),
         }
     }
 }
@@ -173,15 +183,30 @@ impl Default for BridgeConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Credentials file (argon2 hashes; `edgeloop broker add-device` writes
-    /// it). Re-read when it changes.
+    /// it). Re-read when it changes: a device added can connect at once, and
+    /// the live sessions of a credential removed or changed are ended.
     pub credentials_file: Option<PathBuf>,
     /// Let clients without a user name connect; they get the device ACLs of
     /// their client id. Off by default.
     pub allow_anonymous: bool,
+    /// How often the credentials file is checked for changes (besides at
+    /// every CONNECT), so a revoked credential's sessions end within this.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            credentials_file: None,
+            allow_anonymous: false,
+            reload_interval: Duration::from_secs(1),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -283,6 +308,12 @@ impl BrokerConfig {
         }
         if self.kafka_check_interval < Duration::from_millis(100) {
             return Err("kafka_check_interval: must be at least 100ms".into());
+        }
+        if self.mqtt.listener_check_interval < Duration::from_millis(100) {
+            return Err("mqtt.listener_check_interval: must be at least 100ms".into());
+        }
+        if self.auth.reload_interval < Duration::from_millis(100) {
+            return Err("auth.reload_interval: must be at least 100ms".into());
         }
         if self.mqtt.connect_timeout.as_millis() > u128::from(u16::MAX) {
             return Err("mqtt.connect_timeout: must be at most 65s".into());

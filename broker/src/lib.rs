@@ -106,6 +106,27 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// The listeners as the readiness probe sees them, named as rumqttd
+    /// names them (`rumqttd_config`).
+    fn listeners(&self) -> Vec<ops::Listener> {
+        let named = |level: u8, addrs: &[SocketAddr]| {
+            addrs
+                .iter()
+                .enumerate()
+                .map(|(i, addr)| ops::Listener {
+                    name: format!("v{level}-{}", i + 1),
+                    addr: *addr,
+                    level,
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut all = named(4, &self.v4);
+        all.extend(named(5, &self.v5));
+        all
+    }
+}
+
 fn free_loopback_port() -> Result<SocketAddr, Error> {
     let addr = SocketAddr::from(([127, 0, 0, 1], 0));
     let listener =
@@ -148,6 +169,9 @@ fn rumqttd_config(config: &config::MqttConfig, inner: &Inner) -> rumqttd::Config
         let connections = rumqttd::ConnectionSettings {
             connection_timeout_ms: config.connect_timeout.as_millis().min(u128::from(u16::MAX))
                 as u16,
+            // The gate refuses a packet over `max_payload_bytes` whole;
+            // rumqttd compares the remaining length, a few bytes less, with
+            // this, so it takes every packet the gate lets through.
             max_payload_size: config.max_payload_bytes,
             max_inflight_count: config.max_inflight,
             auth: Some(HashMap::from([(inner.user.clone(), inner.secret.clone())])),
@@ -251,7 +275,7 @@ pub async fn run(
     ));
 
     let inner = Inner::new(config.mqtt.listener_threads())?;
-    let mut broker = rumqttd::Broker::new(rumqttd_config(&config.mqtt, &inner));
+    let broker = rumqttd::Broker::new(rumqttd_config(&config.mqtt, &inner));
     let (mut link_tx, link_rx) = broker
         .link("edgeloop-bridge")
         .map_err(|e| Error::Mqtt(e.to_string()))?;
@@ -283,65 +307,18 @@ pub async fn run(
     }
     let backpressure = Arc::new(backpressure::Backpressure::new(config.max_lag_bytes()));
     BrokerStats::set(&stats.max_lag_bytes, backpressure.limit() as u64);
-    let mqtt_stats = stats.clone();
-    std::thread::Builder::new()
-        .name("rumqttd".into())
-        .spawn(move || {
-            if let Err(e) = broker.start() {
-                tracing::error!(error = %e, "the MQTT broker stopped");
-            }
-            mqtt_stats.mqtt_up.store(false, Ordering::Relaxed);
-        })
-        .map_err(|e| Error::Mqtt(e.to_string()))?;
-    for listen in inner.v4.iter().chain(&inner.v5) {
-        wait_listening(*listen, Duration::from_secs(10)).await?;
-    }
-    let credentials = match &config.auth.credentials_file {
-        Some(path) => Some(Arc::new(gate::credentials::Credentials::open(path)?)),
-        None => None,
-    };
-    if credentials.is_none() && !config.auth.allow_anonymous {
-        tracing::warn!(
-            "no auth.credentials_file and anonymous access off: every device will be refused"
-        );
-    }
-    let gate = Arc::new(gate::Gate {
-        credentials,
-        allow_anonymous: config.auth.allow_anonymous,
-        inner_v4: inner.v4.clone(),
-        inner_v5: inner.v5.clone(),
-        next_upstream: Default::default(),
-        inner_user: inner.user.clone(),
-        inner_secret: inner.secret.clone(),
-        max_packet_bytes: config.mqtt.max_payload_bytes.saturating_add(64 << 10),
-        connect_timeout: config.mqtt.connect_timeout,
-        connections: Arc::new(tokio::sync::Semaphore::new(config.mqtt.max_connections)),
-        stats: stats.clone(),
-        backpressure: backpressure.clone(),
-        max_hold: config.bridge.max_hold,
-    });
+    start_rumqttd(broker, &inner, &config.mqtt, &stats, &tasks).await?;
     // Stop accepting devices as soon as shutdown begins; the bridge then
     // flushes what it took.
-    let listeners = shutdown.clone();
-    let addr = config.mqtt.listen;
-    let plain = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Listen { addr, source })?;
-    tokio::spawn(gate::serve(gate.clone(), plain, None, listeners.clone()));
-    tracing::info!(listen = %addr, "MQTT listener (TCP) up");
-    if let (Some(addr), Some(tls)) = (config.mqtt.tls_listen, &config.tls) {
-        let acceptor = gate::tls::acceptor(tls)?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| Error::Listen { addr, source })?;
-        tokio::spawn(gate::serve(
-            gate.clone(),
-            listener,
-            Some(acceptor),
-            listeners,
-        ));
-        tracing::info!(listen = %addr, client_certs = tls.client_ca_file.is_some(), "MQTT listener (TLS) up");
-    }
+    open_gate(
+        &config,
+        &inner,
+        backpressure.clone(),
+        &stats,
+        &shutdown,
+        &tasks,
+    )
+    .await?;
     stats.mqtt_up.store(true, Ordering::Relaxed);
     ready.cancel();
 
@@ -365,6 +342,117 @@ pub async fn run(
     }
     result?;
     Ok(())
+}
+
+/// Starts rumqttd on a thread of its own, waits until its listeners accept
+/// connections, probes each once with a CONNECT (`stats.listeners`), and
+/// keeps probing every `mqtt.listener_check_interval` until `tasks` ends.
+async fn start_rumqttd(
+    mut broker: rumqttd::Broker,
+    inner: &Inner,
+    config: &config::MqttConfig,
+    stats: &Arc<BrokerStats>,
+    tasks: &CancellationToken,
+) -> Result<(), Error> {
+    let mqtt_stats = stats.clone();
+    std::thread::Builder::new()
+        .name("rumqttd".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "the MQTT broker stopped");
+            }
+            mqtt_stats.mqtt_up.store(false, Ordering::Relaxed);
+        })
+        .map_err(|e| Error::Mqtt(e.to_string()))?;
+    for listen in inner.v4.iter().chain(&inner.v5) {
+        wait_listening(*listen, Duration::from_secs(10)).await?;
+    }
+    let listeners = inner.listeners();
+    ops::probe_listeners(
+        &listeners,
+        &inner.user,
+        &inner.secret,
+        config.connect_timeout,
+        stats,
+    )
+    .await;
+    tokio::spawn(ops::check_listeners(
+        listeners,
+        inner.user.clone(),
+        inner.secret.clone(),
+        config.listener_check_interval,
+        config.connect_timeout,
+        stats.clone(),
+        tasks.clone(),
+    ));
+    Ok(())
+}
+
+/// The gate in front of rumqttd: the device listeners (TCP, and TLS when
+/// configured) until `shutdown`, and the credentials watcher until `tasks`
+/// ends. Returns the gate and the address of its TCP listener.
+async fn open_gate(
+    config: &BrokerConfig,
+    inner: &Inner,
+    backpressure: Arc<backpressure::Backpressure>,
+    stats: &Arc<BrokerStats>,
+    shutdown: &CancellationToken,
+    tasks: &CancellationToken,
+) -> Result<(Arc<gate::Gate>, SocketAddr), Error> {
+    let credentials = match &config.auth.credentials_file {
+        Some(path) => Some(Arc::new(gate::credentials::Credentials::open(path)?)),
+        None => None,
+    };
+    if credentials.is_none() && !config.auth.allow_anonymous {
+        tracing::warn!(
+            "no auth.credentials_file and anonymous access off: every device will be refused"
+        );
+    }
+    let gate = Arc::new(gate::Gate {
+        credentials,
+        allow_anonymous: config.auth.allow_anonymous,
+        inner_v4: inner.v4.clone(),
+        inner_v5: inner.v5.clone(),
+        next_upstream: Default::default(),
+        inner_user: inner.user.clone(),
+        inner_secret: inner.secret.clone(),
+        max_packet_bytes: config.mqtt.max_payload_bytes,
+        connect_timeout: config.mqtt.connect_timeout,
+        connections: Arc::new(tokio::sync::Semaphore::new(config.mqtt.max_connections)),
+        stats: stats.clone(),
+        backpressure,
+        max_hold: config.bridge.max_hold,
+        sessions: Default::default(),
+        refusals: Default::default(),
+    });
+    tokio::spawn(gate::watch_credentials(
+        gate.clone(),
+        config.auth.reload_interval,
+        tasks.clone(),
+    ));
+    let addr = config.mqtt.listen;
+    let plain = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen { addr, source })?;
+    let bound = plain
+        .local_addr()
+        .map_err(|source| Error::Listen { addr, source })?;
+    tokio::spawn(gate::serve(gate.clone(), plain, None, shutdown.clone()));
+    tracing::info!(listen = %bound, "MQTT listener (TCP) up");
+    if let (Some(addr), Some(tls)) = (config.mqtt.tls_listen, &config.tls) {
+        let acceptor = gate::tls::acceptor(tls)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Listen { addr, source })?;
+        tokio::spawn(gate::serve(
+            gate.clone(),
+            listener,
+            Some(acceptor),
+            shutdown.clone(),
+        ));
+        tracing::info!(listen = %addr, client_certs = tls.client_ca_file.is_some(), "MQTT listener (TLS) up");
+    }
+    Ok((gate, bound))
 }
 
 async fn wait_listening(listen: SocketAddr, waited: Duration) -> Result<(), Error> {

@@ -51,12 +51,133 @@ fn readiness(stats: &BrokerStats) -> Result<(), String> {
     }
     let mut why = Vec::new();
     if !stats.mqtt_up.load(Ordering::Relaxed) {
-        why.push("the MQTT listener is not up");
+        why.push("the MQTT listener is not up".to_string());
     }
     if !stats.kafka_up.load(Ordering::Relaxed) {
-        why.push("Kafka did not answer the last metadata request");
+        why.push("Kafka did not answer the last metadata request".to_string());
+    }
+    let down = stats.listeners_down();
+    if !down.is_empty() {
+        why.push(format!(
+            "rumqttd listener(s) {} did not answer the last CONNECT probe (devices landing there \
+             get CONNACK \"server unavailable\"; restart the broker)",
+            down.join(", ")
+        ));
     }
     Err(why.join("; "))
+}
+
+/// One rumqttd listener behind the gate, as [`check_listeners`] probes it.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// rumqttd's name for it (`v4-1`, `v5-2`, …).
+    pub name: String,
+    pub addr: std::net::SocketAddr,
+    /// 4 (MQTT 3.1.1) or 5.
+    pub level: u8,
+}
+
+/// Logs in to `listener` as the gate does (a CONNECT with the gate's
+/// credential, client id `edgeloop-probe-{name}`), waiting at most
+/// `timeout` for a CONNACK that accepts it, then disconnects.
+pub async fn probe_listener(
+    listener: &Listener,
+    user: &str,
+    secret: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    use crate::gate::packet;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(listener.addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let client_id = format!("edgeloop-probe-{}", listener.name);
+        let connect = packet::encode_connect(
+            listener.level,
+            &client_id,
+            Some(user),
+            Some(secret.as_bytes()),
+        );
+        s.write_all(&connect).await.map_err(|e| e.to_string())?;
+        let mut buf = Vec::with_capacity(64);
+        let len = loop {
+            if let Some(len) =
+                packet::frame(&buf, 1 << 16).map_err(|e| format!("its answer: {e}"))?
+            {
+                break len;
+            }
+            if s.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+                return Err("closed before its CONNACK".to_string());
+            }
+        };
+        match packet::connack_code(&buf[..len]) {
+            Some(0) => {
+                let _ = s.write_all(&[packet::DISCONNECT << 4, 0]).await;
+                Ok(())
+            }
+            Some(code) => Err(format!("CONNACK code {code:#04x}")),
+            None => Err("answered with a packet other than CONNACK".to_string()),
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("no CONNACK within {timeout:?}")),
+    }
+}
+
+/// Probes every listener once and records which answered in
+/// `stats.listeners`, logging each change.
+pub async fn probe_listeners(
+    listeners: &[Listener],
+    user: &str,
+    secret: &str,
+    timeout: Duration,
+    stats: &BrokerStats,
+) {
+    let mut results = Vec::with_capacity(listeners.len());
+    for l in listeners {
+        results.push((
+            l.name.clone(),
+            probe_listener(l, user, secret, timeout).await,
+        ));
+    }
+    let mut recorded = stats.listeners.lock().unwrap_or_else(|p| p.into_inner());
+    let before: std::collections::HashMap<String, bool> = recorded.iter().cloned().collect();
+    for (name, result) in &results {
+        match (result, before.get(name).copied().unwrap_or(true)) {
+            (Err(e), true) => {
+                tracing::error!(listener = %name, error = %e, "a rumqttd listener does not answer: not ready")
+            }
+            (Ok(()), false) => {
+                tracing::info!(listener = %name, "the rumqttd listener answers again")
+            }
+            _ => {}
+        }
+    }
+    *recorded = results
+        .into_iter()
+        .map(|(name, result)| (name, result.is_ok()))
+        .collect();
+}
+
+/// [`probe_listeners`] every `interval` until `shutdown`.
+pub async fn check_listeners(
+    listeners: Vec<Listener>,
+    user: String,
+    secret: String,
+    interval: Duration,
+    timeout: Duration,
+    stats: Arc<BrokerStats>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        probe_listeners(&listeners, &user, &secret, timeout, &stats).await;
+    }
 }
 
 /// Asks Kafka for the readings topic's metadata every `interval` (waiting at
@@ -185,6 +306,21 @@ pub fn render(stats: &BrokerStats) -> String {
             &stats.malformed_packets,
         ),
         (
+            "edgeloop_gate_packets_too_large_total",
+            "Connections closed for a packet over mqtt.max_payload_bytes (MQTT 5: DISCONNECT 0x95)",
+            &stats.packets_too_large,
+        ),
+        (
+            "edgeloop_gate_sessions_revoked_total",
+            "Sessions ended because a credentials reload removed or changed their credential",
+            &stats.sessions_revoked,
+        ),
+        (
+            "edgeloop_gate_upstream_login_retries_total",
+            "Devices logged in to rumqttd a second time, rumqttd having closed the first log-in without a CONNACK",
+            &stats.upstream_login_retries,
+        ),
+        (
             "edgeloop_gate_publishes_telemetry_total",
             "Publishes let through to telemetry/{device}",
             &stats.publishes_telemetry,
@@ -300,7 +436,7 @@ pub fn render(stats: &BrokerStats) -> String {
     gauge(
         &mut out,
         "edgeloop_broker_ready",
-        "1 while /readyz answers 200 (MQTT listener up and Kafka answering)",
+        "1 while /readyz answers 200 (MQTT listener and every rumqttd listener up, Kafka answering)",
         u8::from(stats.ready()),
     );
     gauge(
@@ -314,6 +450,22 @@ pub fn render(stats: &BrokerStats) -> String {
         "edgeloop_broker_mqtt_up",
         "1 while the MQTT listener is up",
         up(&stats.mqtt_up),
+    );
+    let listeners = stats
+        .listeners
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let name = "edgeloop_broker_mqtt_listener_up";
+    let _ = writeln!(out, "# HELP {name} 1 while a rumqttd listener behind the gate answered its last CONNECT probe.\n# TYPE {name} gauge");
+    for (listener, up) in &listeners {
+        let _ = writeln!(out, "{name}{{listener=\"{listener}\"}} {}", u8::from(*up));
+    }
+    gauge(
+        &mut out,
+        "edgeloop_broker_mqtt_listeners_down",
+        "rumqttd listeners behind the gate that did not answer their last CONNECT probe (not ready while above 0)",
+        listeners.iter().filter(|(_, up)| !up).count(),
     );
     gauge(
         &mut out,
@@ -451,6 +603,56 @@ mod tests {
         assert!(why.contains("Kafka") && !why.contains("MQTT"), "{why}");
         stats.kafka_up.store(true, Ordering::Relaxed);
         assert_eq!(readiness(&stats), Ok(()));
+        // A rumqttd listener that stops answering makes the broker unready.
+        *stats.listeners.lock().unwrap() = vec![("v4-1".into(), true), ("v4-2".into(), false)];
+        let why = readiness(&stats).unwrap_err();
+        assert!(why.contains("v4-2") && !why.contains("v4-1"), "{why}");
+        let text = render(&stats);
+        assert!(text.contains("edgeloop_broker_mqtt_listener_up{listener=\"v4-2\"} 0"));
+        assert!(text.contains("edgeloop_broker_mqtt_listeners_down 1"));
+        assert!(text.contains("edgeloop_broker_ready 0"));
+    }
+
+    /// A listener that accepts and closes, one that accepts and never
+    /// answers, and an address nobody listens on: each is found down, with
+    /// why.
+    #[tokio::test]
+    async fn a_listener_that_does_not_answer_a_connect_is_found_down() {
+        let closing = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (closing_addr, silent_addr) =
+            (closing.local_addr().unwrap(), silent.local_addr().unwrap());
+        let nobody = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        tokio::spawn(async move {
+            while let Ok((s, _)) = closing.accept().await {
+                drop(s);
+            }
+        });
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                open.push(s);
+            }
+        });
+        let listeners: Vec<Listener> = [
+            ("v4-1", closing_addr),
+            ("v4-2", silent_addr),
+            ("v5-1", nobody),
+        ]
+        .into_iter()
+        .map(|(name, addr)| Listener {
+            name: name.into(),
+            addr,
+            level: 4,
+        })
+        .collect();
+        let stats = BrokerStats::default();
+        probe_listeners(&listeners, "u", "s", Duration::from_millis(300), &stats).await;
+        assert_eq!(stats.listeners_down(), ["v4-1", "v4-2", "v5-1"]);
+        held.abort();
     }
 
     #[test]

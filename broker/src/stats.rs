@@ -48,6 +48,14 @@ pub struct BrokerStats {
     pub acl_refused_subscriptions: AtomicU64,
     /// Connections closed for a malformed or oversized packet.
     pub malformed_packets: AtomicU64,
+    /// Of those, packets over `mqtt.max_payload_bytes` (the one size limit).
+    pub packets_too_large: AtomicU64,
+    /// Sessions ended because a credentials reload removed or changed the
+    /// credential they logged in with.
+    pub sessions_revoked: AtomicU64,
+    /// Devices the gate logged in to rumqttd a second time, rumqttd having
+    /// closed the first log-in without a CONNACK.
+    pub upstream_login_retries: AtomicU64,
     /// Publishes from devices let through, by topic class.
     pub publishes_telemetry: AtomicU64,
     pub publishes_status: AtomicU64,
@@ -92,6 +100,10 @@ pub struct BrokerStats {
     /// readiness check.
     pub mqtt_up: AtomicBool,
     pub kafka_up: AtomicBool,
+    /// rumqttd's listeners behind the gate (one per protocol level and
+    /// listener thread), by name, and whether each answered the last probe
+    /// (a CONNECT with the gate's credential, `crate::ops::check_listeners`).
+    pub listeners: Mutex<Vec<(String, bool)>>,
     /// The producer's own figures, from librdkafka's statistics callback.
     pub kafka_client: Mutex<KafkaClientStats>,
 }
@@ -109,9 +121,23 @@ impl BrokerStats {
         gauge.store(n, Ordering::Relaxed);
     }
 
-    /// Ready: the MQTT listener is up and Kafka answered the last check.
+    /// Ready: the MQTT listener is up, every rumqttd listener behind it
+    /// answered its last probe, and Kafka answered the last check.
     pub fn ready(&self) -> bool {
-        self.mqtt_up.load(Ordering::Relaxed) && self.kafka_up.load(Ordering::Relaxed)
+        self.mqtt_up.load(Ordering::Relaxed)
+            && self.kafka_up.load(Ordering::Relaxed)
+            && self.listeners_down().is_empty()
+    }
+
+    /// The rumqttd listeners that did not answer their last probe.
+    pub fn listeners_down(&self) -> Vec<String> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, up)| !up)
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 }
 

@@ -31,7 +31,58 @@ use serde::{Deserialize, Serialize};
 /// a follower that reads the topic whole), and partition → its high
 /// watermark now, for the partitions that hold records. An error if the
 /// topic is unknown or has no partition.
+///
+/// A partition without a leader yet (a topic created a moment ago, or a
+/// leader election under way) is waited for, up to [`LEADER_WAIT`].
 pub fn topic_ends<C, K>(
+    consumer: &K,
+    topic: &str,
+    timeout: Duration,
+) -> Result<
+    (
+        rdkafka::TopicPartitionList,
+        std::collections::HashMap<i32, i64>,
+    ),
+    KafkaError,
+>
+where
+    C: rdkafka::consumer::ConsumerContext,
+    K: rdkafka::consumer::Consumer<C>,
+{
+    let deadline = std::time::Instant::now() + LEADER_WAIT;
+    loop {
+        match topic_ends_once(consumer, topic, timeout) {
+            Err(e) if is_leader_moving(&e) && std::time::Instant::now() < deadline => {
+                tracing::debug!(topic, error = %e, "a partition has no leader yet; asking again");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How long [`topic_ends`] and topic creation wait for every partition of a
+/// topic to have a leader.
+pub const LEADER_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether `e` says a partition's leader is not (yet) known, or a node did
+/// not answer in time (a cluster starting, or busy): an answer to ask again
+/// shortly, not a fault.
+fn is_leader_moving(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::BrokerTransportFailure
+        )
+    )
+}
+
+fn topic_ends_once<C, K>(
     consumer: &K,
     topic: &str,
     timeout: Duration,
@@ -54,6 +105,14 @@ where
             return Err(KafkaError::MetadataFetch(e.into()));
         }
         for p in t.partitions() {
+            if let Some(e) = p.error() {
+                return Err(KafkaError::MetadataFetch(e.into()));
+            }
+            if p.leader() < 0 {
+                return Err(KafkaError::MetadataFetch(
+                    RDKafkaErrorCode::LeaderNotAvailable,
+                ));
+            }
             let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
             assignment.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)?;
             if high > low {
@@ -86,6 +145,24 @@ pub struct KafkaConfig {
     /// Extra librdkafka settings, passed through as they are (for example
     /// `"security.protocol" = "ssl"`). They override edgeloop's own.
     pub librdkafka_options: BTreeMap<String, String>,
+    /// Topic settings of the compacted topics edgeloop creates (acks,
+    /// status, models, pins), beside `cleanup.policy=compact`. Kafka
+    /// compacts only closed segments, and its default segment lives 7 days
+    /// or 1 GiB: the defaults here (a segment closes after an hour, and is
+    /// cleaned once a tenth of it is superseded) keep these topics near one
+    /// record per key.
+    pub compacted_topic_config: BTreeMap<String, String>,
+}
+
+/// The default [`KafkaConfig::compacted_topic_config`].
+pub fn default_compacted_topic_config() -> BTreeMap<String, String> {
+    [
+        ("segment.ms", "3600000"),
+        ("min.cleanable.dirty.ratio", "0.1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
 }
 
 impl Default for KafkaConfig {
@@ -96,6 +173,7 @@ impl Default for KafkaConfig {
             replication_factor: 1,
             create_topics: true,
             librdkafka_options: BTreeMap::new(),
+            compacted_topic_config: default_compacted_topic_config(),
         }
     }
 }
@@ -166,7 +244,15 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), 
 /// already exists is left as it is, with a warning if its cleanup policy is
 /// not `compact` (its old records may then be deleted by retention).
 pub async fn ensure_compacted_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), Error> {
-    create_topics(config, topics, &[("cleanup.policy", "compact")]).await?;
+    let mut settings = vec![("cleanup.policy", "compact")];
+    settings.extend(
+        config
+            .compacted_topic_config
+            .iter()
+            .filter(|(k, _)| k.as_str() != "cleanup.policy")
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    create_topics(config, topics, &settings).await?;
     if config.create_topics {
         warn_unless_compacted(config, topics).await;
     }
@@ -259,9 +345,13 @@ async fn create_topics_once(
             topic: topics.join(","),
             reason: e.to_string(),
         })?;
+    let mut created = Vec::new();
     for result in results {
         match result {
-            Ok(name) => tracing::info!(topic = %name, ?topic_config, "created Kafka topic"),
+            Ok(name) => {
+                tracing::info!(topic = %name, ?topic_config, "created Kafka topic");
+                created.push(name);
+            }
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
                 return Err(Error::CreateTopic {
@@ -271,7 +361,63 @@ async fn create_topics_once(
             }
         }
     }
-    Ok(())
+    wait_for_leaders(config, &created).await
+}
+
+/// Waits (up to [`LEADER_WAIT`]) until every partition of `topics` has a
+/// leader: Kafka answers a creation before the controller has elected
+/// them, and a produce or a watermark query in between fails.
+async fn wait_for_leaders(config: &KafkaConfig, topics: &[String]) -> Result<(), Error> {
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let consumer: rdkafka::consumer::BaseConsumer =
+        config
+            .client_config(&[])
+            .create()
+            .map_err(|source| Error::Client {
+                bootstrap: config.bootstrap_servers.clone(),
+                source,
+            })?;
+    let topics = topics.to_vec();
+    let waited = tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::Consumer as _;
+        let deadline = std::time::Instant::now() + LEADER_WAIT;
+        for topic in topics {
+            loop {
+                let led = consumer
+                    .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                    .ok()
+                    .is_some_and(|m| {
+                        m.topics().iter().all(|t| {
+                            t.error().is_none()
+                                && !t.partitions().is_empty()
+                                && t.partitions()
+                                    .iter()
+                                    .all(|p| p.error().is_none() && p.leader() >= 0)
+                        })
+                    });
+                if led {
+                    break;
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(Error::Unanswered {
+                        topic,
+                        reason: format!("its partitions had no leader within {LEADER_WAIT:?}"),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    })
+    .await;
+    waited.unwrap_or_else(|e| {
+        Err(Error::Unanswered {
+            topic: String::new(),
+            reason: format!("the wait for leaders failed: {e}"),
+        })
+    })
 }
 
 /// Logs a warning for each topic whose `cleanup.policy` does not include

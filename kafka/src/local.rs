@@ -636,6 +636,9 @@ fn server_properties(
         "num.network.threads=2".into(),
         "num.io.threads=4".into(),
         "log.cleaner.threads=1".into(),
+        // The cleaner looks for work every 2 s (15 s by default): compacted
+        // topics shrink soon after a segment closes.
+        "log.cleaner.backoff.ms=2000".into(),
     ];
     lines.extend(opts.properties.iter().map(|(k, v)| format!("{k}={v}")));
     lines.push(String::new());
@@ -656,10 +659,17 @@ fn cluster_id(dir: &Path) -> Result<String> {
         }
     }
     use base64::Engine as _;
-    let mut bytes: [u8; 16] = rand::random();
-    // Kafka reserves the ids whose first eight bytes are zero.
-    bytes[0] |= 1;
-    let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let id = loop {
+        let mut bytes: [u8; 16] = rand::random();
+        // Kafka reserves the ids whose first eight bytes are zero.
+        bytes[0] |= 1;
+        let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        // As Kafka's `Uuid.randomUuid`: an id that starts with `-` reads as
+        // an option on the storage tool's command line.
+        if !id.starts_with('-') {
+            break id;
+        }
+    };
     std::fs::write(&path, &id).map_err(io(&path))?;
     Ok(id)
 }

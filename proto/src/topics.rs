@@ -9,7 +9,7 @@
 //!
 //! | Kafka topic | written by | key | value | cleanup |
 //! |---|---|---|---|---|
-//! | `edgeloop.readings` | bridge | device id | `ReadingBatch` | delete |
+//! | `edgeloop.readings` | bridge | device id | `ReadingBatch` (headers `device_id`, `profile`, `schema`, `content-type`) | delete |
 //! | `edgeloop.status` | bridge | device id | `DeviceStatus` | compact |
 //! | `edgeloop.models` | model publisher | `task/profile` | `ModelUpdate` | compact |
 //! | `edgeloop.pins` | control API (`edgeloop ctl models pin`) | `task/profile` | JSON `{"task","profile","version","pinned_at_micros"}`; no value: unpinned | compact |

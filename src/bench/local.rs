@@ -184,6 +184,6 @@ impl LocalStack {
     pub async fn stop(mut self) {
         let _ = self.broker.kill().await;
         let _ = self.processor.kill().await;
-        self.kafka.stop(Duration::from_secs(5)).await;
+        self.kafka.stop(Duration::from_secs(30)).await;
     }
 }

@@ -7,7 +7,9 @@
 //! - [`parquet_scan`]: readings landed in the Parquet data set, read back as
 //!   its files appear (count and reading-to-Parquet latency);
 //! - [`procstat`]: CPU and memory of the stack's processes from /proc;
-//! - [`local`]: `--local DIR`, the whole stack started here, one process per part.
+//! - [`local`]: `--local DIR`, the whole stack started here, one process per part;
+//! - [`ceiling`]: `--kafka-ceiling`, the same Kafka with only the bridge's
+//!   producer in front of it, in the same run.
 //!
 //! Reading-to-ack latency: the simulator stamps reading `k` of a device with
 //! `start + k / rate` (`start` being when the device's source started), and
@@ -19,6 +21,7 @@
 //! time at the latest. The latency is thus exact up to one sampling interval
 //! (an upper bound by at most 50 ms).
 
+pub mod ceiling;
 pub mod latency;
 pub mod local;
 pub mod parquet_scan;
@@ -127,6 +130,13 @@ pub struct BenchArgs {
     /// agent under this load. Its readings are not in the fleet's counts.
     #[arg(long)]
     probe_agent: bool,
+    /// With --local: before the fleet starts, measure the bare ceiling of
+    /// the same Kafka for this long: the bridge's producer sending records
+    /// shaped like the fleet's (same devices, batch size, channels) with no
+    /// edgeloop in the path. The report gives it and the fleet's
+    /// acknowledged rate as a share of it.
+    #[arg(long, requires = "local", value_parser = humantime::parse_duration)]
+    kafka_ceiling: Option<Duration>,
     /// With --local: the Kafka JVM's maximum heap.
     #[arg(long, default_value = "1g", requires = "local")]
     kafka_heap: String,
@@ -408,6 +418,7 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<()> {
         .context("the devices' agent settings (EDGELOOP_AGENT__* variables)")?;
     let probe_channels = channel_names(&template(&args, &base, "x".into(), 1, PathBuf::new()));
     let mut stack = None;
+    let mut kafka_ceiling: Option<ceiling::Ceiling> = None;
     let mut watched: Vec<Watched> = Vec::new();
     let (host, port, parquet_root, processor_metrics, broker_metrics, credentials, spool_default) =
         match &args.local {
@@ -428,6 +439,25 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<()> {
                     if let Some(pid) = pid {
                         watched.push(Watched::new(name, pid));
                     }
+                }
+                if let Some(d) = args.kafka_ceiling {
+                    eprintln!(
+                        "bare Kafka ceiling: the bridge's producer alone, {} s of records like the fleet's",
+                        d.as_secs()
+                    );
+                    let c = ceiling::run(
+                        &s.kafka.bootstrap(),
+                        args.devices,
+                        args.batch_size,
+                        args.channels,
+                        d,
+                    )
+                    .await?;
+                    eprintln!(
+                        "bare Kafka ceiling: {:.0} readings/s ({} records of {} bytes in {:.1} s)",
+                        c.readings_per_s, c.records, c.record_bytes, c.seconds
+                    );
+                    kafka_ceiling = Some(c);
                 }
                 let out = (
                     s.mqtt.ip().to_string(),
@@ -474,6 +504,7 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<()> {
         spool_default,
         &mut watched,
         &mut stack,
+        kafka_ceiling,
         shutdown,
     )
     .await;
@@ -511,6 +542,7 @@ async fn bench(
     spool_default: PathBuf,
     watched: &mut Vec<Watched>,
     stack: &mut Option<local::LocalStack>,
+    kafka_ceiling: Option<ceiling::Ceiling>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let spool_root = args.spool_dir.clone().unwrap_or(spool_default);
@@ -965,6 +997,13 @@ async fn bench(
         "readings_resent": resent,
         "broker_publishes_held": held,
         "processes": watched.iter().map(Watched::summary).collect::<Vec<_>>(),
+        "kafka_ceiling": kafka_ceiling.as_ref().map(|c| json!({
+            "readings_per_s": c.readings_per_s.round(),
+            "records": c.records,
+            "record_bytes": c.record_bytes,
+            "seconds": round1(c.seconds),
+            "steady_acknowledged_share": steady.map(|s| (s.1 / c.readings_per_s * 1000.0).round() / 1000.0),
+        })),
         "intervals": intervals,
         "failures": failures,
         "interrupted": interrupted,
@@ -1038,6 +1077,13 @@ fn summary_text(r: &serde_json::Value) -> String {
         r["readings_resent"],
         r["broker_publishes_held"],
     );
+    if !r["kafka_ceiling"].is_null() {
+        out.push_str(&format!(
+            "bare Kafka     {} readings/s (the bridge's producer alone); steady acknowledged = {} of it\n",
+            n(&r["kafka_ceiling"]["readings_per_s"]),
+            r["kafka_ceiling"]["steady_acknowledged_share"]
+        ));
+    }
     if let Some(procs) = r["processes"].as_array() {
         for p in procs {
             let threads: Vec<String> = p["threads_cpu_percent"]

@@ -486,8 +486,12 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
             .validate()
             .map_err(|e| anyhow::anyhow!("agent config of {id}: {e}"))?;
         let file = dir.join("agents").join(format!("{id}.toml"));
-        std::fs::write(&file, toml::to_string(&config)?)
-            .with_context(|| format!("writing {}", file.display()))?;
+        // It holds the device's MQTT password.
+        edgeloop_broker::gate::credentials::write_private(
+            &file,
+            toml::to_string(&config)?.as_bytes(),
+        )
+        .with_context(|| format!("writing {}", file.display()))?;
         let mut agent = Proc::new(
             id,
             &bin,

@@ -57,6 +57,11 @@ fn render(stats: &ProcessorStats, rules: &RuleMetrics) -> String {
             &stats.commit_errors,
         ),
         (
+            "edgeloop_processor_consumer_restarts_total",
+            "Kafka consumers replaced after Kafka fenced them for good (a fatal librdkafka error)",
+            &stats.consumer_restarts,
+        ),
+        (
             "edgeloop_processor_offset_gaps_total",
             "Partitions whose first record after assignment came past the committed offset (records between were no longer in Kafka)",
             &stats.offset_gaps,

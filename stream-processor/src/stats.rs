@@ -16,6 +16,8 @@ pub struct ProcessorStats {
     pub dead_letters: AtomicU64,
     /// Offset commits that failed (the records are re-read; files replaced).
     pub commit_errors: AtomicU64,
+    /// Consumers replaced after Kafka fenced them for good.
+    pub consumer_restarts: AtomicU64,
     /// Times a partition's first record after assignment came past the
     /// committed offset (what lay between was no longer in Kafka).
     pub offset_gaps: AtomicU64,

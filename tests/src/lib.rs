@@ -138,9 +138,20 @@ impl Component {
         Ok(())
     }
 
+    /// The last 30 lines of the log, leaving out the frames of a
+    /// backtrace (with `RUST_BACKTRACE` set they would hide the error).
     pub fn tail_log(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                let t = l.trim_start();
+                let frame = t.split_once(':').is_some_and(|(n, _)| {
+                    !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())
+                });
+                !(frame || t.starts_with("at ") || t == "Stack backtrace:")
+            })
+            .collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 }

@@ -1,4 +1,4 @@
-//! `edgeloop bench` against a real stack the harness starts: Tansu, `edgeloop
+//! `edgeloop bench` against a real stack the harness starts: Apache Kafka, `edgeloop
 //! broker` and `edgeloop processor` as child processes. The tests check the
 //! bench's JSON report for consistency with itself and with the Parquet data
 //! set read back independently; they never check speed.

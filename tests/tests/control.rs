@@ -1,5 +1,5 @@
 //! The gRPC control API (docs/control-api.md) against real components: a
-//! Tansu Kafka-API broker, `edgeloop broker` and `edgeloop processor` as
+//! Apache Kafka, `edgeloop broker` and `edgeloop processor` as
 //! child processes, devices run in-process; called with the generated tonic
 //! clients and with `edgeloop ctl … --json`.
 

@@ -1,5 +1,5 @@
-//! The device side of model updates, against the real parts: a Tansu
-//! Kafka-API broker, `edgeloop broker` (whose bridge republishes
+//! The device side of model updates, against the real parts: Apache Kafka,
+//! `edgeloop broker` (whose bridge republishes
 //! `edgeloop.models` retained on `models/{task}/{profile}`) as a child
 //! process, and an agent in-process with a provisioned public key. Signed
 //! updates are produced to Kafka as the model publisher would; what the

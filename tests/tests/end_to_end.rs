@@ -1,5 +1,5 @@
 //! End-to-end tests of the slice device → MQTT → Kafka → Parquet, against the
-//! real components: a Tansu Kafka-API broker, `edgeloop broker` and
+//! real components: Apache Kafka, `edgeloop broker` and
 //! `edgeloop processor` as child processes, agents in-process with rumqttc.
 
 use std::collections::{BTreeSet, HashMap};

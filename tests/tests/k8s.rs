@@ -3,14 +3,26 @@
 //! - every overlay renders with `kubectl kustomize` and the output validates
 //!   with `kubernetes-validate` against a fixed Kubernetes version (schemas
 //!   ship with the tool; `scripts/setup.sh` installs it);
+//! - the dev overlay runs its own single-node KRaft Apache Kafka (a
+//!   StatefulSet with a volume claim template, a headless and a client
+//!   Service), and its broker and processor bootstrap from that Service;
+//! - the prod overlay declares every Kafka topic of the code
+//!   (`proto/src/topics.rs`) as a Strimzi `KafkaTopic` with the partitions
+//!   and replication of its configs, `min.insync.replicas=2`, compacted where
+//!   the code reads the topic as a table, and `docs/kubernetes.md` gives the
+//!   same topics as `kafka-topics.sh` commands;
 //! - the manifests match the binary: the containers' environment variables
 //!   are ones `edgeloop broker` / `edgeloop processor` read, the probes and
 //!   the Prometheus annotations name the port the metrics endpoint listens
 //!   on, and the real `edgeloop broker` and `edgeloop processor`, started
 //!   with the containers' args and environment and the files of the rendered
 //!   ConfigMaps and Secrets, answer the probes: `/healthz` 200 at once,
-//!   `/readyz` 200 once Kafka answers (a Tansu started for the test stands in
-//!   for the cluster's Kafka, local addresses for in-cluster ones).
+//!   `/readyz` 200 once Kafka answers, against an Apache Kafka that the
+//!   test starts from the harness's jars (local addresses stand in for
+//!   in-cluster ones): for dev, one node configured with the server
+//!   properties the overlay's StatefulSet gives its image, each of which
+//!   Kafka must take; for prod, three nodes with the topics its KafkaTopics
+//!   declare.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,7 +31,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use edgeloop_tests::{free_addr, start_kafka, wait_for, Component};
+use edgeloop_kafka::local::{LocalKafka, LocalKafkaOptions};
+use edgeloop_tests::{free_addr, kafka_install, wait_for, Component};
 use serde_json::Value;
 
 /// The Kubernetes version the manifests are validated against: kubectl's
@@ -29,8 +42,10 @@ const KUBERNETES_VERSION: &str = "1.32.0";
 const OVERLAYS: &[&str] = &["dev", "prod"];
 
 /// Kinds `kubernetes-validate` has no schema for, which may be rendered:
-/// the optional ServiceMonitor component (a Prometheus Operator CRD).
-const KINDS_WITHOUT_SCHEMA: &[&str] = &["ServiceMonitor"];
+/// the optional ServiceMonitor component (a Prometheus Operator CRD) and the
+/// prod overlay's Strimzi `KafkaTopic`s (checked by
+/// [`the_prod_overlay_declares_every_edgeloop_topic`] instead).
+const KINDS_WITHOUT_SCHEMA: &[&str] = &["ServiceMonitor", "KafkaTopic"];
 
 fn edgeloop_bin() -> PathBuf {
     std::env::var_os("EDGELOOP_BIN")
@@ -166,11 +181,16 @@ fn every_overlay_renders_and_passes_kubernetes_validate() -> Result<()> {
         let yaml = render(&k8s_dir().join("overlays").join(overlay))?;
         validate(overlay, &yaml)?;
         let docs = parse(&yaml)?;
+        let own = match *overlay {
+            "dev" => "StatefulSet",
+            _ => "KafkaTopic",
+        };
         for kind in [
             "Deployment",
             "Service",
             "PodDisruptionBudget",
             "PersistentVolumeClaim",
+            own,
         ] {
             ensure!(
                 docs.iter().any(|d| d["kind"] == kind),
@@ -492,6 +512,607 @@ fn pod(
     })
 }
 
+/// The value of the environment variable `key` of `container`, if it has a
+/// plain `value`.
+fn env_of<'a>(container: &'a Value, key: &str) -> Option<&'a str> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == key)?["value"]
+        .as_str()
+}
+
+/// The TOML file `file` of the rendered ConfigMap whose name starts with
+/// `prefix` (kustomize appends a hash).
+fn config_toml(docs: &[Value], prefix: &str, file: &str) -> Result<toml::Value> {
+    let map = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "ConfigMap"
+                && d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(prefix))
+        })
+        .with_context(|| format!("no ConfigMap {prefix}"))?;
+    let text = str_of(&map["data"][file], file)?;
+    toml::from_str(text).with_context(|| format!("ConfigMap {prefix}: {file}"))
+}
+
+/// `[kafka] key` of the broker's and the processor's rendered configs,
+/// which must agree.
+fn kafka_setting(docs: &[Value], key: &str) -> Result<i64> {
+    let mut values = Vec::new();
+    for (map, file) in [
+        ("edgeloop-broker-config", "broker.toml"),
+        ("edgeloop-processor-config", "processor.toml"),
+    ] {
+        let config = config_toml(docs, map, file)?;
+        let value = config
+            .get("kafka")
+            .and_then(|k| k.get(key))
+            .and_then(toml::Value::as_integer)
+            .with_context(|| format!("{file}: no kafka.{key}"))?;
+        values.push(value);
+    }
+    ensure!(
+        values.windows(2).all(|w| w[0] == w[1]),
+        "broker.toml and processor.toml disagree on kafka.{key}: {values:?}"
+    );
+    Ok(values[0])
+}
+
+/// Bytes of a JVM size such as `768m`, `1g`, `1048576k`.
+fn jvm_bytes(size: &str) -> Result<u64> {
+    let (digits, unit) = size.split_at(size.trim_end_matches(char::is_alphabetic).len());
+    let n: u64 = digits.parse().with_context(|| format!("JVM size {size}"))?;
+    let scale = match unit.to_ascii_lowercase().as_str() {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        _ => bail!("JVM size {size}: unknown unit {unit}"),
+    };
+    Ok(n * scale)
+}
+
+/// Bytes of a Kubernetes memory quantity in binary units (`1536Mi`, `2Gi`).
+fn memory_bytes(quantity: &str) -> Result<u64> {
+    for (suffix, scale) in [("Ki", 1u64 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30)] {
+        if let Some(n) = quantity.strip_suffix(suffix) {
+            return Ok(n.parse::<u64>()? * scale);
+        }
+    }
+    bail!("memory quantity {quantity}: use Ki, Mi or Gi")
+}
+
+/// A `NAME://host:port` listener list as (name, host, port).
+fn listeners(list: &str) -> Result<Vec<(String, String, u16)>> {
+    list.split(',')
+        .map(|l| {
+            let (name, addr) = l
+                .split_once("://")
+                .with_context(|| format!("listener {l}: no NAME://"))?;
+            let (host, port) = addr
+                .rsplit_once(':')
+                .with_context(|| format!("listener {l}: no port"))?;
+            Ok((name.to_string(), host.to_string(), port.parse()?))
+        })
+        .collect()
+}
+
+/// The rendered Service that `host` (`svc`, `svc.namespace`, or
+/// `svc.namespace.svc[.cluster.local]`) names from a pod in `namespace`.
+fn service_named_by<'a>(docs: &'a [Value], host: &str, namespace: &str) -> Result<&'a Value> {
+    let mut labels = host.split('.');
+    let name = labels.next().context("empty host")?;
+    let ns = labels.next().unwrap_or(namespace);
+    docs.iter()
+        .find(|d| {
+            d["kind"] == "Service"
+                && d["metadata"]["name"] == name
+                && d["metadata"]["namespace"] == ns
+        })
+        .with_context(|| format!("{host}: no Service {name} in namespace {ns} in the manifests"))
+}
+
+/// Whether the Service's selector selects pods labelled `labels`.
+fn selects(service: &Value, labels: &Value) -> bool {
+    service["spec"]["selector"]
+        .as_object()
+        .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| &labels[k] == v))
+}
+
+#[test]
+fn the_dev_overlay_runs_a_single_node_kraft_kafka_statefulset() -> Result<()> {
+    let docs = parse(&render(&k8s_dir().join("overlays/dev"))?)?;
+    let sets: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "StatefulSet").collect();
+    ensure!(
+        sets.len() == 1,
+        "dev: one StatefulSet (Kafka) expected, found {}",
+        sets.len()
+    );
+    let kafka = sets[0];
+    let name = str_of(&kafka["metadata"]["name"], "StatefulSet name")?;
+    let namespace = str_of(&kafka["metadata"]["namespace"], "StatefulSet namespace")?;
+    let spec = &kafka["spec"];
+    ensure!(
+        spec["replicas"].as_u64() == Some(1),
+        "dev: the Kafka StatefulSet must have one replica (its topics have one)"
+    );
+    let pod = &spec["template"]["spec"];
+    let containers = pod["containers"].as_array().context("containers")?;
+    ensure!(containers.len() == 1, "dev Kafka: one container expected");
+    let container = &containers[0];
+    // The release the harness and `edgeloop up` run (kafka/pom.xml).
+    let image = format!("apache/kafka:{}", edgeloop_kafka::local::KAFKA_VERSION);
+    ensure!(
+        container["image"] == image.as_str(),
+        "dev Kafka: image {}, expected {image}",
+        container["image"]
+    );
+    // Every KAFKA_* variable becomes a server property in the image,
+    // including those Kubernetes adds for the Service named kafka.
+    ensure!(
+        pod["enableServiceLinks"] == false,
+        "dev Kafka: enableServiceLinks must be false (Kubernetes would add KAFKA_PORT, \
+         KAFKA_SERVICE_HOST... which the image turns into server properties)"
+    );
+    let env =
+        |key: &str| env_of(container, key).with_context(|| format!("dev Kafka: {key} not set"));
+
+    // KRaft, one node that is broker and controller.
+    let mut roles: Vec<&str> = env("KAFKA_PROCESS_ROLES")?.split(',').collect();
+    roles.sort_unstable();
+    ensure!(
+        roles == ["broker", "controller"],
+        "dev Kafka: KAFKA_PROCESS_ROLES {roles:?}"
+    );
+    let node_id = env("KAFKA_NODE_ID")?;
+    let voters = env("KAFKA_CONTROLLER_QUORUM_VOTERS")?;
+    ensure!(
+        !voters.contains(',') && voters.split('@').next() == Some(node_id),
+        "dev Kafka: the quorum {voters} must be this node alone (KAFKA_NODE_ID {node_id})"
+    );
+    let cluster_id = env("CLUSTER_ID")?;
+    ensure!(
+        cluster_id.len() == 22
+            && cluster_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+        "dev Kafka: CLUSTER_ID {cluster_id} is not a Kafka Uuid (22 characters of URL-safe base64)"
+    );
+
+    // Listeners: named in the protocol map; the controller listener is the
+    // voters' port; the broker advertises the pod's name under the headless
+    // Service on its client port.
+    let listen = listeners(env("KAFKA_LISTENERS")?)?;
+    let protocols = env("KAFKA_LISTENER_SECURITY_PROTOCOL_MAP")?;
+    for (listener, _, _) in &listen {
+        ensure!(
+            protocols
+                .split(',')
+                .any(|p| p.split(':').next() == Some(listener.as_str())),
+            "dev Kafka: listener {listener} is not in KAFKA_LISTENER_SECURITY_PROTOCOL_MAP {protocols}"
+        );
+    }
+    let controller_name = env("KAFKA_CONTROLLER_LISTENER_NAMES")?;
+    let controller = listen
+        .iter()
+        .find(|(n, _, _)| n == controller_name)
+        .with_context(|| format!("dev Kafka: no listener {controller_name}"))?;
+    ensure!(
+        voters.ends_with(&format!(":{}", controller.2)),
+        "dev Kafka: the quorum {voters} is not on the controller listener's port {}",
+        controller.2
+    );
+    let advertised = listeners(env("KAFKA_ADVERTISED_LISTENERS")?)?;
+    ensure!(
+        advertised.len() == 1,
+        "dev Kafka: one advertised listener expected"
+    );
+    let (client_name, client_host, client_port) = &advertised[0];
+    ensure!(
+        listen
+            .iter()
+            .any(|(n, _, p)| n == client_name && p == client_port),
+        "dev Kafka: advertised {client_name} on {client_port}, not a listener"
+    );
+    let headless_name = str_of(&spec["serviceName"], "StatefulSet serviceName")?;
+    ensure!(
+        *client_host == format!("$(POD_NAME).{headless_name}.$(POD_NAMESPACE).svc"),
+        "dev Kafka: advertises {client_host}, not the pod's name under {headless_name}"
+    );
+    let vars: Vec<&str> = container["env"]
+        .as_array()
+        .context("env")?
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    let position = |k: &str| vars.iter().position(|v| *v == k);
+    for (var, field) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        let defined = container["env"]
+            .as_array()
+            .context("env")?
+            .iter()
+            .any(|e| e["name"] == var && e["valueFrom"]["fieldRef"]["fieldPath"] == field);
+        ensure!(
+            defined && position(var) < position("KAFKA_ADVERTISED_LISTENERS"),
+            "dev Kafka: {var} must come from {field} before KAFKA_ADVERTISED_LISTENERS uses it"
+        );
+    }
+    let client_port_name = container["ports"]
+        .as_array()
+        .context("container ports")?
+        .iter()
+        .find(|p| p["containerPort"].as_u64() == Some(u64::from(*client_port)))
+        .with_context(|| format!("dev Kafka: {client_port} is not a container port"))?["name"]
+        .clone();
+
+    // The headless Service gives the pod its name, also before it is ready.
+    let labels = &spec["template"]["metadata"]["labels"];
+    let headless = find(&docs, "Service", headless_name)?;
+    ensure!(
+        headless["spec"]["clusterIP"] == "None"
+            && headless["spec"]["publishNotReadyAddresses"] == true
+            && selects(headless, labels),
+        "dev Kafka: Service {headless_name} must be headless, publish not-ready addresses \
+         and select the Kafka pod"
+    );
+
+    // Storage: a volume claim template mounted where the log dirs are.
+    let templates = spec["volumeClaimTemplates"]
+        .as_array()
+        .context("dev Kafka: no volumeClaimTemplates")?;
+    ensure!(
+        templates.len() == 1,
+        "dev Kafka: one volume claim template expected"
+    );
+    let claim = &templates[0];
+    let claim_name = str_of(&claim["metadata"]["name"], "claim name")?;
+    ensure!(
+        claim["spec"]["accessModes"] == serde_json::json!(["ReadWriteOnce"])
+            && claim["spec"]["resources"]["requests"]["storage"].is_string(),
+        "dev Kafka: the claim {claim_name} needs ReadWriteOnce and a storage request"
+    );
+    let mount = container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["name"] == claim_name)
+        .with_context(|| format!("dev Kafka: the claim {claim_name} is not mounted"))?;
+    let mount_path = str_of(&mount["mountPath"], "mountPath")?;
+    for dir in env("KAFKA_LOG_DIRS")?.split(',') {
+        ensure!(
+            dir.starts_with(&format!("{}/", mount_path.trim_end_matches('/'))),
+            "dev Kafka: log dir {dir} is not in a directory of the volume at {mount_path} \
+             (the volume's root may hold lost+found)"
+        );
+    }
+
+    // One node: internal topics with one replica.
+    for (key, want) in [
+        ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "1"),
+        ("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "1"),
+        ("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "1"),
+    ] {
+        ensure!(env(key)? == want, "dev Kafka: {key} must be {want}");
+    }
+    ensure!(
+        kafka_setting(&docs, "replication_factor")? == 1,
+        "dev: edgeloop's topics must have one replica on a one-node Kafka"
+    );
+
+    // A laptop: heap at most 1 GiB, under the memory limit.
+    let heap = env("KAFKA_HEAP_OPTS")?;
+    let xmx = heap
+        .split_whitespace()
+        .find_map(|o| o.strip_prefix("-Xmx"))
+        .with_context(|| format!("dev Kafka: KAFKA_HEAP_OPTS {heap} sets no -Xmx"))?;
+    let xmx = jvm_bytes(xmx)?;
+    ensure!(
+        xmx <= 1 << 30,
+        "dev Kafka: heap {xmx} bytes, more than 1 GiB"
+    );
+    let limit = memory_bytes(str_of(
+        &container["resources"]["limits"]["memory"],
+        "dev Kafka memory limit",
+    )?)?;
+    ensure!(
+        limit >= xmx + (256 << 20),
+        "dev Kafka: a memory limit of {limit} bytes leaves no room beside a {xmx}-byte heap"
+    );
+    ensure!(
+        container["resources"]["requests"]["cpu"].is_string()
+            && container["resources"]["requests"]["memory"].is_string(),
+        "dev Kafka: no resource requests"
+    );
+
+    // Probes on the client listener.
+    for kind in ["startupProbe", "livenessProbe", "readinessProbe"] {
+        let port = &container[kind]["tcpSocket"]["port"];
+        ensure!(
+            *port == client_port_name || port.as_u64() == Some(u64::from(*client_port)),
+            "dev Kafka: {kind} must check the client listener ({client_port})"
+        );
+    }
+
+    // The broker and the processor bootstrap from the client Service, which
+    // selects the Kafka pod and targets its client listener.
+    for deployment in ["edgeloop-broker", "edgeloop-processor"] {
+        let container =
+            &find(&docs, "Deployment", deployment)?["spec"]["template"]["spec"]["containers"][0];
+        let bootstrap = env_of(container, "EDGELOOP_KAFKA_BOOTSTRAP")
+            .with_context(|| format!("{deployment}: EDGELOOP_KAFKA_BOOTSTRAP not set"))?;
+        let (host, port) = bootstrap
+            .rsplit_once(':')
+            .with_context(|| format!("{deployment}: bootstrap {bootstrap} has no port"))?;
+        let service = service_named_by(&docs, host, namespace)?;
+        ensure!(
+            selects(service, labels),
+            "{deployment}: bootstrap {bootstrap}: its Service does not select the pods of {name}"
+        );
+        let port: u16 = port.parse()?;
+        let service_port = service["spec"]["ports"]
+            .as_array()
+            .context("Service ports")?
+            .iter()
+            .find(|p| p["port"].as_u64() == Some(u64::from(port)))
+            .with_context(|| {
+                format!("{deployment}: bootstrap {bootstrap}: no such Service port")
+            })?;
+        let target = container_port(
+            &spec["template"]["spec"]["containers"][0],
+            &service_port["targetPort"],
+        )?;
+        ensure!(
+            target == *client_port,
+            "{deployment}: bootstrap {bootstrap} reaches Kafka's port {target}, not its client \
+             listener {client_port}"
+        );
+    }
+    Ok(())
+}
+
+/// Every Kafka topic constant of `proto/src/topics.rs` with whether it is
+/// compacted, from the `cleanup` column of that file's topic table; the
+/// names are checked against the compiled constants.
+fn edgeloop_topics() -> Result<Vec<(String, bool)>> {
+    use edgeloop_proto::topics;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/src/topics.rs");
+    let source = std::fs::read_to_string(&path)?;
+    let mut found = Vec::new();
+    for line in source.lines() {
+        let Some(rest) = line.strip_prefix("pub const KAFKA_") else {
+            continue;
+        };
+        let name = rest
+            .split('"')
+            .nth(1)
+            .with_context(|| format!("topics.rs: {line}"))?;
+        let row = source
+            .lines()
+            .find(|l| l.starts_with(&format!("//! | `{name}` |")))
+            .with_context(|| format!("topics.rs: {name} is not in the module's topic table"))?;
+        let cleanup = row
+            .trim_end_matches('|')
+            .rsplit('|')
+            .next()
+            .map(str::trim)
+            .with_context(|| format!("topics.rs: {row}"))?;
+        ensure!(
+            cleanup == "compact" || cleanup == "delete",
+            "topics.rs: {name}: cleanup {cleanup:?}"
+        );
+        found.push((name.to_string(), cleanup == "compact"));
+    }
+    let mut names: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    let mut compiled = [
+        topics::KAFKA_READINGS,
+        topics::KAFKA_STATUS,
+        topics::KAFKA_MODELS,
+        topics::KAFKA_PINS,
+        topics::KAFKA_ACKS,
+        topics::KAFKA_DEADLETTER,
+    ];
+    compiled.sort_unstable();
+    ensure!(
+        names == compiled,
+        "topics.rs declares {names:?}, the compiled constants are {compiled:?}"
+    );
+    Ok(found)
+}
+
+/// The `kafka-topics.sh ... --create` commands of `docs/kubernetes.md`,
+/// continuation lines joined, as their words.
+fn documented_topic_commands() -> Result<Vec<Vec<String>>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/kubernetes.md");
+    let text = std::fs::read_to_string(&path)?;
+    Ok(text
+        .replace("\\\n", " ")
+        .lines()
+        .filter(|l| l.contains("kafka-topics.sh") && l.contains("--create"))
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect())
+}
+
+#[test]
+fn the_prod_overlay_declares_every_edgeloop_topic() -> Result<()> {
+    let docs = parse(&render(&k8s_dir().join("overlays/prod"))?)?;
+    let partitions = kafka_setting(&docs, "partitions")?;
+    let replication = kafka_setting(&docs, "replication_factor")?;
+    ensure!(
+        replication == 3,
+        "prod: edgeloop's topics should have three replicas, not {replication}"
+    );
+    // Strimzi's bootstrap Service is <cluster>-kafka-bootstrap in the
+    // cluster's namespace, where its Topic Operator watches KafkaTopics.
+    let processor = &find(&docs, "Deployment", "edgeloop-processor")?["spec"]["template"]["spec"]
+        ["containers"][0];
+    let bootstrap = env_of(processor, "EDGELOOP_KAFKA_BOOTSTRAP")
+        .context("prod processor: EDGELOOP_KAFKA_BOOTSTRAP not set")?;
+    let host = bootstrap.split([',', ':']).next().unwrap_or_default();
+    let mut labels = host.split('.');
+    let cluster = labels
+        .next()
+        .and_then(|s| s.strip_suffix("-kafka-bootstrap"))
+        .with_context(|| {
+            format!("prod: bootstrap {bootstrap} is not a Strimzi bootstrap Service")
+        })?;
+    let kafka_namespace = labels
+        .next()
+        .with_context(|| format!("prod: bootstrap {bootstrap} names no namespace"))?;
+
+    let declared: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "KafkaTopic").collect();
+    let topics = edgeloop_topics()?;
+    for topic in &declared {
+        let name = topic["spec"]["topicName"]
+            .as_str()
+            .or(topic["metadata"]["name"].as_str())
+            .context("KafkaTopic without a name")?;
+        ensure!(
+            topics.iter().any(|(t, _)| t == name),
+            "prod: KafkaTopic {name} is not a topic of proto/src/topics.rs"
+        );
+    }
+    let commands = documented_topic_commands()?;
+    for (name, compacted) in &topics {
+        let of_topic: Vec<&&Value> = declared
+            .iter()
+            .filter(|t| t["spec"]["topicName"] == name.as_str())
+            .collect();
+        ensure!(
+            of_topic.len() == 1,
+            "prod: {} KafkaTopics for {name} (spec.topicName), one expected",
+            of_topic.len()
+        );
+        let topic = of_topic[0];
+        ensure!(
+            topic["apiVersion"] == "kafka.strimzi.io/v1beta2",
+            "prod: KafkaTopic {name}: apiVersion {}",
+            topic["apiVersion"]
+        );
+        ensure!(
+            topic["metadata"]["labels"]["strimzi.io/cluster"] == cluster
+                && topic["metadata"]["namespace"] == kafka_namespace,
+            "prod: KafkaTopic {name} is for cluster {} in namespace {}, but the bootstrap \
+             {bootstrap} is Strimzi cluster {cluster} in {kafka_namespace}",
+            topic["metadata"]["labels"]["strimzi.io/cluster"],
+            topic["metadata"]["namespace"]
+        );
+        let spec = &topic["spec"];
+        ensure!(
+            spec["partitions"].as_i64() == Some(partitions)
+                && spec["replicas"].as_i64() == Some(replication),
+            "prod: KafkaTopic {name}: {} partitions and {} replicas, the configs say {partitions} \
+             and {replication}",
+            spec["partitions"],
+            spec["replicas"]
+        );
+        let config = &spec["config"];
+        let setting = |key: &str| match &config[key] {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        };
+        ensure!(
+            setting("min.insync.replicas").as_deref() == Some("2"),
+            "prod: KafkaTopic {name}: min.insync.replicas must be 2"
+        );
+        let policy = setting("cleanup.policy").unwrap_or_else(|| "delete".into());
+        ensure!(
+            policy.contains("compact") == *compacted,
+            "prod: KafkaTopic {name}: cleanup.policy {policy}, but topics.rs says {}",
+            if *compacted { "compact" } else { "delete" }
+        );
+
+        // The same topic as a kafka-topics.sh command in docs/kubernetes.md.
+        let command = commands
+            .iter()
+            .find(|c| c.windows(2).any(|w| w[0] == "--topic" && w[1] == *name))
+            .with_context(|| {
+                format!("docs/kubernetes.md: no `kafka-topics.sh --create --topic {name}` command")
+            })?;
+        let arg = |flag: &str| {
+            command
+                .windows(2)
+                .filter(|w| w[0] == flag)
+                .map(|w| w[1].as_str())
+                .collect::<Vec<_>>()
+        };
+        ensure!(
+            arg("--partitions") == [partitions.to_string()]
+                && arg("--replication-factor") == [replication.to_string()],
+            "docs/kubernetes.md: the command for {name} must create {partitions} partitions and \
+             {replication} replicas: {}",
+            command.join(" ")
+        );
+        let configs = arg("--config");
+        ensure!(
+            configs.contains(&"min.insync.replicas=2")
+                && configs.contains(&"cleanup.policy=compact") == *compacted,
+            "docs/kubernetes.md: the command for {name} must set min.insync.replicas=2{}: {}",
+            if *compacted {
+                " and cleanup.policy=compact"
+            } else {
+                ", and not compact it"
+            },
+            command.join(" ")
+        );
+    }
+    ensure!(
+        commands.len() == topics.len(),
+        "docs/kubernetes.md has {} kafka-topics.sh --create commands for {} topics",
+        commands.len(),
+        topics.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn nothing_in_the_kubernetes_files_mentions_the_old_kafka_stand_in() -> Result<()> {
+    // Spelled in two halves so that this file does not match itself.
+    let needle = format!("{}{}", "tan", "su");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![
+        root.join("docs/kubernetes.md"),
+        root.join("tests/tests/k8s.rs"),
+    ];
+    let mut dirs = vec![k8s_dir()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    for file in &files {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        if let Some((n, line)) = text
+            .lines()
+            .enumerate()
+            .find(|(_, l)| l.to_lowercase().contains(&needle))
+        {
+            bail!("{}:{}: {line}", file.display(), n + 1);
+        }
+    }
+    for overlay in OVERLAYS {
+        let yaml = render(&k8s_dir().join("overlays").join(overlay))?;
+        ensure!(
+            !yaml.to_lowercase().contains(&needle),
+            "the rendered {overlay} overlay mentions {needle}"
+        );
+    }
+    Ok(())
+}
+
 fn base64_decode(s: &str) -> Result<Vec<u8>> {
     let out = Command::new("python3")
         .args([
@@ -587,10 +1208,181 @@ async fn start_and_probe(pod: &Pod, dir: &Path) -> Result<Component> {
     Ok(component)
 }
 
+/// Environment variables the `apache/kafka` image does not turn into server
+/// properties (`ExcludeServerPropsEnv` of `kafka.docker.KafkaDockerWrapper`).
+const IMAGE_NON_PROPERTY_ENV: &[&str] = &[
+    "KAFKA_VERSION",
+    "KAFKA_HEAP_OPTS",
+    "KAFKA_LOG4J_OPTS",
+    "KAFKA_OPTS",
+    "KAFKA_JMX_OPTS",
+    "KAFKA_JVM_PERFORMANCE_OPTS",
+    "KAFKA_GC_LOG_OPTS",
+    "KAFKA_LOG4J_ROOT_LOGLEVEL",
+    "KAFKA_LOG4J_LOGGERS",
+    "KAFKA_TOOLS_LOG4J_LOGLEVEL",
+    "KAFKA_JMX_HOSTNAME",
+];
+
+/// The server properties the `apache/kafka` image writes from `container`'s
+/// environment, as its `KafkaDockerWrapper` (Kafka 4) does: every
+/// `KAFKA_*` variable but the JVM's, the first `KAFKA_` removed, lower case,
+/// `_` → `.`, then `...` → `-` and `..` → `_`.
+fn image_server_properties(container: &Value) -> Result<Vec<(String, String)>> {
+    let mut properties = Vec::new();
+    for var in container["env"].as_array().context("env")? {
+        let key = str_of(&var["name"], "env name")?;
+        if !key.starts_with("KAFKA_") || IMAGE_NON_PROPERTY_ENV.contains(&key) {
+            continue;
+        }
+        let value = str_of(&var["value"], key)?;
+        let property = key
+            .replacen("KAFKA_", "", 1)
+            .to_lowercase()
+            .replace('_', ".")
+            .replace("...", "-")
+            .replace("..", "_");
+        properties.push((property, value.to_string()));
+    }
+    Ok(properties)
+}
+
+/// Properties that place the node in its pod (its id, listeners, advertised
+/// name, quorum, log directory): the harness's loopback node has its own.
+/// The offline test checks them.
+const POD_PLACEMENT_PROPERTIES: &[&str] = &[
+    "node.id",
+    "listeners",
+    "advertised.listeners",
+    "listener.security.protocol.map",
+    "inter.broker.listener.name",
+    "controller.listener.names",
+    "controller.quorum.voters",
+    "log.dirs",
+];
+
+/// Starts, from the harness's Apache Kafka jars, a Kafka configured as the
+/// dev overlay's StatefulSet configures its container (the server
+/// properties its image would write, the heap of `KAFKA_HEAP_OPTS`), but on
+/// loopback ports and local storage; then checks that Kafka took every one
+/// of those properties with its value (its `KafkaConfig values:` log): a
+/// misspelt variable would be a property Kafka does not know, and silently
+/// ignored.
+async fn start_dev_overlay_kafka(docs: &[Value], dir: &Path) -> Result<LocalKafka> {
+    let set = docs
+        .iter()
+        .find(|d| d["kind"] == "StatefulSet")
+        .context("dev: no Kafka StatefulSet")?;
+    let container = &set["spec"]["template"]["spec"]["containers"][0];
+    let properties: Vec<(String, String)> = image_server_properties(container)?
+        .into_iter()
+        .filter(|(k, _)| !POD_PLACEMENT_PROPERTIES.contains(&k.as_str()))
+        .collect();
+    let heap = env_of(container, "KAFKA_HEAP_OPTS").context("dev Kafka: no KAFKA_HEAP_OPTS")?;
+    let max_heap = heap
+        .split_whitespace()
+        .find_map(|o| o.strip_prefix("-Xmx"))
+        .context("dev Kafka: no -Xmx")?;
+    let options = LocalKafkaOptions {
+        max_heap: max_heap.to_string(),
+        properties: properties.clone(),
+        ..LocalKafkaOptions::single(&dir.join("kafka"))
+    };
+    let kafka = LocalKafka::start(&kafka_install()?, &options).await?;
+    let log_path = kafka.log(1).context("the local Kafka's log")?;
+    let log = std::fs::read_to_string(&log_path)?;
+    // `\tkey = value` lines; lists print as `[a, b]`.
+    let taken: HashMap<&str, String> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix('\t')?.split_once(" = "))
+        .map(|(k, v)| {
+            let v = v.trim();
+            let v = v
+                .strip_prefix('[')
+                .and_then(|v| v.strip_suffix(']'))
+                .map_or_else(|| v.to_string(), |list| list.replace(", ", ","));
+            (k, v)
+        })
+        .collect();
+    ensure!(
+        !taken.is_empty(),
+        "no `KafkaConfig values:` in {}: cannot check the dev overlay's properties",
+        log_path.display()
+    );
+    for (key, value) in &properties {
+        let got = taken.get(key.as_str()).with_context(|| {
+            format!(
+                "dev Kafka: {key} (from its environment) is not a property Kafka {} knows",
+                edgeloop_kafka::local::KAFKA_VERSION
+            )
+        })?;
+        ensure!(
+            got == value,
+            "dev Kafka: {key} = {value} in its environment, Kafka runs with {got}"
+        );
+    }
+    Ok(kafka)
+}
+
+/// Starts three loopback Kafka nodes (as a production cluster: internal
+/// topics with three replicas, two in sync) and creates the topics the prod
+/// overlay's KafkaTopics declare, as Strimzi's Topic Operator would, so the
+/// broker and the processor start against topics that exist already.
+async fn start_prod_like_kafka(docs: &[Value], dir: &Path) -> Result<LocalKafka> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let options = LocalKafkaOptions {
+        nodes: 3,
+        ..LocalKafkaOptions::single(&dir.join("kafka"))
+    };
+    let kafka = LocalKafka::start(&kafka_install()?, &options).await?;
+    let mut topics = Vec::new();
+    for topic in docs.iter().filter(|d| d["kind"] == "KafkaTopic") {
+        let spec = &topic["spec"];
+        let name = str_of(&spec["topicName"], "KafkaTopic topicName")?.to_string();
+        let partitions = i32::try_from(spec["partitions"].as_i64().context("partitions")?)?;
+        let replicas = i32::try_from(spec["replicas"].as_i64().context("replicas")?)?;
+        let mut config = Vec::new();
+        for (key, value) in spec["config"].as_object().into_iter().flatten() {
+            let value = match value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            config.push((key.clone(), value));
+        }
+        topics.push((name, partitions, replicas, config));
+    }
+    ensure!(!topics.is_empty(), "prod: no KafkaTopics to create");
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, partitions, replicas, config)| {
+            config.iter().fold(
+                NewTopic::new(name, *partitions, TopicReplication::Fixed(*replicas)),
+                |t, (k, v)| t.set(k, v),
+            )
+        })
+        .collect();
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .create()?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(new_topics.iter(), &options).await? {
+        if let Err((topic, code)) = result {
+            bail!("creating {topic} as its KafkaTopic declares it: {code}");
+        }
+    }
+    Ok(kafka)
+}
+
 async fn overlay_starts_the_real_components(overlay: &str) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let docs = parse(&render(&k8s_dir().join("overlays").join(overlay))?)?;
-    let kafka = start_kafka(dir.path()).await?;
+    // dev: the overlay's own Kafka as its StatefulSet configures it; prod: a
+    // three-node cluster with the topics its KafkaTopics declare.
+    let kafka = match overlay {
+        "dev" => start_dev_overlay_kafka(&docs, dir.path()).await?,
+        _ => start_prod_like_kafka(&docs, dir.path()).await?,
+    };
     let volumes = dir.path().join("volumes");
     let broker = pod(
         &docs,

@@ -193,8 +193,13 @@ for d, s, v in rows:
 async fn models_are_trained_published_applied_retrained_on_new_rules_and_pinned() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("run");
-    let (mqtt, kafka, controller, listen) =
-        (free_addr()?, free_addr()?, free_addr()?, free_addr()?);
+    let (mqtt, kafka, controller, listen, metrics) = (
+        free_addr()?,
+        free_addr()?,
+        free_addr()?,
+        free_addr()?,
+        free_addr()?,
+    );
     let args = [
         "up",
         "--devices",
@@ -211,6 +216,8 @@ async fn models_are_trained_published_applied_retrained_on_new_rules_and_pinned(
         &controller.to_string(),
         "--control-listen",
         &listen.to_string(),
+        "--broker-metrics-listen",
+        &metrics.to_string(),
     ]
     .map(String::from);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -1,6 +1,6 @@
 //! `edgeloop report`: the picture of the loop, from a real run's data.
 //!
-//! `edgeloop up` runs the whole loop (Tansu, broker, processor, a simulated
+//! `edgeloop up` runs the whole loop (Apache Kafka, broker, processor, a simulated
 //! fleet) for a few seconds and writes DIR/report.svg at its end; resvg (a
 //! real SVG renderer, installed by scripts/setup.sh) must render it, and it
 //! must show what the data set holds. A corrupt Parquet file is then left

@@ -1,5 +1,5 @@
 //! End to end: the real `edgeloop processor` (a child process) reads a
-//! simulated fleet's readings from a real Kafka-API broker (Tansu), labels
+//! simulated fleet's readings from a real Apache Kafka, labels
 //! them with the shipped rules, trains a model per device profile on its
 //! trainer thread, gates it and writes it with its lineage.
 

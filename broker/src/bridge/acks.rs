@@ -107,7 +107,8 @@ impl AckTracker {
     /// for a device already tracked: an ack the device holds came from a
     /// bridge that had it in Kafka, so the watermark is at least that. After
     /// a restart whose read of `edgeloop.acks` missed the device's last ack
-    /// (Tansu reports high watermarks short at times), this is what lets the
+    /// (published just before a crash, its record not yet in Kafka; or, with
+    /// several broker replicas, written by another one), this is what lets the
     /// device's resend, which starts at its ack, move the watermark again
     /// instead of waiting for a gap that never fills. A device not tracked
     /// yet is left to the first-batch rule. Returns whether it rose.

@@ -2,12 +2,11 @@
 //! watermark back to the devices, and the models out.
 //!
 //! A local rumqttd link subscribed to `telemetry/+` receives every batch. Each
-//! is produced to Kafka (key = device id, `acks=all`, idempotence on, no
-//! headers but on a dead letter: the key names the device and the Kafka topic the kind of MQTT
-//! topic; Tansu 0.6's SQLite storage has no index on its header table and
-//! scans all of it for every record it serves, so headers made fetches
-//! slower with every record ever stored, until consumers timed out); Kafka's
-//! delivery report feeds the
+//! is produced to Kafka (key = device id, `acks=all`, idempotence on, with
+//! the headers a Kafka user filters on: `device_id`, `profile`, `schema`
+//! (`edgeloop.v1.ReadingBatch`) and `content-type`, plus `reason` on a dead
+//! letter; docs/device-protocol.md, "In Kafka"); Kafka's delivery report
+//! feeds the
 //! [`acks::AckTracker`]; every `ack_interval` the changed watermarks are
 //! published retained on `ack/{device}` and written to the compacted topic
 //! `edgeloop.acks` ([`ack_log`]).
@@ -511,7 +510,12 @@ fn count_produced(stats: &BrokerStats, bytes: usize) {
 #[derive(Debug, PartialEq)]
 enum Telemetry {
     /// A valid batch of seqs `[first, end)`: acknowledged once in Kafka.
-    Valid { first: u64, end: u64, readings: u64 },
+    Valid {
+        first: u64,
+        end: u64,
+        readings: u64,
+        profile: String,
+    },
     /// Refused for its content, its seqs real: acknowledged once in Kafka,
     /// where the processor dead-letters it and records `[first, end)` in
     /// `losses` (`invalid_batch`).
@@ -532,6 +536,7 @@ fn judge_telemetry(device: &str, payload: &[u8], limits: &BatchLimits) -> Teleme
             first: batch.first_seq,
             end: batch.end_seq(),
             readings: batch.readings.len() as u64,
+            profile: batch.profile,
         },
         Err(refused) => match refused.lost {
             Some(lost) => Telemetry::Invalid {
@@ -545,6 +550,12 @@ fn judge_telemetry(device: &str, payload: &[u8], limits: &BatchLimits) -> Teleme
         },
     }
 }
+
+/// The `schema` header of a record of `edgeloop.readings`: the protobuf
+/// message its value holds, versioned by its package.
+pub const SCHEMA_BATCH: &str = "edgeloop.v1.ReadingBatch";
+/// The `schema` header of a record of `edgeloop.status`.
+pub const SCHEMA_STATUS: &str = "edgeloop.v1.DeviceStatus";
 
 /// Decides what to do with one telemetry publish and, if it goes to Kafka,
 /// enqueues it there. Waits (backpressure) while librdkafka's queue is full.
@@ -565,6 +576,12 @@ async fn take(
         return None;
     };
     let mut refusal: Option<String> = None;
+    let mut profile: Option<String> = None;
+    let schema = if kafka_topic == topics::KAFKA_STATUS {
+        SCHEMA_STATUS
+    } else {
+        SCHEMA_BATCH
+    };
     let kind = if kafka_topic == topics::KAFKA_STATUS {
         // Device status goes to the compacted status topic as it is, if it
         // is the device's own. The ack the device holds is a floor for its
@@ -572,6 +589,7 @@ async fn take(
         BrokerStats::add(&stats.statuses_received, 1);
         match validate::decode_status(&device, publish.payload.as_ref()) {
             Ok(status) => {
+                profile = Some(status.profile.clone());
                 if tracker.raise_to_device_ack(&device, status.acked_seq) {
                     BrokerStats::add(&stats.watermarks_raised_by_device, 1);
                     tracing::info!(
@@ -598,7 +616,11 @@ async fn take(
                 first,
                 end,
                 readings,
-            } => (Some((first, end)), readings),
+                profile: p,
+            } => {
+                profile = Some(p);
+                (Some((first, end)), readings)
+            }
             Telemetry::Invalid { first, end, reason } => {
                 tracing::debug!(%device, first_seq = first, end_seq = end, %reason, "an invalid batch: acknowledged, and recorded as lost by the processor");
                 BrokerStats::add(&stats.batches_invalid, 1);
@@ -631,8 +653,29 @@ async fn take(
             },
         }
     };
-    let headers = refusal.as_deref().map(|reason| {
-        OwnedHeaders::new()
+    // What a Kafka user filters on without decoding the payload (the
+    // bridge's record contract, docs/device-protocol.md "In Kafka").
+    let mut headers = OwnedHeaders::new_with_capacity(7)
+        .insert(Header {
+            key: "device_id",
+            value: Some(device.as_str()),
+        })
+        .insert(Header {
+            key: "schema",
+            value: Some(schema),
+        })
+        .insert(Header {
+            key: "content-type",
+            value: Some("application/x-protobuf"),
+        });
+    if let Some(profile) = profile.as_deref().filter(|p| !p.is_empty()) {
+        headers = headers.insert(Header {
+            key: "profile",
+            value: Some(profile),
+        });
+    }
+    if let Some(reason) = refusal.as_deref() {
+        headers = headers
             .insert(Header {
                 key: "reason",
                 value: Some(reason),
@@ -644,14 +687,12 @@ async fn take(
             .insert(Header {
                 key: "written_by",
                 value: Some("edgeloop-bridge"),
-            })
-    });
+            });
+    }
     let mut record = FutureRecord::to(kafka_topic)
         .key(device.as_bytes())
-        .payload(publish.payload.as_ref());
-    if let Some(headers) = headers {
-        record = record.headers(headers);
-    }
+        .payload(publish.payload.as_ref())
+        .headers(headers);
     loop {
         match producer.send_result(record) {
             Ok(delivery) => {
@@ -742,7 +783,8 @@ mod tests {
             Telemetry::Valid {
                 first: 5,
                 end: 6,
-                readings: 1
+                readings: 1,
+                profile: "f32".into(),
             }
         );
         // Three values for two channels: its seqs are taken (and recorded as

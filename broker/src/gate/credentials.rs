@@ -138,7 +138,7 @@ impl CredentialsFile {
         Ok(file)
     }
 
-    /// Writes the file atomically (temp file, fsync, rename), mode 0600.
+    /// Writes the file atomically, mode 0600 ([`write_private`]).
     pub fn write(&self, path: &Path) -> Result<(), CredentialsError> {
         let io = |source| CredentialsError::Io {
             path: path.into(),
@@ -151,21 +151,7 @@ impl CredentialsFile {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let tmp = path.with_extension("tmp");
-        {
-            use std::io::Write;
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::OpenOptionsExt;
-                options.mode(0o600);
-            }
-            let mut f = options.open(&tmp).map_err(io)?;
-            f.write_all(text.as_bytes()).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&tmp, path).map_err(io)
+        write_private(path, text.as_bytes()).map_err(io)
     }
 
     /// Adds credentials for `ids` (all or none), returning their passwords.
@@ -199,6 +185,37 @@ impl CredentialsFile {
         file.write(path)?;
         Ok(out)
     }
+}
+
+/// Writes a secret file (credentials, passwords, anything a device or an
+/// operator must keep to itself) atomically, readable and writable by its
+/// owner only from the moment it exists: a temporary file beside `path`,
+/// created with mode 0600 (a leftover temporary file is removed first, so
+/// its mode is never inherited), fsynced, then renamed over `path`. The
+/// file at `path` is therefore always a new one of mode 0600, whatever the
+/// mode of the one it replaces.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut f = options.open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
 }
 
 /// The credentials in force: re-read when the file's modification time
@@ -311,5 +328,28 @@ mod tests {
             .set_modified(later)
             .unwrap();
         assert_eq!(creds.current().credentials.len(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn secret_files_are_created_owner_only_whatever_was_there_before() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials.toml");
+        // A world-readable file in its place, and a world-readable
+        // temporary file left over from a crash.
+        let tmp = dir.path().join("credentials.toml.tmp");
+        for p in [&path, &tmp] {
+            std::fs::write(p, "# old\n").unwrap();
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        CredentialsFile::add(&path, &["dev-1".into()], Role::Device, &[]).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert!(!tmp.exists());
+        let secret = dir.path().join("passwords.toml");
+        write_private(&secret, b"dev-1 = \"x\"\n").unwrap();
+        assert_eq!(mode(&secret), 0o600);
+        assert_eq!(std::fs::read(&secret).unwrap(), b"dev-1 = \"x\"\n");
     }
 }

@@ -20,7 +20,13 @@
 //!   behind ([`crate::backpressure`]); until it goes, nothing more is read
 //!   from that client, so TCP pushes back on it.
 //! - Packets over the size limit, malformed packets and a second CONNECT
-//!   close the connection; other connections carry on.
+//!   close the connection; other connections carry on. The size limit
+//!   (`mqtt.max_payload_bytes`) is the only one: rumqttd behind the gate
+//!   allows as much, so it never drops what the gate let through.
+//! - A session that logged in with a credential of the file ends when a
+//!   reload removes or changes that credential ([`sessions`]).
+//! - What is logged of a refusal is bounded, in size and per source
+//!   ([`refusals`]).
 //!
 //! rumqttd runs each of its listeners on a thread of its own, so the gate
 //! spreads devices over several (`mqtt.listener_threads`), in turn.
@@ -42,6 +48,10 @@
 pub mod acl;
 pub mod credentials;
 pub mod packet;
+pub mod refusals;
+pub mod sessions;
+#[cfg(test)]
+mod tests;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -50,7 +60,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -59,8 +69,10 @@ use tokio_util::sync::CancellationToken;
 use crate::backpressure::Backpressure;
 use crate::stats::BrokerStats;
 use acl::{valid_device_id, Identity, Role};
-use credentials::Credentials;
+use credentials::{Credential, Credentials};
 use packet::{codes, Malformed};
+use refusals::{shown, shown_opt, RefusalLog};
+use sessions::Sessions;
 
 /// What the gate needs to know; built from the broker config.
 pub struct Gate {
@@ -74,6 +86,12 @@ pub struct Gate {
     /// The credential rumqttd accepts (from the gate only).
     pub inner_user: String,
     pub inner_secret: String,
+    /// The largest packet a device may send (`mqtt.max_payload_bytes`),
+    /// fixed header included: the one size limit. rumqttd behind the gate
+    /// allows as much in a packet's remaining length, so never refuses what
+    /// the gate let through; the gate counts what it refuses
+    /// (`edgeloop_gate_packets_too_large_total`), tells MQTT 5 clients the
+    /// limit in the CONNACK and closes with DISCONNECT 0x95.
     pub max_packet_bytes: usize,
     pub connect_timeout: Duration,
     pub connections: Arc<Semaphore>,
@@ -82,6 +100,10 @@ pub struct Gate {
     /// publish may wait for it (`bridge.max_lag_bytes`, `bridge.max_hold`).
     pub backpressure: Arc<Backpressure>,
     pub max_hold: Duration,
+    /// Sessions by the credential they logged in with, for revocation.
+    pub sessions: Arc<Sessions>,
+    /// How often each source may log a refusal.
+    pub refusals: RefusalLog,
 }
 
 /// Accepts connections on `listener` until `shutdown`.
@@ -178,6 +200,8 @@ struct Session {
     /// SUBSCRIBEs forwarded with some filters removed: per packet id, the
     /// refusal code of each original filter (None: forwarded).
     pending: HashMap<u16, Vec<Option<u8>>>,
+    /// Whether rumqttd's CONNACK has passed (the first packet from it).
+    connack_seen: bool,
 }
 
 impl Gate {
@@ -200,6 +224,9 @@ impl Gate {
         .map_err(|_| "no CONNECT in time".to_string())?
         .map_err(|e| {
             BrokerStats::add(&self.stats.malformed_packets, 1);
+            if matches!(e, Malformed::TooLarge { .. }) {
+                BrokerStats::add(&self.stats.packets_too_large, 1);
+            }
             format!("before CONNECT: {e}")
         })?;
         let Some(connect) = connect else {
@@ -209,11 +236,20 @@ impl Gate {
             BrokerStats::add(&self.stats.malformed_packets, 1);
             format!("CONNECT: {e}")
         })?;
-        let identity = match self.authenticate(&parsed, cert_id).await {
-            Ok(identity) => identity,
+        let (identity, credential) = match self.authenticate(&parsed, cert_id).await {
+            Ok(granted) => granted,
             Err(refusal) => {
                 BrokerStats::add(&self.stats.auth_failures, 1);
-                tracing::warn!(%peer, client_id = %parsed.client_id, user = ?parsed.username, reason = %refusal.reason, "connection refused");
+                if let Some(suppressed) = self.refusals.admit(peer.ip()) {
+                    tracing::warn!(
+                        %peer,
+                        client_id = %shown(&parsed.client_id),
+                        user = %shown_opt(parsed.username.as_deref()),
+                        reason = %refusal.reason,
+                        suppressed,
+                        "connection refused"
+                    );
+                }
                 refuse(&mut client, parsed.level, refusal.v4, refusal.v5).await;
                 let _ = client.shutdown().await;
                 return Ok(());
@@ -222,7 +258,9 @@ impl Gate {
         if let Some(will) = &parsed.will_topic {
             if !identity.can_publish(will) {
                 BrokerStats::add(&self.stats.acl_refused_publishes, 1);
-                tracing::warn!(%peer, %identity, topic = %will, "connection refused: will topic not allowed");
+                if let Some(suppressed) = self.refusals.admit(peer.ip()) {
+                    tracing::warn!(%peer, %identity, topic = %shown(will), suppressed, "connection refused: will topic not allowed");
+                }
                 refuse(
                     &mut client,
                     parsed.level,
@@ -238,32 +276,62 @@ impl Gate {
         } else {
             &self.inner_v4
         };
-        let next = self.next_upstream.fetch_add(1, Ordering::Relaxed);
-        let Some(&inner) = upstreams.get(next % upstreams.len().max(1)) else {
-            return Err("no rumqttd listener for this protocol level".into());
-        };
         let asked = tokio::time::Instant::now();
         let mut ubuf = BytesMut::with_capacity(4096);
-        let upstream = match self.log_in_upstream(inner, &connect, &mut ubuf).await {
-            Ok(upstream) => upstream,
-            Err(e) => {
-                refuse(
-                    &mut client,
-                    parsed.level,
-                    codes::V4_SERVER_UNAVAILABLE,
-                    codes::V5_SERVER_UNAVAILABLE,
-                )
-                .await;
-                return Err(format!("rumqttd at {inner}: {e}"));
+        // rumqttd sometimes closes a log-in without a CONNACK when the same
+        // client id's previous connections are being taken over at that
+        // moment (rarely: about one in a few hundred when three log in at
+        // once and then a fourth); the gate then logs in once more, on the
+        // next listener, before it answers "server unavailable".
+        let mut retried = false;
+        let upstream = loop {
+            let next = self.next_upstream.fetch_add(1, Ordering::Relaxed);
+            let Some(&inner) = upstreams.get(next % upstreams.len().max(1)) else {
+                return Err("no rumqttd listener for this protocol level".into());
+            };
+            ubuf.clear();
+            match self.log_in_upstream(inner, &connect, &mut ubuf).await {
+                Ok(upstream) => break upstream,
+                Err(UpstreamLogin::Closed(e)) if !retried => {
+                    retried = true;
+                    BrokerStats::add(&self.stats.upstream_login_retries, 1);
+                    tracing::debug!(%peer, %identity, rumqttd = %inner, error = %e, "logging in again");
+                }
+                Err(e) => {
+                    refuse(
+                        &mut client,
+                        parsed.level,
+                        codes::V4_SERVER_UNAVAILABLE,
+                        codes::V5_SERVER_UNAVAILABLE,
+                    )
+                    .await;
+                    return Err(format!("rumqttd at {inner}: {e}"));
+                }
             }
         };
         self.stats.connect_latency.observe(asked.elapsed());
         tracing::debug!(%peer, %identity, level = parsed.level, "connected");
+        // A session that logged in with a credential of the file ends when
+        // a reload removes or changes that credential (the check after
+        // registering covers a reload between authenticating and here).
+        let registered = credential.map(|c| self.sessions.register(c));
+        if let (Some(r), Some(credentials)) = (&registered, &self.credentials) {
+            // Only this session: the others are the watcher's.
+            if !sessions::still_granted(r.credential(), &credentials.current()) {
+                BrokerStats::add(&self.stats.sessions_revoked, 1);
+                tracing::info!(%peer, %identity, "session ended: its credential was removed or changed");
+                return Ok(());
+            }
+        }
+        let revoked = registered
+            .as_ref()
+            .map_or_else(CancellationToken::new, |r| r.revoked.clone());
         let mut session = Session {
             identity,
             level: parsed.level,
             aliases: HashMap::new(),
             pending: HashMap::new(),
+            connack_seen: false,
         };
         let (mut ur, mut uw) = upstream.into_split();
         let (mut cr, mut cw) = tokio::io::split(client);
@@ -284,6 +352,9 @@ impl Gate {
                     Ok(None) => break,
                     Err(e) => {
                         self.refuse_malformed(&mut cw, &session, peer, &e).await;
+                        if matches!(e, Malformed::TooLarge { .. }) {
+                            linger(&mut cr, self.max_packet_bytes).await;
+                        }
                         return Ok(());
                     }
                 };
@@ -329,6 +400,16 @@ impl Gate {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
+                _ = revoked.cancelled() => {
+                    tracing::info!(%peer, identity = %session.identity, "session ended: its credential was removed or changed");
+                    if session.level == 5 {
+                        let _ = cw
+                            .write_all(&packet::encode_disconnect(codes::V5_NOT_AUTHORIZED))
+                            .await;
+                    }
+                    let _ = cw.shutdown().await;
+                    return Ok(());
+                }
                 () = async {
                     match held.as_mut() {
                         Some(h) => h.admitted.as_mut().await,
@@ -370,26 +451,32 @@ impl Gate {
         inner: SocketAddr,
         connect: &[u8],
         ubuf: &mut BytesMut,
-    ) -> Result<TcpStream, String> {
-        let mut upstream = TcpStream::connect(inner).await.map_err(|e| e.to_string())?;
+    ) -> Result<TcpStream, UpstreamLogin> {
+        let closed = |e: String| UpstreamLogin::Closed(e);
+        let mut upstream = TcpStream::connect(inner)
+            .await
+            .map_err(|e| closed(e.to_string()))?;
         let _ = upstream.set_nodelay(true);
         let rewritten = packet::rewrite_connect_credentials(
             connect,
             &self.inner_user,
             self.inner_secret.as_bytes(),
         )
-        .map_err(|e| format!("CONNECT: {e}"))?;
+        .map_err(|e| UpstreamLogin::Other(format!("CONNECT: {e}")))?;
         upstream
             .write_all(&rewritten)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| closed(e.to_string()))?;
         match tokio::time::timeout(self.connect_timeout, read_whole_packet(&mut upstream, ubuf))
             .await
         {
             Ok(Ok(true)) => Ok(upstream),
-            Ok(Ok(false)) => Err("closed before its CONNACK".into()),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(format!("no CONNACK within {:?}", self.connect_timeout)),
+            Ok(Ok(false)) => Err(closed("closed before its CONNACK".into())),
+            Ok(Err(e)) => Err(UpstreamLogin::Other(e)),
+            Err(_) => Err(UpstreamLogin::Other(format!(
+                "no CONNACK within {:?}",
+                self.connect_timeout
+            ))),
         }
     }
 
@@ -408,6 +495,17 @@ impl Gate {
                 Err(e) => return Err(format!("from rumqttd: {e}")),
             };
             let p = ubuf.split_to(len);
+            if !session.connack_seen && packet::kind(&p) == packet::CONNACK {
+                session.connack_seen = true;
+                if session.level == 5 {
+                    if let Some(with_limit) =
+                        packet::connack_with_max_packet_size(&p, self.max_packet_bytes)
+                    {
+                        out.extend_from_slice(&with_limit);
+                        continue;
+                    }
+                }
+            }
             match self.splice_suback(&p, session) {
                 Some(rewritten) => out.extend_from_slice(&rewritten),
                 None => out.extend_from_slice(&p),
@@ -423,7 +521,12 @@ impl Gate {
         e: &Malformed,
     ) {
         BrokerStats::add(&self.stats.malformed_packets, 1);
-        tracing::warn!(%peer, identity = %session.identity, error = %e, "closing the connection");
+        if matches!(e, Malformed::TooLarge { .. }) {
+            BrokerStats::add(&self.stats.packets_too_large, 1);
+        }
+        if let Some(suppressed) = self.refusals.admit(peer.ip()) {
+            tracing::warn!(%peer, identity = %session.identity, error = %e, suppressed, "closing the connection");
+        }
         if session.level == 5 {
             let reason = if matches!(e, Malformed::TooLarge { .. }) {
                 codes::V5_PACKET_TOO_LARGE
@@ -435,11 +538,13 @@ impl Gate {
         let _ = cw.shutdown().await;
     }
 
+    /// The identity a CONNECT is granted, and the credential of the file
+    /// that granted it (none for a client certificate or anonymous access).
     async fn authenticate(
         &self,
         connect: &packet::Connect,
         cert_id: Option<String>,
-    ) -> Result<Identity, Refusal> {
+    ) -> Result<(Identity, Option<Credential>), Refusal> {
         let client_id = connect.client_id.as_str();
         if !valid_device_id(client_id) {
             return Err(Refusal {
@@ -455,17 +560,23 @@ impl Gate {
                     "client id differs from the certificate's device id {cn:?}"
                 )));
             }
-            return Ok(Identity {
-                id: cn,
-                role: Role::Device,
-            });
+            return Ok((
+                Identity {
+                    id: cn,
+                    role: Role::Device,
+                },
+                None,
+            ));
         }
         let Some(user) = &connect.username else {
             if self.allow_anonymous {
-                return Ok(Identity {
-                    id: client_id.into(),
-                    role: Role::Device,
-                });
+                return Ok((
+                    Identity {
+                        id: client_id.into(),
+                        role: Role::Device,
+                    },
+                    None,
+                ));
             }
             return Err(Refusal::not_authorized(
                 "anonymous access is off (no user name)".into(),
@@ -479,7 +590,8 @@ impl Gate {
         let file = credentials.current();
         let Some(cred) = file.credentials.iter().find(|c| &c.id == user).cloned() else {
             return Err(Refusal::bad_credentials(format!(
-                "unknown identity {user:?}"
+                "unknown identity {:?}",
+                shown(user)
             )));
         };
         if !cred.may_be(client_id) {
@@ -491,7 +603,8 @@ impl Gate {
         }
         let role = cred.role;
         let password = connect.password.clone().unwrap_or_default();
-        let hash_ok = tokio::task::spawn_blocking(move || cred.verify(&password))
+        let checked = cred.clone();
+        let hash_ok = tokio::task::spawn_blocking(move || checked.verify(&password))
             .await
             .unwrap_or(false);
         if !hash_ok {
@@ -499,11 +612,14 @@ impl Gate {
                 "wrong password for {user:?}"
             )));
         }
-        Ok(Identity {
-            // Acting for a child (a gateway), the ACLs are the child's.
-            id: client_id.into(),
-            role,
-        })
+        Ok((
+            Identity {
+                // Acting for a child (a gateway), the ACLs are the child's.
+                id: client_id.into(),
+                role,
+            },
+            Some(cred),
+        ))
     }
 
     /// A SUBACK for a SUBSCRIBE the gate trimmed, with the refused filters'
@@ -526,7 +642,9 @@ impl Gate {
         let level = session.level;
         let malformed = |e: Malformed| {
             BrokerStats::add(&self.stats.malformed_packets, 1);
-            tracing::warn!(%peer, identity = %session.identity, error = %e, "closing the connection");
+            if let Some(suppressed) = self.refusals.admit(peer.ip()) {
+                tracing::warn!(%peer, identity = %session.identity, error = %e, suppressed, "closing the connection");
+            }
             Verdict::Close(
                 (level == 5).then(|| packet::encode_disconnect(codes::V5_PROTOCOL_ERROR)),
             )
@@ -564,7 +682,9 @@ impl Gate {
                     return Verdict::Forward;
                 }
                 BrokerStats::add(&self.stats.acl_refused_publishes, 1);
-                tracing::warn!(%peer, identity = %session.identity, %topic, "publish refused by ACL");
+                if let Some(suppressed) = self.refusals.admit(peer.ip()) {
+                    tracing::warn!(%peer, identity = %session.identity, topic = %shown(&topic), suppressed, "publish refused by ACL");
+                }
                 if level == 5 {
                     if head.qos == 0 {
                         Verdict::Drop
@@ -602,7 +722,9 @@ impl Gate {
                 BrokerStats::add(&self.stats.acl_refused_subscriptions, refused as u64);
                 for ((f, _), v) in sub.filters.iter().zip(&verdicts) {
                     if v.is_some() {
-                        tracing::warn!(%peer, identity = %session.identity, filter = %f, "subscription refused by ACL");
+                        if let Some(suppressed) = self.refusals.admit(peer.ip()) {
+                            tracing::warn!(%peer, identity = %session.identity, filter = %shown(f), suppressed, "subscription refused by ACL");
+                        }
                     }
                 }
                 if refused == sub.filters.len() {
@@ -627,6 +749,53 @@ impl Gate {
     }
 }
 
+/// Every `interval` until `shutdown`: re-reads the credentials file if it
+/// changed and ends the sessions whose credential it no longer holds as
+/// they logged in with it ([`sessions`]).
+pub async fn watch_credentials(gate: Arc<Gate>, interval: Duration, shutdown: CancellationToken) {
+    let Some(credentials) = gate.credentials.clone() else {
+        return;
+    };
+    let mut last = credentials.current();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let file = credentials.current();
+        if Arc::ptr_eq(&file, &last) {
+            continue;
+        }
+        last = file;
+        let ended = gate.sessions.revoke_changed(&last);
+        BrokerStats::add(&gate.stats.sessions_revoked, ended as u64);
+        if ended > 0 {
+            tracing::warn!(
+                sessions = ended,
+                "credentials reloaded: ended the sessions of removed or changed credentials"
+            );
+        }
+    }
+}
+
+/// Why the gate could not log a device in to rumqttd.
+enum UpstreamLogin {
+    /// rumqttd closed (or refused) the connection before its CONNACK: worth
+    /// one more try.
+    Closed(String),
+    /// Anything else (no CONNACK in time, a CONNECT that cannot be
+    /// rewritten, an answer that does not frame).
+    Other(String),
+}
+
+impl std::fmt::Display for UpstreamLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamLogin::Closed(e) | UpstreamLogin::Other(e) => f.write_str(e),
+        }
+    }
+}
+
 /// Packets from rumqttd can be large (model updates): a generous limit that
 /// only guards the framing.
 const UPSTREAM_LIMIT: usize = 256 << 20;
@@ -640,6 +809,25 @@ enum Verdict {
     Reply(Vec<u8>),
     Drop,
     Close(Option<Vec<u8>>),
+}
+
+/// After refusing a packet too large: reads and drops what the client is
+/// still sending of it (at most `limit` bytes more, for at most a second)
+/// before the connection closes. Closing a socket with unread bytes makes
+/// the kernel reset it, and a reset discards, at the client, the DISCONNECT
+/// 0x95 that says why.
+async fn linger<R: AsyncRead + Unpin>(client: &mut R, limit: usize) {
+    let drain = async {
+        let mut buf = vec![0u8; 16 << 10];
+        let mut drained = 0;
+        while drained < limit {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => drained += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// Answers a CONNECT with a refusal: `v4` for MQTT 3.1.1, `v5` for 5.
@@ -665,24 +853,22 @@ async fn read_whole_packet(s: &mut TcpStream, buf: &mut BytesMut) -> Result<bool
     }
 }
 
-/// Reads one whole packet; `Ok(None)` if the peer closed first.
+/// Reads one whole CONNECT; `Ok(None)` if the peer closed first.
 async fn read_packet<S: AsyncRead + Unpin>(
     s: &mut S,
     buf: &mut BytesMut,
     limit: usize,
-) -> Result<Option<BytesMut>, String> {
+) -> Result<Option<BytesMut>, Malformed> {
     loop {
         if buf.first().is_some_and(|b| b >> 4 != packet::CONNECT) {
-            return Err("the first packet is not a CONNECT".into());
+            return Err(Malformed::Field("first packet (not a CONNECT)"));
         }
-        if let Some(len) = packet::frame(buf, limit).map_err(|e| e.to_string())? {
+        if let Some(len) = packet::frame(buf, limit)? {
             return Ok(Some(buf.split_to(len)));
         }
-        if s.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
-            return Ok(None);
-        }
-        if buf.remaining() > limit {
-            return Err("packet too large".into());
+        match s.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
         }
     }
 }

@@ -414,6 +414,112 @@ pub fn encode_disconnect(reason: u8) -> Vec<u8> {
     with_header(DISCONNECT << 4, &[reason, 0])
 }
 
+/// A CONNECT with a clean session, keep-alive 30 s and no will: what the
+/// gate's readiness probe logs in to rumqttd with (and tests).
+pub fn encode_connect(
+    level: u8,
+    client_id: &str,
+    username: Option<&str>,
+    password: Option<&[u8]>,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_binary(&mut out, b"MQTT");
+    out.push(level);
+    let mut flags = 0x02;
+    if username.is_some() {
+        flags |= 0x80;
+    }
+    if password.is_some() {
+        flags |= 0x40;
+    }
+    out.push(flags);
+    out.extend_from_slice(&30u16.to_be_bytes());
+    if level == 5 {
+        out.push(0);
+    }
+    put_binary(&mut out, client_id.as_bytes());
+    if let Some(u) = username {
+        put_binary(&mut out, u.as_bytes());
+    }
+    if let Some(p) = password {
+        put_binary(&mut out, p);
+    }
+    with_header(CONNECT << 4, &out)
+}
+
+/// The return code (3.1.1) or reason code (5) of a framed CONNACK; `None`
+/// for any other packet.
+pub fn connack_code(packet: &[u8]) -> Option<u8> {
+    if kind(packet) != CONNACK {
+        return None;
+    }
+    body(packet).ok()?.get(1).copied()
+}
+
+/// An MQTT 5 CONNACK that also tells the client the largest packet it may
+/// send (property 0x27, Maximum Packet Size), so a client that reads it
+/// never sends one the gate must refuse; `None` if `packet` is not an
+/// MQTT 5 CONNACK or already says so.
+pub fn connack_with_max_packet_size(packet: &[u8], max: usize) -> Option<Vec<u8>> {
+    if kind(packet) != CONNACK {
+        return None;
+    }
+    let mut r = Reader::new(body(packet).ok()?);
+    let flags = r.u8("connack flags").ok()?;
+    let reason = r.u8("connack reason").ok()?;
+    let props = r.properties().ok()?;
+    if !r.done() || has_property(props, 0x27)? {
+        return None;
+    }
+    let max = u32::try_from(max).unwrap_or(u32::MAX);
+    let mut new_props = props.to_vec();
+    new_props.push(0x27);
+    new_props.extend_from_slice(&max.to_be_bytes());
+    let mut out = vec![flags, reason];
+    put_varint(&mut out, new_props.len());
+    out.extend_from_slice(&new_props);
+    Some(with_header(CONNACK << 4, &out))
+}
+
+/// Whether MQTT 5 CONNACK properties `props` hold property `id`; `None` if
+/// they do not parse.
+fn has_property(props: &[u8], id: u8) -> Option<bool> {
+    let mut r = Reader::new(props);
+    while !r.done() {
+        let p = r.varint("property id").ok()?;
+        if p == usize::from(id) {
+            return Some(true);
+        }
+        let fixed = match p {
+            // Byte properties.
+            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2a => 1,
+            // Two-byte integers.
+            0x13 | 0x21 | 0x22 | 0x23 => 2,
+            // Four-byte integers.
+            0x02 | 0x11 | 0x18 | 0x27 => 4,
+            // Variable byte integer.
+            0x0b => {
+                r.varint("property").ok()?;
+                0
+            }
+            // UTF-8 strings and binary data.
+            0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1a | 0x1c | 0x1f => {
+                r.binary("property").ok()?;
+                0
+            }
+            // User property: a string pair.
+            0x26 => {
+                r.binary("property").ok()?;
+                r.binary("property").ok()?;
+                0
+            }
+            _ => return None,
+        };
+        r.take(fixed, "property").ok()?;
+    }
+    Some(false)
+}
+
 /// MQTT 3.1.1 / 5 refusal codes.
 pub mod codes {
     pub const V4_IDENTIFIER_REJECTED: u8 = 0x02;
@@ -464,29 +570,7 @@ mod tests {
     use super::*;
 
     fn connect(level: u8, client: &str, user: Option<&str>, pass: Option<&[u8]>) -> Vec<u8> {
-        let mut b = Vec::new();
-        put_binary(&mut b, b"MQTT");
-        b.push(level);
-        let mut flags = 0x02;
-        if user.is_some() {
-            flags |= 0x80;
-        }
-        if pass.is_some() {
-            flags |= 0x40;
-        }
-        b.push(flags);
-        b.extend_from_slice(&30u16.to_be_bytes());
-        if level == 5 {
-            b.push(0);
-        }
-        put_binary(&mut b, client.as_bytes());
-        if let Some(u) = user {
-            put_binary(&mut b, u.as_bytes());
-        }
-        if let Some(p) = pass {
-            put_binary(&mut b, p);
-        }
-        with_header(CONNECT << 4, &b)
+        encode_connect(level, client, user, pass)
     }
 
     #[test]
@@ -596,5 +680,25 @@ mod tests {
             let _ = parse_publish(&cut, 5);
             let _ = parse_subscribe(&cut, 5);
         }
+    }
+
+    #[test]
+    fn an_mqtt5_connack_learns_the_maximum_packet_size_once() {
+        // rumqttd's MQTT 5 CONNACK: session present 0, success, properties
+        // with a receive maximum (0x21).
+        let connack = with_header(CONNACK << 4, &[0, 0, 3, 0x21, 0, 100]);
+        assert_eq!(connack_code(&connack), Some(0));
+        let with = connack_with_max_packet_size(&connack, 4096).unwrap();
+        assert_eq!(connack_code(&with), Some(0));
+        assert_eq!(frame(&with, 100), Ok(Some(with.len())));
+        let props = &body(&with).unwrap()[3..];
+        assert_eq!(props, &[0x21, 0, 100, 0x27, 0, 0, 0x10, 0]);
+        assert_eq!(has_property(props, 0x27), Some(true));
+        assert_eq!(connack_with_max_packet_size(&with, 4096), None, "once");
+        // MQTT 3.1.1 has no properties: left as it is.
+        let v4 = with_header(CONNACK << 4, &[0, 0]);
+        assert_eq!(connack_with_max_packet_size(&v4, 4096), None);
+        assert_eq!(connack_code(&v4), Some(0));
+        assert_eq!(connack_code(&encode_disconnect(0x95)), None);
     }
 }

@@ -25,6 +25,7 @@ use edgeloop_proto::topics;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
@@ -534,6 +535,13 @@ impl Sink<'_> {
 }
 
 /// Consumes until `shutdown`, then closes every open file and commits.
+///
+/// A consumer that Kafka has fenced for good (librdkafka's fatal errors:
+/// with static membership, `FencedInstanceId` after the consumer's own
+/// session expired during a Kafka outage and it rejoined under the same
+/// `group.instance.id`) is replaced by a new one: its open files are
+/// dropped uncommitted (they are written again from the committed offsets),
+/// and the new consumer joins the group as the old one did.
 pub fn run(
     config: &ProcessorConfig,
     shutdown: &CancellationToken,
@@ -541,6 +549,36 @@ pub fn run(
     rule_metrics: &SharedRuleMetrics,
     trainer: Option<TrainerHandle>,
 ) -> Result<(), SourceError> {
+    let dead = DeadLetters::new(&config.kafka)?;
+    ensure_dir(&config.parquet_root)?;
+    while let Some((code, reason)) = consume(
+        config,
+        shutdown,
+        stats,
+        rule_metrics,
+        trainer.clone(),
+        &dead,
+    )? {
+        tracing::warn!(
+            ?code,
+            %reason,
+            "the Kafka consumer was fenced for good; starting a new one (open files are written again from the committed offsets)"
+        );
+        ProcessorStats::add(&stats.consumer_restarts, 1);
+    }
+    Ok(())
+}
+
+/// One consumer's life: until `shutdown` (then `None`), or until librdkafka
+/// reports a fatal error (then that error, and the open files are dropped).
+fn consume(
+    config: &ProcessorConfig,
+    shutdown: &CancellationToken,
+    stats: &ProcessorStats,
+    rule_metrics: &SharedRuleMetrics,
+    trainer: Option<TrainerHandle>,
+    dead: &DeadLetters,
+) -> Result<Option<(RDKafkaErrorCode, String)>, SourceError> {
     let session = config.session_timeout.as_millis().to_string();
     let mut settings = vec![
         ("group.id", config.group_id.as_str()),
@@ -564,8 +602,6 @@ pub fn run(
             topic: topics::KAFKA_READINGS.into(),
             source,
         })?;
-    let dead = DeadLetters::new(&config.kafka)?;
-    ensure_dir(&config.parquet_root)?;
     let mut sink = Sink {
         config,
         consumer: &consumer,
@@ -598,8 +634,17 @@ pub fn run(
         }
         match polled {
             None => {}
-            Some(Ok(message)) => sink.handle(&message, &dead)?,
-            Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error"),
+            Some(Ok(message)) => sink.handle(&message, dead)?,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "Kafka consumer error");
+                if let Some(fatal) = consumer.client().fatal_error() {
+                    let open: Vec<i32> = sink.open.keys().copied().collect();
+                    for p in open {
+                        sink.revoke(p);
+                    }
+                    return Ok(Some(fatal));
+                }
+            }
         }
         sink.close_aged()?;
         sink.reload_rules()?;
@@ -609,14 +654,14 @@ pub fn run(
         sink.close(p)?;
     }
     consumer.unsubscribe();
-    Ok(())
+    Ok(None)
 }
 
 /// Watches how many partitions the group gives this processor. A processor
 /// left without any for long is either one more than the readings topic has
-/// partitions, or in a group whose coordinator no longer completes
-/// rebalances (Tansu 0.6 after a member's session expired, see
-/// docs/operations.md "Processor without partitions"): it says so in the log
+/// partitions, or in a group where another member holds them or a
+/// rebalance does not finish (docs/operations.md "Processor without
+/// partitions"): it says so in the log
 /// and the gauges, since it writes nothing meanwhile.
 struct AssignmentWatch {
     every: Duration,
@@ -669,7 +714,7 @@ impl AssignmentWatch {
             tracing::warn!(
                 seconds = without.as_secs(),
                 topic = topics::KAFKA_READINGS,
-                "no partition assigned for this long: this processor writes nothing. Either the group has more processors than the topic has partitions, or its coordinator stopped completing rebalances (Tansu 0.6 does after a member's session expired; restart Tansu). See docs/operations.md, Processor without partitions"
+                "no partition assigned for this long: this processor writes nothing. Either the group has more processors than the topic has partitions, or another member holds them or the rebalance does not finish (kafka-consumer-groups.sh --describe --members). See docs/operations.md, Processor without partitions"
             );
         }
     }

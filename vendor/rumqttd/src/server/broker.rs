@@ -348,7 +348,47 @@ pub struct Server<P> {
     config: ServerSettings,
     router_tx: Sender<(ConnectionId, Event)>,
     protocol: P,
-    awaiting_will_handler: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+    awaiting_will_handler: WillHandlers,
+}
+
+/// Per client id, the connection (a number unique in this process) whose
+/// will waits, and the sender that fires or cancels it. (edgeloop's patch:
+/// the map held only the sender, and an entry whose connection had ended
+/// early stayed behind; the next connection with that client id then
+/// `unwrap`ped a send to it while holding this lock, which panicked and
+/// poisoned the lock for every later connection of the listener.)
+type WillHandlers = Arc<Mutex<HashMap<String, (u64, Sender<AwaitingWill>)>>>;
+
+/// Numbers the connections of [`WillHandlers`]' entries.
+static NEXT_WILL_ENTRY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The will handlers' lock, even if a thread panicked while holding it:
+/// the map stays consistent (each change to it is one insert or remove).
+fn lock_wills(
+    handlers: &WillHandlers,
+) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Sender<AwaitingWill>)>> {
+    handlers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A connection's entry in [`WillHandlers`]: removed when the connection's
+/// task ends, however it ends, unless a newer connection with the same
+/// client id has replaced it.
+struct WillEntry {
+    handlers: WillHandlers,
+    client_id: String,
+    entry: u64,
+}
+
+impl Drop for WillEntry {
+    fn drop(&mut self) {
+        let mut handlers = lock_wills(&self.handlers);
+        if handlers
+            .get(&self.client_id)
+            .is_some_and(|(entry, _)| *entry == self.entry)
+        {
+            handlers.remove(&self.client_id);
+        }
+    }
 }
 
 impl<P: Protocol + Clone + Send + 'static> Server<P> {
@@ -361,7 +401,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             config,
             router_tx,
             protocol,
-            awaiting_will_handler: Arc::new(Mutex::new(HashMap::default())),
+            awaiting_will_handler: WillHandlers::default(),
         }
     }
 
@@ -495,7 +535,7 @@ async fn remote<P: Protocol>(
     router_tx: Sender<(ConnectionId, Event)>,
     stream: Box<dyn N>,
     protocol: P,
-    will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+    will_handlers: WillHandlers,
 ) {
     let mut network = Network::new(
         stream,
@@ -535,20 +575,25 @@ async fn remote<P: Protocol>(
         client_id = format!("{tenant_id}.{client_id}");
     }
 
-    if let Some(sender) = will_handlers.lock().unwrap().remove(&client_id) {
+    let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
+    let entry = NEXT_WILL_ENTRY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let previous = lock_wills(&will_handlers).insert(client_id.clone(), (entry, will_tx));
+    // Removes this connection's entry when this task ends, on every path.
+    let _will_entry = WillEntry {
+        handlers: will_handlers.clone(),
+        client_id: client_id.clone(),
+        entry,
+    };
+    if let Some((_, sender)) = previous {
         let awaiting_will = if clean_session {
             AwaitingWill::Fire
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        // The previous connection may have ended already (its receiver
+        // gone): then there is no will waiting to fire or cancel.
+        let _ = sender.try_send(awaiting_will);
     }
-
-    let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
-    will_handlers
-        .lock()
-        .unwrap()
-        .insert(client_id.clone(), will_tx);
 
     // Start the link
     let mut link = match RemoteLink::new(
@@ -610,8 +655,8 @@ async fn remote<P: Protocol>(
     {
         Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
         Err(_) => {
-            // no need to keep the sender after timeout
-            will_handlers.lock().unwrap().remove(&client_id);
+            // no need to keep the sender after timeout (`_will_entry`
+            // removes it, unless a newer connection has replaced it)
             // as will delay interval has passed, publish the will message
             true
         }
