@@ -146,9 +146,9 @@ impl Component {
             .lines()
             .filter(|l| {
                 let t = l.trim_start();
-                let frame = t.split_once(':').is_some_and(|(n, _)| {
-                    !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())
-                });
+                let frame = t
+                    .split_once(':')
+                    .is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
                 !(frame || t.starts_with("at ") || t == "Stack backtrace:")
             })
             .collect();
