@@ -27,6 +27,12 @@ use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use serde::{Deserialize, Serialize};
 
+/// What [`topic_ends`] returns: the assignment and partition → high watermark.
+pub type TopicEnds = (
+    rdkafka::TopicPartitionList,
+    std::collections::HashMap<i32, i64>,
+);
+
 /// Every partition of `topic`, each from its beginning (an assignment for
 /// a follower that reads the topic whole), and partition → its high
 /// watermark now, for the partitions that hold records. An error if the
@@ -38,13 +44,7 @@ pub fn topic_ends<C, K>(
     consumer: &K,
     topic: &str,
     timeout: Duration,
-) -> Result<
-    (
-        rdkafka::TopicPartitionList,
-        std::collections::HashMap<i32, i64>,
-    ),
-    KafkaError,
->
+) -> Result<TopicEnds, KafkaError>
 where
     C: rdkafka::consumer::ConsumerContext,
     K: rdkafka::consumer::Consumer<C>,
@@ -52,7 +52,7 @@ where
     let deadline = std::time::Instant::now() + LEADER_WAIT;
     loop {
         match topic_ends_once(consumer, topic, timeout) {
-            Err(e) if is_leader_moving(&e) && std::time::Instant::now() < deadline => {
+            Err(e) if is_transient(&e) && std::time::Instant::now() < deadline => {
                 tracing::debug!(topic, error = %e, "a partition has no leader yet; asking again");
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -68,7 +68,7 @@ pub const LEADER_WAIT: Duration = Duration::from_secs(30);
 /// Whether `e` says a partition's leader is not (yet) known, or a node did
 /// not answer in time (a cluster starting, or busy): an answer to ask again
 /// shortly, not a fault.
-fn is_leader_moving(e: &KafkaError) -> bool {
+fn is_transient(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
         Some(
@@ -86,13 +86,7 @@ fn topic_ends_once<C, K>(
     consumer: &K,
     topic: &str,
     timeout: Duration,
-) -> Result<
-    (
-        rdkafka::TopicPartitionList,
-        std::collections::HashMap<i32, i64>,
-    ),
-    KafkaError,
->
+) -> Result<TopicEnds, KafkaError>
 where
     C: rdkafka::consumer::ConsumerContext,
     K: rdkafka::consumer::Consumer<C>,
