@@ -102,8 +102,8 @@ pub struct ChaosArgs {
     /// (its spools under DIR/spool/ against DIR/parquet) and print the counts.
     #[arg(long)]
     verify_only: bool,
-    /// Kafka nodes: 1 (a single KRaft node, killed whole) or 3 (a KRaft
-    /// cluster on loopback: topics with replication factor 3,
+    /// Kafka nodes, 1 to 5: 1 (a single KRaft node, killed whole) or 3 (a
+    /// KRaft cluster on loopback: topics with replication factor 3,
     /// `min.insync.replicas=2`, no unclean leader election; one node at a
     /// time is killed, the leader of a readings partition as often as not).
     #[arg(long, env = "EDGELOOP_CHAOS_KAFKA_NODES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=5))]
