@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 seconds="${1:-20}"
 CARGO_FUZZ_VERSION="0.13.1"
-if ! cargo fuzz --version 2>/dev/null | grep -q "${CARGO_FUZZ_VERSION}"; then
+installed=$(cargo fuzz --version 2>/dev/null || true)
+if [ "$installed" != "cargo-fuzz ${CARGO_FUZZ_VERSION}" ]; then
     echo "fuzz: installing cargo-fuzz ${CARGO_FUZZ_VERSION}"
     cargo install cargo-fuzz --version "${CARGO_FUZZ_VERSION}" --locked --quiet
 fi
