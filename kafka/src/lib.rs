@@ -254,6 +254,11 @@ pub async fn ensure_compacted_topics(config: &KafkaConfig, topics: &[&str]) -> R
 }
 
 fn admin(config: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, Error> {
+    client(config)
+}
+
+/// A librdkafka client of any kind with the config's settings only.
+fn client<T: rdkafka::config::FromClientConfig>(config: &KafkaConfig) -> Result<T, Error> {
     config
         .client_config(&[])
         .create()
@@ -365,42 +370,17 @@ async fn wait_for_leaders(config: &KafkaConfig, topics: &[String]) -> Result<(),
     if topics.is_empty() {
         return Ok(());
     }
-    let consumer: rdkafka::consumer::BaseConsumer =
-        config
-            .client_config(&[])
-            .create()
-            .map_err(|source| Error::Client {
-                bootstrap: config.bootstrap_servers.clone(),
-                source,
-            })?;
+    let consumer: rdkafka::consumer::BaseConsumer = client(config)?;
     let topics = topics.to_vec();
+    // topic_ends asks again (up to LEADER_WAIT) while a partition has no
+    // leader, and fails if one still has none.
     let waited = tokio::task::spawn_blocking(move || {
-        use rdkafka::consumer::Consumer as _;
-        let deadline = std::time::Instant::now() + LEADER_WAIT;
         for topic in topics {
-            loop {
-                let led = consumer
-                    .fetch_metadata(Some(&topic), Duration::from_secs(5))
-                    .ok()
-                    .is_some_and(|m| {
-                        m.topics().iter().all(|t| {
-                            t.error().is_none()
-                                && !t.partitions().is_empty()
-                                && t.partitions()
-                                    .iter()
-                                    .all(|p| p.error().is_none() && p.leader() >= 0)
-                        })
-                    });
-                if led {
-                    break;
-                }
-                if std::time::Instant::now() >= deadline {
-                    return Err(Error::Unanswered {
-                        topic,
-                        reason: format!("its partitions had no leader within {LEADER_WAIT:?}"),
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(100));
+            if let Err(e) = topic_ends(&consumer, &topic, Duration::from_secs(5)) {
+                return Err(Error::Unanswered {
+                    topic,
+                    reason: format!("its partitions had no leader within {LEADER_WAIT:?}: {e}"),
+                });
             }
         }
         Ok(())
