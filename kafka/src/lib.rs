@@ -62,12 +62,38 @@ where
 }
 
 /// How long [`topic_ends`] and topic creation wait for every partition of a
-/// topic to have a leader.
+/// topic to have a leader, and [`committed_offsets`] for a group coordinator.
 pub const LEADER_WAIT: Duration = Duration::from_secs(30);
 
-/// Whether `e` says a partition's leader is not (yet) known, or a node did
-/// not answer in time (a cluster starting, or busy): an answer to ask again
-/// shortly, not a fault.
+/// The offsets `consumer`'s group has committed on `partitions`, waiting
+/// up to [`LEADER_WAIT`] for the group's coordinator: on a cluster no group
+/// has used yet, the first request makes Kafka create `__consumer_offsets`,
+/// and until its partitions have leaders the answer is "not coordinator"
+/// or "coordinator not available" (librdkafka does not ask again itself).
+pub fn committed_offsets<C, K>(
+    consumer: &K,
+    partitions: &rdkafka::TopicPartitionList,
+    timeout: Duration,
+) -> Result<rdkafka::TopicPartitionList, KafkaError>
+where
+    C: rdkafka::consumer::ConsumerContext,
+    K: rdkafka::consumer::Consumer<C>,
+{
+    let deadline = std::time::Instant::now() + LEADER_WAIT;
+    loop {
+        match consumer.committed_offsets(partitions.clone(), timeout) {
+            Err(e) if is_transient(&e) && std::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "the group's coordinator is not ready; asking again");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether `e` says a partition's leader or a group's coordinator is not
+/// (yet) known, or a node did not answer in time (a cluster starting, or
+/// busy): an answer to ask again shortly, not a fault.
 fn is_transient(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
@@ -78,6 +104,9 @@ fn is_transient(e: &KafkaError) -> bool {
                 | RDKafkaErrorCode::OperationTimedOut
                 | RDKafkaErrorCode::RequestTimedOut
                 | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+                | RDKafkaErrorCode::CoordinatorLoadInProgress
         )
     )
 }

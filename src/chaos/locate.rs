@@ -32,7 +32,7 @@ pub fn locate(
         .create()?;
     let (assignment, ends) =
         edgeloop_kafka::topic_ends(&consumer, topics::KAFKA_READINGS, timeout)?;
-    let committed = consumer.committed_offsets(assignment.clone(), timeout)?;
+    let committed = edgeloop_kafka::committed_offsets(&consumer, &assignment, timeout)?;
     consumer.assign(&assignment)?;
     let mut found: HashMap<(String, u64), (i32, i64)> = HashMap::new();
     let mut positions: HashMap<i32, i64> = HashMap::new();

@@ -2021,10 +2021,8 @@ async fn sigterm_to_the_processor_under_load_exits_within_its_grace_with_every_c
     for p in 0..4 {
         assignment.add_partition(topics::KAFKA_READINGS, p);
     }
-    let committed = {
-        use rdkafka::consumer::Consumer as _;
-        consumer.committed_offsets(assignment, Duration::from_secs(10))?
-    };
+    let committed =
+        edgeloop_kafka::committed_offsets(&consumer, &assignment, Duration::from_secs(10))?;
     let committed: HashMap<i32, i64> = committed
         .elements()
         .iter()
