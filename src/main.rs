@@ -309,7 +309,8 @@ struct AgentArgs {
     /// Refused: see --password-file.
     #[arg(long, hide = true)]
     password: Option<String>,
-    /// Simulated readings per second.
+    /// Readings per second: of the simulator, of --sysfs sampling, or of a
+    /// --replay (instead of as fast as possible).
     #[arg(long, env = "EDGELOOP_RATE")]
     rate: Option<f64>,
     /// Stop after this many readings (once all are acknowledged).
@@ -329,7 +330,7 @@ struct AgentArgs {
     #[arg(long, env = "EDGELOOP_REPLAY", conflicts_with_all = ["stdin", "sysfs"])]
     replay: Option<PathBuf>,
     /// With --replay: keep the pace of the timestamps instead of going as fast as possible.
-    #[arg(long, requires = "replay")]
+    #[arg(long, requires = "replay", conflicts_with = "rate")]
     realtime: bool,
     /// Source: read lines (CSV, or JSON Lines with --format json-lines) on stdin.
     #[arg(long, conflicts_with = "sysfs")]
@@ -689,6 +690,7 @@ async fn main() -> Result<()> {
                     ts_column: args.ts_column.clone(),
                     channels: args.channels.clone(),
                     realtime: args.realtime,
+                    rate_hz: None,
                 }
             };
             if let Some(file) = args.replay.clone() {
@@ -715,7 +717,12 @@ async fn main() -> Result<()> {
                         sys.rate_hz = rate;
                     }
                 }
-                SourceConfig::Replay(_) | SourceConfig::Stdin(_) => {}
+                SourceConfig::Replay(lines) => {
+                    if args.rate.is_some() {
+                        lines.rate_hz = args.rate;
+                    }
+                }
+                SourceConfig::Stdin(_) => {}
             }
             let stats = Arc::new(edgeloop_agent::AgentStats::default());
             let report = edgeloop_agent::run(config, shutdown, stats.clone()).await?;

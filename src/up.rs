@@ -1,36 +1,63 @@
 //! `edgeloop up`: the whole loop on one machine.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use edgeloop_agent::{AgentConfig, AgentStats};
-use edgeloop_broker::{BrokerConfig, BrokerStats};
+use edgeloop_agent::AgentStats;
+use edgeloop_broker::BrokerStats;
 use edgeloop_kafka::local::{KafkaInstall, LocalKafka, LocalKafkaOptions};
 use edgeloop_processor::{ProcessorConfig, ProcessorStats};
 use tokio_util::sync::CancellationToken;
 
+mod config;
+
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
-    /// Simulated devices, each with its own MQTT connection.
-    #[arg(long, env = "EDGELOOP_DEVICES", default_value_t = 10)]
-    devices: usize,
-    /// Readings per second of each device.
-    #[arg(long, env = "EDGELOOP_RATE", default_value_t = 10.0)]
-    rate: f64,
-    /// Readings per MQTT message.
-    #[arg(long, env = "EDGELOOP_BATCH_SIZE", default_value_t = 100)]
-    batch_size: usize,
-    /// Stop by itself after this long (e.g. `30s`); without it, run until Ctrl-C.
+    /// The whole stack from one file: devices (simulated, replayed files,
+    /// stdin), and the broker's, processor's and agents' configs with the
+    /// schema of their own commands (config/up.example.toml). The flags
+    /// below win over it.
+    #[arg(long, env = "EDGELOOP_UP_CONFIG")]
+    config: Option<PathBuf>,
+    /// Replay these files (CSV with a header, or JSON Lines), one device
+    /// each, named after the file, its channels from the header; the run
+    /// ends when every file is sent and acknowledged. Without --rules the
+    /// readings are written but neither labelled nor learnt from.
+    #[arg(long, num_args = 1.., value_name = "FILE")]
+    replay: Vec<PathBuf>,
+    /// --replay at this many readings per second per file (default: as fast
+    /// as possible; the readings keep their own timestamps).
+    #[arg(long, value_name = "N", conflicts_with = "replay_realtime")]
+    replay_rate: Option<f64>,
+    /// --replay at the pace of the files' timestamps.
+    #[arg(long)]
+    replay_realtime: bool,
+    /// Labelling rules (docs/labelling.md); default: the config's
+    /// `processor.rules_file`, else for simulated devices DIR/rules.toml,
+    /// written from the shipped example on the first run.
+    #[arg(long, env = "EDGELOOP_RULES", value_name = "FILE")]
+    rules: Option<PathBuf>,
+    /// Simulated devices, each with its own MQTT connection [default: 10].
+    #[arg(long, env = "EDGELOOP_DEVICES")]
+    devices: Option<usize>,
+    /// Readings per second of each simulated device [default: 10].
+    #[arg(long, env = "EDGELOOP_RATE")]
+    rate: Option<f64>,
+    /// Readings per MQTT message [default: 100].
+    #[arg(long, env = "EDGELOOP_BATCH_SIZE")]
+    batch_size: Option<usize>,
+    /// Stop by itself after this long (e.g. `30s`); without it, run until
+    /// Ctrl-C, or until every device is done (replayed files).
     #[arg(long, env = "EDGELOOP_DURATION", value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
     /// Directory for everything the run writes: Parquet under DIR/parquet/,
     /// Kafka's storage and log under DIR/kafka/, each device's spool under
-    /// DIR/spool/{device}/.
-    #[arg(long, env = "EDGELOOP_DATA_DIR", default_value = "data")]
-    data_dir: PathBuf,
+    /// DIR/spool/{device}/ [default: data].
+    #[arg(long, env = "EDGELOOP_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// Kafka bootstrap servers of an existing cluster; without it a
     /// single-node Apache Kafka (KRaft) is started as a child process, its
     /// storage under DIR/kafka/ (Java 17 or newer and scripts/setup.sh's
@@ -38,41 +65,84 @@ pub struct UpArgs {
     #[arg(long, env = "EDGELOOP_KAFKA_BOOTSTRAP")]
     kafka: Option<String>,
     /// Where the started Kafka serves clients; its controller listens on
-    /// the next port up.
-    #[arg(long, env = "EDGELOOP_KAFKA_LISTEN", default_value = "127.0.0.1:19092")]
-    kafka_listen: SocketAddr,
+    /// the next port up [default: 127.0.0.1:19092].
+    #[arg(long, env = "EDGELOOP_KAFKA_LISTEN")]
+    kafka_listen: Option<SocketAddr>,
     /// Where the started Kafka's KRaft controller listens (default: the
     /// port after --kafka-listen).
     #[arg(long, env = "EDGELOOP_KAFKA_CONTROLLER_LISTEN")]
     kafka_controller_listen: Option<SocketAddr>,
-    /// The started Kafka's maximum JVM heap.
-    #[arg(long, env = "EDGELOOP_KAFKA_HEAP", default_value = "1g")]
-    kafka_heap: String,
-    /// MQTT listen address of the broker.
-    #[arg(long, env = "EDGELOOP_MQTT_LISTEN", default_value = "127.0.0.1:1883")]
-    mqtt_listen: SocketAddr,
-    /// Close Parquet files (and commit their offsets) at this age at the latest.
-    #[arg(long, env = "EDGELOOP_SINK_MAX_AGE", default_value = "10s", value_parser = humantime::parse_duration)]
-    file_max_age: Duration,
+    /// The started Kafka's maximum JVM heap [default: 1g].
+    #[arg(long, env = "EDGELOOP_KAFKA_HEAP")]
+    kafka_heap: Option<String>,
+    /// MQTT listen address of the broker [default: 127.0.0.1:1883].
+    #[arg(long, env = "EDGELOOP_MQTT_LISTEN")]
+    mqtt_listen: Option<SocketAddr>,
+    /// Close Parquet files (and commit their offsets) at this age at the
+    /// latest [default: 10s].
+    #[arg(long, env = "EDGELOOP_SINK_MAX_AGE", value_parser = humantime::parse_duration)]
+    file_max_age: Option<Duration>,
     /// Where the processor serves the gRPC control API (`edgeloop ctl`); its
-    /// bearer token is in DIR/control.token.
-    #[arg(
-        long,
-        env = "EDGELOOP_CONTROL_LISTEN",
-        default_value = "127.0.0.1:9470"
-    )]
-    control_listen: std::net::SocketAddr,
+    /// bearer token is in DIR/control.token [default: 127.0.0.1:9470].
+    #[arg(long, env = "EDGELOOP_CONTROL_LISTEN")]
+    control_listen: Option<SocketAddr>,
     /// Where the MQTT broker serves /healthz, /readyz and Prometheus
-    /// /metrics, as `edgeloop broker --metrics-listen` does (docs/operations.md).
-    #[arg(
-        long,
-        env = "EDGELOOP_BROKER_METRICS_LISTEN",
-        default_value = "127.0.0.1:9465"
-    )]
-    broker_metrics_listen: SocketAddr,
+    /// /metrics, as `edgeloop broker --metrics-listen` does
+    /// (docs/operations.md) [default: 127.0.0.1:9465].
+    #[arg(long, env = "EDGELOOP_BROKER_METRICS_LISTEN")]
+    broker_metrics_listen: Option<SocketAddr>,
     /// How often progress is printed.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     progress_every: Duration,
+}
+
+impl UpArgs {
+    fn overrides(&self) -> config::Overrides {
+        config::Overrides {
+            devices: self.devices,
+            rate: self.rate,
+            batch_size: self.batch_size,
+            duration: self.duration,
+            data_dir: self.data_dir.clone(),
+            kafka: self.kafka.clone(),
+            kafka_listen: self.kafka_listen,
+            kafka_controller_listen: self.kafka_controller_listen,
+            kafka_heap: self.kafka_heap.clone(),
+            mqtt_listen: self.mqtt_listen,
+            file_max_age: self.file_max_age,
+            control_listen: self.control_listen,
+            broker_metrics_listen: self.broker_metrics_listen,
+            replay: self.replay.clone(),
+            replay_rate: self.replay_rate,
+            replay_realtime: self.replay_realtime,
+            rules: self.rules.clone(),
+        }
+    }
+
+    /// The run these arguments describe (reading --config, if given).
+    fn plan(&self) -> Result<config::Plan> {
+        let (file, dir) = match &self.config {
+            Some(path) => {
+                let file = config::UpFile::read(path, std::env::vars())?;
+                let dir = path
+                    .parent()
+                    .map(|d| {
+                        if d.as_os_str().is_empty() {
+                            Path::new(".")
+                        } else {
+                            d
+                        }
+                    })
+                    .map(Path::to_path_buf);
+                (file, dir)
+            }
+            None => (config::UpFile::default(), None),
+        };
+        config::plan(file, dir.as_deref(), &self.overrides()).with_context(|| match &self.config {
+            Some(path) => format!("in {}", path.display()),
+            None => "in the flags of edgeloop up".to_string(),
+        })
+    }
 }
 
 struct Counters {
@@ -101,19 +171,20 @@ impl Counters {
 }
 
 pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
-    let data_dir = args.data_dir.clone();
+    let plan = args.plan()?;
+    let data_dir = plan.data_dir.clone();
     std::fs::create_dir_all(data_dir.join("kafka"))
         .with_context(|| format!("creating {}", data_dir.join("kafka").display()))?;
 
     let mut local_kafka = None;
-    let bootstrap = match &args.kafka {
+    let bootstrap = match &plan.bootstrap {
         Some(b) => b.clone(),
         None => {
             let install = KafkaInstall::locate(|k| std::env::var_os(k))?;
             let opts = LocalKafkaOptions {
-                listen: Some(args.kafka_listen),
-                controller_listen: args.kafka_controller_listen,
-                max_heap: args.kafka_heap.clone(),
+                listen: Some(plan.kafka_listen),
+                controller_listen: plan.kafka_controller_listen,
+                max_heap: plan.kafka_heap.clone(),
                 ..LocalKafkaOptions::single(&data_dir.join("kafka"))
             };
             let kafka = LocalKafka::start(&install, &opts).await?;
@@ -129,28 +200,26 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         }
     };
 
-    let mut broker_config = BrokerConfig::default();
-    broker_config.mqtt.listen = args.mqtt_listen;
-    broker_config.metrics_listen = Some(args.broker_metrics_listen);
-    // Device identity: each simulated device gets a credential of its own
-    // (the broker keeps the hash, the device its password), kept across runs.
-    let (credentials_file, passwords) = provision_fleet(&data_dir, "device", args.devices)?;
+    let mut broker_config = plan.broker;
+    // Device identity: each device gets a credential of its own (the
+    // broker keeps the hash, the device its password), kept across runs.
+    let ids: Vec<String> = plan.devices.iter().map(|d| d.device_id.clone()).collect();
+    let (credentials_file, passwords) = provision_fleet(&data_dir, &ids)?;
     broker_config.auth.credentials_file = Some(credentials_file);
     broker_config.kafka.bootstrap_servers = bootstrap.clone();
-    let mut processor_config = ProcessorConfig::default();
+    let mqtt_listen = broker_config.mqtt.listen;
+    let broker_metrics = broker_config.metrics_listen;
+    let mut processor_config = plan.processor;
     processor_config.kafka.bootstrap_servers = bootstrap.clone();
-    processor_config.parquet_root = data_dir.join("parquet");
-    processor_config.group_id = "edgeloop-up".into();
-    processor_config.instance_id = Some("edgeloop-up-0".into());
-    processor_config.sink.max_age = args.file_max_age;
-    // Labelling rules: DIR/rules.toml, written from the shipped example on
-    // the first run; edit it while `up` runs and the processor reloads it.
-    let rules = data_dir.join("rules.toml");
-    if !rules.exists() {
-        std::fs::write(&rules, include_str!("../config/rules.example.toml"))
-            .with_context(|| format!("writing {}", rules.display()))?;
+    // The simulator's labelling rules: DIR/rules.toml, written from the
+    // shipped example on the first run; edit it while `up` runs and the
+    // processor reloads it.
+    if let (true, Some(rules)) = (plan.example_rules, &processor_config.rules_file) {
+        if !rules.exists() {
+            std::fs::write(rules, include_str!("../config/rules.example.toml"))
+                .with_context(|| format!("writing {}", rules.display()))?;
+        }
     }
-    processor_config.rules_file = Some(rules);
     // Model signing: one key pair per data directory, made on the first run
     // (DIR/keys/signing.key signs, the devices check with signing.pub).
     let keys = data_dir.join("keys");
@@ -163,58 +232,29 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     if !token_file.exists() {
         write_token(&token_file)?;
     }
-    processor_config.control.listen = Some(args.control_listen);
+    let control_listen = processor_config.control.listen;
     processor_config.control.token_file = Some(token_file.clone());
     processor_config.control.signing_key_file = Some(signing_key.clone());
-    processor_config.channels = edgeloop_agent::source::simulator::SimulatorConfig::default()
-        .channels
-        .iter()
-        .map(|c| c.name.clone())
-        .collect();
-    // Training (docs/training.md): the shipped `mcu8` (int8) and `gateway`
-    // (f32) profiles, models and decisions under DIR/trainer/.
-    processor_config.trainer = edgeloop_processor::trainer::TrainerConfig::simulator(
-        &processor_config.channels,
-        data_dir.join("trainer"),
-    );
-    // A demonstration run is short: a first model once 2,000 labelled
-    // readings are in, then a retrain every 2,000 more (or every minute),
-    // on at most 4,000 examples (the last 2,500 and a sample of 1,500
-    // older), so a retrain takes well under a second in a release build.
-    processor_config.trainer.retrain_every_examples = 2_000;
-    processor_config.trainer.window_examples = 2_500;
-    processor_config.trainer.reservoir_examples = 1_500;
-    processor_config.trainer.retrain_every = Duration::from_secs(60);
     // Models are signed and published to edgeloop.models; the bridge
     // retains them on models/{task}/{profile} for the devices.
     processor_config.trainer.signing_key_file = Some(signing_key.clone());
-    let profiles: Vec<String> = processor_config
-        .trainer
-        .profiles
-        .iter()
-        .map(|p| p.name.clone())
-        .collect();
-    let mut agent = AgentConfig::default();
-    agent.mqtt.host = args.mqtt_listen.ip().to_string();
-    if args.mqtt_listen.ip().is_unspecified() {
-        agent.mqtt.host = "127.0.0.1".into();
-    }
-    agent.mqtt.port = args.mqtt_listen.port();
-    agent.uplink.batch_size = args.batch_size;
-    agent.spool.dir = data_dir.join("spool");
-    // Devices take the profiles in turn (device-0000 mcu8, device-0001
-    // gateway, …), check models with the public key and run them.
-    agent.models.verify_key_file = Some(verify_key.clone());
-    agent.uplink.max_unacked_readings = agent
-        .uplink
-        .max_unacked_readings
-        .max(args.batch_size as u64 * 4);
-    if let edgeloop_agent::config::SourceConfig::Simulator(sim) = &mut agent.source {
-        sim.rate_hz = args.rate;
+    let mut devices = plan.devices;
+    for device in &mut devices {
+        // Each device checks models with the public key and runs them.
+        device.models.verify_key_file = Some(verify_key.clone());
+        if let Some(password) = passwords.get(&device.device_id) {
+            device.mqtt.username = Some(device.device_id.clone());
+            device.mqtt.password = Some(password.clone());
+        }
     }
     broker_config.validate().map_err(anyhow::Error::msg)?;
     processor_config.validate().map_err(anyhow::Error::msg)?;
-    agent.validate().map_err(anyhow::Error::msg)?;
+    warn_of_profiles_without_models(&processor_config, &devices);
+    if processor_config.rules_file.is_none() {
+        println!(
+            "no labelling rules (--rules FILE or processor.rules_file, docs/labelling.md): readings are written to Parquet but not labelled, and no model is trained"
+        );
+    }
 
     let counters = Counters {
         fleet: Arc::new(AgentStats::default()),
@@ -238,53 +278,56 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         }
     }
     println!(
-        "MQTT broker on {}; bridge to Kafka {bootstrap}; broker metrics on http://{}/metrics",
-        args.mqtt_listen, args.broker_metrics_listen
+        "MQTT broker on {mqtt_listen}; bridge to Kafka {bootstrap}{}",
+        broker_metrics
+            .map(|a| format!("; broker metrics on http://{a}/metrics"))
+            .unwrap_or_default()
     );
 
     let processor_stop = CancellationToken::new();
+    let processor_config_trained = processor_config.trainer.enabled;
+    let first_model = processor_config.trainer.retrain_every_examples;
+    let parquet_root = processor_config.parquet_root.clone();
     let mut processor = tokio::spawn(edgeloop_processor::run(
         processor_config,
         processor_stop.clone(),
         counters.processor.clone(),
     ));
     println!(
-        "Stream processor writing Parquet under {}; control API on {} (edgeloop ctl --addr {} --token-file {} devices)",
-        data_dir.join("parquet").display(),
-        args.control_listen,
-        args.control_listen,
-        token_file.display()
+        "Stream processor writing Parquet under {}{}",
+        parquet_root.display(),
+        control_listen
+            .map(|a| format!(
+                "; control API on {a} (edgeloop ctl --addr {a} --token-file {} devices)",
+                token_file.display()
+            ))
+            .unwrap_or_default()
     );
 
     let fleet_stop = CancellationToken::new();
     let fleet_counters = counters.fleet.clone();
     let fleet_shutdown = fleet_stop.clone();
-    let devices = args.devices;
+    let replayed: std::collections::HashSet<String> = devices
+        .iter()
+        .filter(|d| matches!(d.source, edgeloop_agent::config::SourceConfig::Replay(_)))
+        .map(|d| d.device_id.clone())
+        .collect();
     let mut fleet = tokio::spawn(async move {
-        edgeloop_agent::run_fleet_with_passwords(
-            agent,
-            "device",
-            devices,
-            &passwords,
-            &profiles,
-            fleet_shutdown,
-            fleet_counters,
-        )
-        .await
+        edgeloop_agent::run_devices(devices, None, fleet_shutdown, fleet_counters).await
     });
     println!(
-        "{} simulated devices at {} readings/s each, batches of {}{}",
-        args.devices,
-        args.rate,
-        args.batch_size,
-        match args.duration {
+        "{}, batches of {}{}",
+        plan.description.join("; "),
+        plan.batch_size,
+        match plan.duration {
             Some(d) => format!(", for {}", humantime::format_duration(d)),
+            None if plan.ends_by_itself => ", until every file is sent (or Ctrl-C)".into(),
             None => ", until Ctrl-C".into(),
         }
     );
 
     let start = Instant::now();
-    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let deadline = plan.duration.map(|d| tokio::time::Instant::now() + d);
     let mut ticker = tokio::time::interval(args.progress_every);
     ticker.tick().await;
     let mut last = (Instant::now(), 0u64);
@@ -348,7 +391,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         "done: {taken} readings taken by {} devices, {acked} acknowledged, {rows} written to Parquet in {} files under {}",
         reports.len(),
         ProcessorStats::get(&counters.processor.files_written),
-        data_dir.join("parquet").display()
+        parquet_root.display()
     );
     if acked < taken {
         println!(
@@ -359,6 +402,18 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         );
     }
     println!("{}", models_line(&counters.processor.trainer, &reports));
+    let without_model = reports
+        .iter()
+        .filter(|r| replayed.contains(&r.device_id) && r.applied_models.is_empty())
+        .count();
+    if without_model > 0 && processor_config_trained {
+        println!(
+            "note: {without_model} replayed device(s) finished their file before any model reached them, \
+             so their readings carry no prediction: the first model is trained once \
+             {first_model} labelled readings are in; replay more slowly (--replay-rate N, or rate = N \
+             in the config's [[devices]]) for the devices to run the models they get"
+        );
+    }
     println!("{}", parity_line(&counters.processor.trainer));
     let report = data_dir.join("report.svg");
     let decisions = data_dir.join("trainer/decisions.jsonl");
@@ -425,6 +480,44 @@ fn models_line(
     format!("models: {gate}; devices ran at exit: {devices}")
 }
 
+/// Says, for each device profile no trainer profile has, which devices
+/// announce it: they would never get a model.
+fn warn_of_profiles_without_models(
+    processor: &ProcessorConfig,
+    devices: &[edgeloop_agent::AgentConfig],
+) {
+    if !processor.trainer.enabled {
+        return;
+    }
+    let mut orphans: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for d in devices {
+        if !processor
+            .trainer
+            .profiles
+            .iter()
+            .any(|p| p.name == d.profile)
+        {
+            orphans.entry(&d.profile).or_default().push(&d.device_id);
+        }
+    }
+    for (profile, ids) in orphans {
+        println!(
+            "warning: no trainer profile is named {profile:?}, so {} device(s) announcing it ({}{}) will get no model; \
+             the trainer's profiles are {}",
+            ids.len(),
+            ids.iter().take(3).copied().collect::<Vec<_>>().join(", "),
+            if ids.len() > 3 { ", …" } else { "" },
+            processor
+                .trainer
+                .profiles
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+}
+
 /// The processor's parity check of the devices' own predictions.
 fn parity_line(trainer: &edgeloop_processor::trainer::TrainerStats) -> String {
     let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -451,14 +544,13 @@ fn write_token(path: &std::path::Path) -> Result<()> {
     )
 }
 
-/// Credentials for the simulated devices `{prefix}-0000…`: the broker's
-/// credentials file (hashes) under DIR/broker/, and the devices' own
-/// passwords under DIR/fleet/passwords.toml, as each device would keep its
-/// own. Devices added since the last run get new credentials.
+/// Credentials for the devices `ids`: the broker's credentials file
+/// (hashes) under DIR/broker/, and the devices' own passwords under
+/// DIR/fleet/passwords.toml, as each device would keep its own. Devices
+/// added since the last run get new credentials.
 fn provision_fleet(
     data_dir: &std::path::Path,
-    prefix: &str,
-    count: usize,
+    ids: &[String],
 ) -> Result<(
     std::path::PathBuf,
     std::collections::HashMap<String, String>,
@@ -476,9 +568,12 @@ fn provision_fleet(
             Err(e) => return Err(e).with_context(|| format!("reading {}", secrets.display())),
         };
     let known = CredentialsFile::read(&credentials)?;
-    let missing: Vec<String> = (0..count)
-        .map(|i| format!("{prefix}-{i:04}"))
-        .filter(|id| !passwords.contains_key(id) || !known.credentials.iter().any(|c| &c.id == id))
+    let missing: Vec<String> = ids
+        .iter()
+        .filter(|id| {
+            !passwords.contains_key(*id) || !known.credentials.iter().any(|c| &c.id == *id)
+        })
+        .cloned()
         .collect();
     if !missing.is_empty() {
         // A device whose password was lost gets a new credential.
@@ -538,7 +633,8 @@ mod tests {
     #[test]
     fn the_fleet_passwords_and_credentials_are_readable_by_their_owner_only() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let (credentials, passwords) = provision_fleet(dir.path(), "device", 2)?;
+        let ids = ["device-0000".to_string(), "device-0001".to_string()];
+        let (credentials, passwords) = provision_fleet(dir.path(), &ids)?;
         let secrets = dir.path().join("fleet/passwords.toml");
         assert_eq!(passwords.len(), 2);
         assert_eq!(mode(&secrets), 0o600, "{}", secrets.display());
@@ -546,7 +642,7 @@ mod tests {
         // A file left world-readable by an earlier version is replaced,
         // with the same passwords.
         std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o644))?;
-        let (_, again) = provision_fleet(dir.path(), "device", 2)?;
+        let (_, again) = provision_fleet(dir.path(), &ids)?;
         assert_eq!(again, passwords);
         assert_eq!(mode(&secrets), 0o600);
         Ok(())

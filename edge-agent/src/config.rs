@@ -14,7 +14,9 @@ use crate::source::sysfs::SysfsConfig;
 pub struct AgentConfig {
     /// The device id: also the MQTT client id and the `{device}` of its topics.
     pub device_id: String,
-    /// The device profile it announces (`int8`, `f32`, …).
+    /// The device profile it announces; it picks the models the device gets
+    /// (`models/{task}/{profile}`) and must match a trainer profile, such as
+    /// the shipped `gateway` (f32, the default) or `mcu8` (int8).
     pub profile: String,
     /// How to reach the MQTT broker.
     pub mqtt: MqttConfig,
@@ -64,7 +66,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             device_id: "device-0000".into(),
-            profile: "f32".into(),
+            profile: edgeloop_proto::DEFAULT_PROFILE.into(),
             mqtt: MqttConfig::default(),
             source: SourceConfig::Simulator(SimulatorConfig::default()),
             spool: SpoolConfig::default(),

@@ -266,12 +266,9 @@ pub async fn run_fleet_with_passwords(
     shutdown: CancellationToken,
     stats: Arc<AgentStats>,
 ) -> Result<Vec<AgentReport>, Error> {
-    // One endpoint for the whole fleet, its counters summed over the devices.
-    let _ops = serve_ops(template.metrics_listen, &stats).await?;
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut configs = Vec::with_capacity(count);
     for i in 0..count {
         let mut config = template.clone();
-        config.metrics_listen = None;
         config.device_id = format!("{prefix}-{i:04}");
         if let Some(password) = passwords.get(&config.device_id) {
             config.mqtt.username = Some(config.device_id.clone());
@@ -287,6 +284,27 @@ pub async fn run_fleet_with_passwords(
         if let config::SourceConfig::Simulator(sim) = &mut config.source {
             sim.seed = sim.seed.wrapping_add(i as u64);
         }
+        configs.push(config);
+    }
+    run_devices(configs, template.metrics_listen, shutdown, stats).await
+}
+
+/// Runs one agent per config, in this process, until each is done (a
+/// replayed file sent and acknowledged) or `shutdown`; their counters are
+/// summed in `stats`, served on `metrics_listen` if set (each config's own
+/// `metrics_listen` is ignored).
+pub async fn run_devices(
+    configs: Vec<AgentConfig>,
+    metrics_listen: Option<std::net::SocketAddr>,
+    shutdown: CancellationToken,
+    stats: Arc<AgentStats>,
+) -> Result<Vec<AgentReport>, Error> {
+    // One endpoint for the whole fleet, its counters summed over the devices.
+    let _ops = serve_ops(metrics_listen, &stats).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    let count = configs.len();
+    for mut config in configs {
+        config.metrics_listen = None;
         let shutdown = shutdown.clone();
         let stats = stats.clone();
         tasks.spawn(async move { run(config, shutdown, stats).await });

@@ -24,6 +24,13 @@ pub mod signing;
 pub mod topics;
 pub mod validate;
 
+/// The device profile an agent announces unless told otherwise, and the
+/// name of the shipped trainer profile for Linux-class devices (f32
+/// models): a device left on the default gets models from a trainer left
+/// on its shipped profiles. The other shipped profile is `mcu8` (int8, for
+/// microcontrollers).
+pub const DEFAULT_PROFILE: &str = "gateway";
+
 /// Generated protobuf types, package `edgeloop.v1`.
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {

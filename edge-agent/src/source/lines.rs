@@ -51,6 +51,10 @@ pub struct LinesConfig {
     pub channels: Vec<String>,
     /// Replay at the pace of the timestamps instead of as fast as possible.
     pub realtime: bool,
+    /// Replay at this many readings per second instead of as fast as
+    /// possible (the timestamps stay those of the file). Not with
+    /// `realtime`.
+    pub rate_hz: Option<f64>,
 }
 
 impl Default for LinesConfig {
@@ -61,6 +65,7 @@ impl Default for LinesConfig {
             ts_column: "ts".into(),
             channels: Vec::new(),
             realtime: false,
+            rate_hz: None,
         }
     }
 }
@@ -78,6 +83,19 @@ impl LinesConfig {
     pub fn validate(&self, needs_path: bool) -> Result<(), String> {
         if needs_path && self.path.is_none() {
             return Err("path: the file to replay is missing".into());
+        }
+        if let Some(rate) = self.rate_hz {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(format!(
+                    "rate_hz: {rate} must be a positive number of readings per second"
+                ));
+            }
+            if self.realtime {
+                return Err(
+                    "rate_hz: set either realtime (the timestamps' pace) or rate_hz, not both"
+                        .into(),
+                );
+            }
         }
         if self.format == LineFormat::JsonLines && self.channels.is_empty() {
             return Err("channels: JSON Lines needs the list of channel keys".into());
@@ -323,6 +341,7 @@ pub async fn run<R: AsyncBufRead + Unpin>(
     let mut batch = Vec::with_capacity(256);
     let start = tokio::time::Instant::now();
     let mut first_ts: Option<i64> = None;
+    let mut paced = 0u64;
     loop {
         line.clear();
         let read = tokio::select! {
@@ -338,10 +357,16 @@ pub async fn run<R: AsyncBufRead + Unpin>(
         }
         match parser.parse(line.trim_end_matches(['\r', '\n']), now_micros()) {
             Ok(reading) => {
-                if config.realtime {
+                let due = if config.realtime {
                     let first = *first_ts.get_or_insert(reading.ts_micros);
-                    let due =
-                        start + Duration::from_micros((reading.ts_micros - first).max(0) as u64);
+                    Some(start + Duration::from_micros((reading.ts_micros - first).max(0) as u64))
+                } else {
+                    config.rate_hz.map(|rate| {
+                        paced += 1;
+                        start + Duration::from_secs_f64((paced - 1) as f64 / rate)
+                    })
+                };
+                if let Some(due) = due {
                     if due > tokio::time::Instant::now()
                         && !flush(&spool, &mut batch, &shutdown, &stats).await?
                     {

@@ -235,7 +235,7 @@ impl TrainerConfig {
                     tasks: vec!["anomaly".into()],
                 },
                 DeviceProfile {
-                    name: "gateway".into(),
+                    name: edgeloop_proto::DEFAULT_PROFILE.into(),
                     numerics: Numerics::F32,
                     max_model_bytes: 1 << 20,
                     features: features(10),
