@@ -92,7 +92,7 @@ struct Control {
 
 async fn control(addr: std::net::SocketAddr, token: &str) -> Result<Control> {
     let channel = wait_for(
-        Duration::from_secs(60),
+        Duration::from_secs(180),
         "the control API of edgeloop up",
         || async move {
             Ok(
@@ -230,7 +230,15 @@ async fn models_are_trained_published_applied_retrained_on_new_rules_and_pinned(
     })
     .await?;
     let token = std::fs::read_to_string(&token_file)?.trim().to_string();
-    let mut c = control(listen, &token).await?;
+    // Up to three minutes: on a loaded two-core machine Kafka, the broker's
+    // start-up checks and the processor's topic set-up each take their time.
+    let mut c = match control(listen, &token).await {
+        Ok(c) => c,
+        Err(e) => {
+            up.check_running()?;
+            anyhow::bail!("{e:#}; up's log ends:\n{}", up.tail_log());
+        }
+    };
     let lanes = [
         (TASK.to_string(), "mcu8".to_string()),
         (TASK.to_string(), "gateway".to_string()),
