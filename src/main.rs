@@ -1,6 +1,7 @@
 //! `edgeloop`: one binary, a subcommand per component. Each subcommand only
 //! parses its config and calls a library's `run(config, shutdown, …)`.
 
+mod add_device;
 mod bench;
 mod chaos;
 mod config_env;
@@ -156,28 +157,11 @@ enum SpoolCommand {
 
 #[derive(clap::Subcommand, Debug)]
 enum BrokerCommand {
-    /// Create a credential for a device and print its password (once: the
-    /// credentials file keeps only a salted argon2 hash). A running broker
-    /// picks it up without a restart.
-    AddDevice {
-        /// The device id (its MQTT client id and user name).
-        id: String,
-        /// The credentials file (the broker's auth.credentials_file).
-        #[arg(
-            long,
-            env = "EDGELOOP_CREDENTIALS_FILE",
-            default_value = "credentials.toml"
-        )]
-        credentials: PathBuf,
-        /// `device` (topic ACLs of its own id) or `service` (operators'
-        /// tools: any topic).
-        #[arg(long, default_value = "device")]
-        role: String,
-        /// Other client ids this identity may connect as (exact, or a prefix
-        /// ending in `*`), e.g. the children of a gateway.
-        #[arg(long, value_delimiter = ',')]
-        acts_for: Vec<String>,
-    },
+    /// Create a credential for each device and give out its password once
+    /// (the credentials file keeps only a salted argon2 hash): on stdout by
+    /// default, into a file of mode 0600 with --password-file, or as JSON
+    /// with --json. A running broker picks it up without a restart.
+    AddDevice(add_device::AddDeviceArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -467,33 +451,8 @@ async fn main() -> Result<()> {
         Command::Chaos(args) => chaos::run(args, shutdown).await,
         Command::Bench(args) => bench::run(args, shutdown).await,
         Command::Broker(args) => {
-            if let Some(BrokerCommand::AddDevice {
-                id,
-                credentials,
-                role,
-                acts_for,
-            }) = args.command
-            {
-                use edgeloop_broker::gate::acl::Role;
-                let role = match role.as_str() {
-                    "device" => Role::Device,
-                    "service" => Role::Service,
-                    other => anyhow::bail!("--role: {other:?} is not device or service"),
-                };
-                let added = edgeloop_broker::gate::credentials::CredentialsFile::add(
-                    &credentials,
-                    std::slice::from_ref(&id),
-                    role,
-                    &acts_for,
-                )?;
-                for (id, password) in added {
-                    eprintln!(
-                        "added {id} to {}; its password (shown only now):",
-                        credentials.display()
-                    );
-                    println!("{password}");
-                }
-                return Ok(());
+            if let Some(BrokerCommand::AddDevice(args)) = args.command {
+                return Ok(add_device::run(args, &mut std::io::stdout().lock())?);
             }
             let mut config: edgeloop_broker::BrokerConfig =
                 read_config("broker", args.config.as_deref())?;

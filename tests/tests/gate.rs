@@ -34,6 +34,82 @@ fn add_device(credentials: &Path, id: &str) -> Result<String> {
     Ok(password)
 }
 
+/// `add-device` as a script runs it, the built binary itself: with `--json`,
+/// stdout is one JSON object and nothing else (prose and logs go to stderr),
+/// its password verifies against the credentials file; `--password-file`
+/// makes a file of mode 0600 holding a password that verifies, and refuses,
+/// naming it, to replace an existing one.
+#[test]
+fn add_device_gives_a_script_json_on_stdout_or_a_private_password_file() -> Result<()> {
+    use edgeloop_broker::gate::credentials::CredentialsFile;
+    let dir = tempfile::tempdir()?;
+    let credentials = dir.path().join("credentials.toml");
+    let verifies = |id: &str, password: &str| -> Result<bool> {
+        let file = CredentialsFile::read(&credentials)?;
+        let c = file
+            .credentials
+            .iter()
+            .find(|c| c.id == id)
+            .context(id.to_string())?;
+        Ok(c.verify(password.as_bytes()))
+    };
+    let run = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(std::process::Command::new(BIN)
+            .args(["broker", "add-device"])
+            .args(args)
+            .arg("--credentials")
+            .arg(&credentials)
+            .output()?)
+    };
+
+    let out = run(&["dev-a", "--json"])?;
+    ensure!(out.status.success(), "add-device --json: {out:?}");
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "stdout is one JSON value: {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
+    let device = &value["devices"][0];
+    ensure!(device["id"] == "dev-a", "{value}");
+    let password = device["password"].as_str().context("a password")?;
+    ensure!(verifies("dev-a", password)?, "the JSON's password verifies");
+
+    let file = dir.path().join("dev-b.password");
+    let out = run(&["dev-b", "--password-file", file.to_str().context("UTF-8")?])?;
+    ensure!(out.status.success(), "add-device --password-file: {out:?}");
+    ensure!(out.stdout.is_empty(), "nothing on stdout: {out:?}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file)?.permissions().mode() & 0o777;
+        ensure!(mode == 0o600, "mode {mode:o}");
+    }
+    let written = std::fs::read_to_string(&file)?;
+    ensure!(
+        verifies("dev-b", written.trim())?,
+        "the file's password verifies"
+    );
+
+    let out = run(&["dev-c", "--password-file", file.to_str().context("UTF-8")?])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "an existing file is refused: {out:?}"
+    );
+    ensure!(stderr.contains(file.to_str().context("UTF-8")?), "{stderr}");
+    ensure!(
+        std::fs::read_to_string(&file)? == written,
+        "the file is unchanged"
+    );
+    let file_now = CredentialsFile::read(&credentials)?;
+    ensure!(
+        !file_now.credentials.iter().any(|c| c.id == "dev-c"),
+        "dev-c was not added"
+    );
+    Ok(())
+}
+
 async fn start_broker(
     dir: &Path,
     kafka: &LocalKafka,

@@ -428,3 +428,199 @@ async fn a_device_reconnecting_at_once_is_logged_in_every_time() -> Result<()> {
     );
     Ok(())
 }
+
+/// Set in the copy of this test binary that [`alone`] starts.
+const ALONE: &str = "EDGELOOP_BROKER_TEST_ALONE";
+
+/// Whether this process runs `test` alone. If not, runs this test binary
+/// again with `test` only (and [`ALONE`] set) and returns `false` if it
+/// passed, or prints its output and returns an error if not. For a test that must own
+/// the process: a global tracing subscriber sees the events of every
+/// thread, rumqttd's own threads included, so other tests running beside
+/// it would log into it too.
+fn alone(test: &str) -> Result<bool> {
+    if std::env::var_os(ALONE).is_some() {
+        return Ok(true);
+    }
+    let name = format!("gate::tests::{test}");
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args([name.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+        .env(ALONE, "1")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !stdout.contains("1 passed") {
+        eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        return Err(format!(
+            "{name}, run alone, failed ({}): its output is above",
+            out.status
+        )
+        .into());
+    }
+    Ok(false)
+}
+
+/// One tracing event as [`Events`] recorded it.
+#[derive(Debug, Clone)]
+struct Event {
+    level: tracing::Level,
+    target: String,
+    /// The message and the other fields, `name=value` each.
+    text: String,
+}
+
+/// A tracing layer that records every event.
+#[derive(Clone, Default)]
+struct Events(Arc<std::sync::Mutex<Vec<Event>>>);
+
+impl Events {
+    fn all(&self) -> Vec<Event> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Events above TRACE, a line each, for a failure message.
+fn lines(events: &[Event]) -> String {
+    events
+        .iter()
+        .filter(|e| e.level < tracing::Level::TRACE)
+        .map(|e| format!("{} {}: {}\n", e.level, e.target, e.text))
+        .collect()
+}
+
+struct Fields(String);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write;
+        if !self.0.is_empty() {
+            self.0.push(' ');
+        }
+        let _ = match field.name() {
+            "message" => write!(self.0, "{value:?}"),
+            name => write!(self.0, "{name}={value:?}"),
+        };
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Events {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let mut fields = Fields(String::new());
+        event.record(&mut fields);
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Event {
+                level: *event.metadata().level(),
+                target: event.metadata().target().to_string(),
+                text: fields.0,
+            });
+    }
+}
+
+/// Logs in as `id` over MQTT 3.1.1 with rumqttc and disconnects cleanly
+/// (DISCONNECT, then the socket closes).
+async fn connect_and_disconnect_v4(addr: SocketAddr, id: &str, password: &str) -> Result<()> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet};
+    let mut options = MqttOptions::new(id, "127.0.0.1", addr.port());
+    options.set_credentials(id, password);
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    while !matches!(eventloop.poll().await?, Event::Incoming(Packet::ConnAck(_))) {}
+    client.disconnect().await?;
+    while !matches!(
+        eventloop.poll().await?,
+        Event::Outgoing(Outgoing::Disconnect)
+    ) {}
+    Ok(())
+}
+
+/// The same over MQTT 5.
+async fn connect_and_disconnect_v5(addr: SocketAddr, id: &str, password: &str) -> Result<()> {
+    use rumqttc::v5::{mqttbytes::v5::Packet, AsyncClient, Event, MqttOptions};
+    use rumqttc::Outgoing;
+    let mut options = MqttOptions::new(id, "127.0.0.1", addr.port());
+    options.set_credentials(id, password);
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    while !matches!(eventloop.poll().await?, Event::Incoming(Packet::ConnAck(_))) {}
+    client.disconnect().await?;
+    while !matches!(
+        eventloop.poll().await?,
+        Event::Outgoing(Outgoing::Disconnect)
+    ) {}
+    Ok(())
+}
+
+/// What happens to every broker all day is not an error: a TCP probe of
+/// the port (a load balancer's or Kubernetes' `tcpSocket` check: a
+/// connection closed without a CONNECT; the broker itself probes its
+/// rumqttd listeners so at start), the broker's CONNECT check of each
+/// rumqttd listener, and devices that log in and disconnect cleanly (MQTT
+/// 3.1.1 and 5). None of it may log at ERROR, from the gate or from
+/// rumqttd. The test owns its process ([`alone`]), so its subscriber is
+/// global and hears rumqttd's threads too. (rumqttd 0.20 logged each clean
+/// disconnect as "router-drop" or "no-connection id … is already gone",
+/// and each probe as "Error while handling MQTT connect packet", all at
+/// ERROR.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_probes_and_clean_disconnects_log_no_error() -> Result<()> {
+    if !alone("port_probes_and_clean_disconnects_log_no_error")? {
+        return Ok(());
+    }
+    use tracing_subscriber::layer::SubscriberExt;
+    let events = Events::default();
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(events.clone()))?;
+    // The listener check runs once, at start: every connection to rumqttd
+    // is then one this test knows of.
+    let (b, passwords) = start(&["dev-1"], |c| {
+        c.mqtt.listener_check_interval = Duration::from_secs(3600);
+    })
+    .await?;
+    let listeners = b.inner.v4.len() + b.inner.v5.len();
+
+    drop(TcpStream::connect(b.addr).await?);
+    connect_and_disconnect_v4(b.addr, "dev-1", &passwords[0]).await?;
+    connect_and_disconnect_v5(b.addr, "dev-1", &passwords[0]).await?;
+
+    // The gate is done with every connection (it took the probe before the
+    // devices' connections)...
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while BrokerStats::get(&b.stats.connections_open) > 0 {
+        if tokio::time::Instant::now() > deadline {
+            return Err("the gate did not close its connections in 30 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ... and so is rumqttd: each listener's TCP probe
+    // (`wait_listening`) has ended, and each logged-in connection (a
+    // listener check per listener, and the two devices') has both been
+    // disconnected by the router and seen its last event: its link ending
+    // on the router's drop, or (when the link saw its socket close first)
+    // the router taking the link's second disconnect.
+    let rumqttd = |e: &Event, what: &str| e.target.starts_with("rumqttd") && e.text.contains(what);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let all = events.all();
+        let count = |what: &str| all.iter().filter(|e| rumqttd(e, what)).count();
+        let probes = count("connect packet");
+        let disconnected = count("Disconnecting connection");
+        let ended = count("router-drop") + count("already gone");
+        if probes >= listeners && disconnected >= listeners + 2 && ended >= disconnected {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "rumqttd did not finish with its connections in 30 s \
+                 ({probes} probes, {disconnected} disconnected, {ended} ended):\n{}",
+                lines(&all)
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let errors: Vec<Event> = events
+        .all()
+        .into_iter()
+        .filter(|e| e.level == tracing::Level::ERROR)
+        .collect();
+    assert!(errors.is_empty(), "logged at ERROR:\n{}", lines(&errors));
+    Ok(())
+}

@@ -14,7 +14,7 @@ use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use tracing::{error, field, info, warn, Instrument};
+use tracing::{debug, error, field, info, warn, Instrument};
 use uuid::Uuid;
 
 #[cfg(feature = "websocket")]
@@ -548,6 +548,14 @@ async fn remote<P: Protocol>(
 
     let connect_packet = match mqtt_connect(config, &mut network).await {
         Ok(p) => p,
+        // edgeloop: closed before sending a byte (a TCP probe of the port,
+        // such as the broker's own check that the listener is up): routine.
+        Err(remote::Error::Network(network::Error::Io(err)))
+            if err.kind() == io::ErrorKind::ConnectionAborted =>
+        {
+            debug!(error=?err, "closed before its MQTT connect packet");
+            return;
+        }
         Err(e) => {
             error!(error=?e, "Error while handling MQTT connect packet");
             return;
@@ -622,8 +630,11 @@ async fn remote<P: Protocol>(
         Ok(_) => error!("connection-stop"),
         // No need to send a disconnect message when disconnection
         // originated internally in the router.
+        // edgeloop: the router ends a connection after a DISCONNECT (a clean
+        // disconnect), a takeover of its client id or an error of the
+        // client's; the router logs the last two itself.
         Err(remote::Error::Link(e)) => {
-            error!(error=?e, "router-drop");
+            debug!(error=?e, "router-drop");
             send_disconnect = false;
         }
         // Connection was closed by peer
