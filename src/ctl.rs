@@ -235,7 +235,11 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                 .map(|d| {
                     vec![
                         d.device_id.clone(),
-                        d.profile.clone(),
+                        if d.no_trainer_profile {
+                            format!("{} (no trainer profile: no models)", d.profile)
+                        } else {
+                            d.profile.clone()
+                        },
                         time(d.last_seen_micros),
                         match (d.has_status, d.online) {
                             (false, _) => "?".into(),

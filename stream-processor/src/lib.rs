@@ -83,13 +83,17 @@ pub async fn run(
         });
     }
     if config.control.listen.is_some() {
-        let state = control::State::new(
+        let mut state = control::State::new(
             &config.control,
             config.kafka.clone(),
             stats.clone(),
             rule_metrics.clone(),
             config.rules_file.clone(),
         )?;
+        state.trainer_profiles = config
+            .trainer
+            .enabled
+            .then(|| config.trainer.profiles.iter().map(|p| p.name.clone()).collect());
         control::start(&config.control, Arc::new(state), shutdown.clone()).await?;
     }
     // The trainer's thread stops once the processor thread drops its handle;

@@ -123,6 +123,12 @@ fn render(stats: &ProcessorStats, rules: &RuleMetrics) -> String {
     );
     edgeloop_ops::gauge(
         &mut out,
+        "edgeloop_processor_devices_without_trainer_profile",
+        "Devices seen (in this processor's partitions) whose profile no trainer profile has: they get no model",
+        stats.devices_without_trainer_profile.load(Ordering::Relaxed),
+    );
+    edgeloop_ops::gauge(
+        &mut out,
         "edgeloop_processor_unassigned_seconds",
         "Seconds this processor has been without any partition (0 while it has some)",
         stats.unassigned_seconds.load(Ordering::Relaxed),

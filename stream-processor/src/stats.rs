@@ -47,6 +47,9 @@ pub struct ProcessorStats {
     /// Seconds this processor has been without any partition (0 while it
     /// has some; a gauge).
     pub unassigned_seconds: AtomicU64,
+    /// Devices seen whose profile no trainer profile has, while training is
+    /// on: they never get a model (a gauge, of this processor's partitions).
+    pub devices_without_trainer_profile: AtomicU64,
     /// What this processor consumed per device (its partitions, since it
     /// started): the control API's fleet view joins it with the status topic.
     pub devices: Mutex<BTreeMap<String, DeviceSeen>>,
@@ -76,13 +79,15 @@ impl ProcessorStats {
         counter.load(Ordering::Relaxed)
     }
 
-    /// Records a decoded batch of `device` in the per-device view.
-    pub fn saw_batch(&self, batch: &edgeloop_proto::v1::ReadingBatch) {
+    /// Records a decoded batch of `device` in the per-device view; whether
+    /// it is the device's first, or the first with another profile.
+    pub fn saw_batch(&self, batch: &edgeloop_proto::v1::ReadingBatch) -> bool {
         let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         let seen = match devices.get_mut(&batch.device_id) {
             Some(seen) => seen,
             None => devices.entry(batch.device_id.clone()).or_default(),
         };
+        let new = seen.profile != batch.profile && !batch.profile.is_empty();
         if !batch.profile.is_empty() {
             seen.profile.clone_from(&batch.profile);
         }
@@ -94,5 +99,6 @@ impl ProcessorStats {
             seen.loss_reports += 1;
             seen.readings_lost += loss.end_seq.saturating_sub(loss.first_seq);
         }
+        new
     }
 }

@@ -206,6 +206,8 @@ pub struct State {
     pub verify_key: Option<VerifyingKey>,
     /// Held while a rollback picks its version and publishes it.
     pub publishing: tokio::sync::Mutex<()>,
+    /// The trainer's profile names (`None`: this processor does not train).
+    pub trainer_profiles: Option<Vec<String>>,
 }
 
 fn read_key<T>(
@@ -268,6 +270,7 @@ impl State {
             signing_key,
             verify_key,
             publishing: tokio::sync::Mutex::new(()),
+            trainer_profiles: None,
         })
     }
 }

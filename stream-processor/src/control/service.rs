@@ -127,6 +127,11 @@ impl Api {
             d.next_seq = s.next_seq;
         }
         d.last_seen_micros = d.status_ts_micros.max(d.last_reading_ts_micros);
+        d.no_trainer_profile = self
+            .state
+            .trainer_profiles
+            .as_ref()
+            .is_some_and(|names| !d.profile.is_empty() && !names.contains(&d.profile));
         Some(d)
     }
 }

@@ -94,6 +94,8 @@ struct Sink<'a> {
     rules_file: RulesWatch,
     /// The trainer's queue, when training is enabled.
     trainer: Option<TrainerHandle>,
+    /// Device profiles without a trainer profile, already warned of.
+    orphan_profiles: std::collections::HashSet<String>,
 }
 
 /// Watches the rules file for changes (hot reload).
@@ -104,6 +106,25 @@ struct RulesWatch {
 }
 
 impl Sink<'_> {
+    /// A device announcing a profile no trainer profile has never gets a
+    /// model: said once per profile in the log, counted per device.
+    fn check_profile(&mut self, device: &str, profile: &str) {
+        let trainer = &self.config.trainer;
+        if trainer.serves_profile(profile) {
+            return;
+        }
+        ProcessorStats::add(&self.stats.devices_without_trainer_profile, 1);
+        if self.orphan_profiles.insert(profile.to_string()) {
+            let known: Vec<&str> = trainer.profiles.iter().map(|p| p.name.as_str()).collect();
+            tracing::warn!(
+                device,
+                profile,
+                trainer_profiles = ?known,
+                "a device announces a profile no trainer profile has: it will get no model (set its agent's `profile` to one of the trainer's, or add a [[trainer.profiles]] of that name)"
+            );
+        }
+    }
+
     /// Reloads the rules file if it changed. A file with an error is refused
     /// with a message naming the rule and the field; the rules in force stay.
     fn reload_rules(&mut self) -> Result<(), SourceError> {
@@ -363,7 +384,9 @@ impl Sink<'_> {
                 return self.commit_if_idle(partition, offset);
             }
         };
-        self.stats.saw_batch(&batch);
+        if self.stats.saw_batch(&batch) {
+            self.check_profile(&batch.device_id, &batch.profile);
+        }
         let bucket = bucket_of(message, &batch);
         let seen = &mut self.seen.entry(partition).or_default().seen;
         let unseen = seen.unseen(&batch.device_id, batch.first_seq, batch.end_seq());
@@ -616,6 +639,7 @@ fn consume(
             checked: std::time::Instant::now(),
         },
         trainer,
+        orphan_profiles: Default::default(),
     };
     sink.reload_rules()?;
     let mut watch = AssignmentWatch::new(config.session_timeout);

@@ -253,6 +253,13 @@ impl TrainerConfig {
         }
     }
 
+    /// Whether a device announcing `profile` gets models from this trainer:
+    /// false only when training is on and no trainer profile has that name
+    /// (a trainer that is off cannot tell: another processor may train).
+    pub fn serves_profile(&self, profile: &str) -> bool {
+        !self.enabled || self.profiles.iter().any(|p| p.name == profile)
+    }
+
     /// Checks every field; the error names the one that is wrong
     /// (`trainer.profiles[1].max_model_bytes: …`).
     pub fn validate(&self) -> Result<(), String> {
@@ -426,6 +433,15 @@ fn check_name(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_profile_without_a_trainer_profile_gets_no_models_while_training_is_on() {
+        let mut c = TrainerConfig::simulator(&["t".to_string()], "d".into());
+        assert!(c.serves_profile("mcu8") && c.serves_profile("gateway"));
+        assert!(!c.serves_profile("f32"), "the old agent default has no trainer profile");
+        c.enabled = false;
+        assert!(c.serves_profile("f32"), "a processor that does not train cannot tell");
+    }
 
     fn sim() -> TrainerConfig {
         let channels = ["temperature", "humidity", "vibration"].map(String::from);
