@@ -16,6 +16,9 @@ pub struct ProcessorStats {
     pub dead_letters: AtomicU64,
     /// Offset commits that failed (the records are re-read; files replaced).
     pub commit_errors: AtomicU64,
+    /// Times start-up asked Kafka again after getting no answer (Kafka down,
+    /// starting, or unreachable at `kafka.bootstrap_servers`).
+    pub startup_kafka_retries: AtomicU64,
     /// Consumers replaced after Kafka fenced them for good.
     pub consumer_restarts: AtomicU64,
     /// Times a partition's first record after assignment came past the
