@@ -582,8 +582,11 @@ async fn main() -> Result<()> {
                 config.trainer.signing_key_file = Some(key);
             }
             let stats = Arc::new(edgeloop_processor::ProcessorStats::default());
-            edgeloop_processor::run(config, shutdown, stats).await?;
-            Ok(())
+            let result = edgeloop_processor::run(config, shutdown, stats.clone()).await;
+            for line in stats.exit_summary() {
+                tracing::info!("{line}");
+            }
+            Ok(result?)
         }
         Command::Report(args) => report::run(args),
         Command::Ctl(args) => ctl::run(args).await,
