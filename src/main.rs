@@ -4,6 +4,7 @@
 mod add_device;
 mod bench;
 mod chaos;
+mod check;
 mod config_env;
 mod ctl;
 mod report;
@@ -113,6 +114,12 @@ enum Command {
     /// Keys that sign model updates (Ed25519).
     #[command(subcommand)]
     Keys(ctl::KeysCommand),
+    /// Check a config file offline, as its component would read it at start-up
+    /// (the file, its EDGELOOP_{COMPONENT}__* environment overrides, every
+    /// value; for the processor also the rules file it names, against its
+    /// channels, and its key and token files); connects to nothing. Prints
+    /// what it found; exit status 1 and the field that is wrong if refused.
+    Check(check::CheckArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -542,8 +549,11 @@ async fn main() -> Result<()> {
                 config.trainer.signing_key_file = Some(key);
             }
             let stats = Arc::new(edgeloop_processor::ProcessorStats::default());
-            edgeloop_processor::run(config, shutdown, stats).await?;
-            Ok(())
+            let result = edgeloop_processor::run(config, shutdown, stats.clone()).await;
+            for line in stats.exit_summary() {
+                tracing::info!("{line}");
+            }
+            Ok(result?)
         }
         Command::Report(args) => report::run(args),
         Command::Ctl(args) => ctl::run(args).await,
@@ -554,26 +564,27 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Labels(LabelsCommand::Check { file, channels }) => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            let known = |c: &str| channels.is_empty() || channels.iter().any(|k| k == c);
-            match edgeloop_processor::labeller::RulesFile::parse(&text, Some(&known)) {
-                Ok(rules) => {
-                    println!(
-                        "{}: {} rules, version {}, combiner {:?}",
-                        file.display(),
-                        rules.rules.len(),
-                        rules.version(),
-                        rules.combiner
-                    );
+            match check::rules_summary(&file, &channels) {
+                Ok(line) => {
+                    println!("{}: {line}", file.display());
                     Ok(())
                 }
                 Err(e) => {
-                    eprintln!("{}: refused: {e}", file.display());
+                    eprintln!("{}: refused: {e:#}", file.display());
                     std::process::exit(1);
                 }
             }
         }
+        Command::Check(args) => match check::check(&args.file, args.kind, std::env::vars()) {
+            Ok(summary) => {
+                println!("{summary}");
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{}: refused: {e:#}", args.file.display());
+                std::process::exit(1);
+            }
+        },
         Command::Spool(SpoolCommand::Inspect { dir }) => {
             let found = edgeloop_agent::spool::inspect::inspect(&dir)?;
             println!("{found}");

@@ -414,7 +414,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
              in the config's [[devices]]) for the devices to run the models they get"
         );
     }
-    println!("{}", parity_line(&counters.processor.trainer));
+    println!("{}", counters.processor.trainer.parity_line());
     let report = data_dir.join("report.svg");
     let decisions = data_dir.join("trainer/decisions.jsonl");
     match crate::report::write(&data_dir.join("parquet"), Some(&decisions), &report) {
@@ -432,27 +432,7 @@ fn models_line(
     reports: &[edgeloop_agent::AgentReport],
 ) -> String {
     use std::collections::BTreeMap;
-    let decisions = trainer
-        .decisions
-        .lock()
-        .map(|d| d.clone())
-        .unwrap_or_default();
-    let mut lanes: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
-    for ((task, profile, verdict), n) in decisions {
-        lanes
-            .entry((task, profile))
-            .or_default()
-            .push(format!("{n} {verdict}"));
-    }
-    let gate = if lanes.is_empty() {
-        "no gate decision yet".to_string()
-    } else {
-        lanes
-            .iter()
-            .map(|((t, p), v)| format!("{t}/{p} {}", v.join(", ")))
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
+    let gate = trainer.gate_summary();
     let mut running: BTreeMap<(String, String, u64), usize> = BTreeMap::new();
     for r in reports {
         if r.applied_models.is_empty() {
@@ -516,22 +496,6 @@ fn warn_of_profiles_without_models(
                 .join(", ")
         );
     }
-}
-
-/// The processor's parity check of the devices' own predictions.
-fn parity_line(trainer: &edgeloop_processor::trainer::TrainerStats) -> String {
-    let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    let unverifiable: u64 = trainer
-        .parity_unverifiable
-        .lock()
-        .map(|m| m.values().sum())
-        .unwrap_or(0);
-    format!(
-        "parity: {} device predictions recomputed in the cloud, {} mismatches, {} could not be checked",
-        g(&trainer.parity_checked),
-        g(&trainer.parity_mismatches),
-        unverifiable
-    )
 }
 
 /// A random bearer token for the control API, written with mode 0600.

@@ -18,6 +18,8 @@
 pub mod local;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
@@ -49,10 +51,26 @@ where
     C: rdkafka::consumer::ConsumerContext,
     K: rdkafka::consumer::Consumer<C>,
 {
+    topic_ends_until(consumer, topic, timeout, &|| false)
+}
+
+/// [`topic_ends`], which stops asking again once `stop()` is true (a
+/// shutdown): then it returns the last answer, an error, at most one
+/// request's `timeout` after `stop` turned true.
+pub fn topic_ends_until<C, K>(
+    consumer: &K,
+    topic: &str,
+    timeout: Duration,
+    stop: &dyn Fn() -> bool,
+) -> Result<TopicEnds, KafkaError>
+where
+    C: rdkafka::consumer::ConsumerContext,
+    K: rdkafka::consumer::Consumer<C>,
+{
     let deadline = std::time::Instant::now() + LEADER_WAIT;
     loop {
         match topic_ends_once(consumer, topic, timeout) {
-            Err(e) if is_transient(&e) && std::time::Instant::now() < deadline => {
+            Err(e) if is_transient(&e) && std::time::Instant::now() < deadline && !stop() => {
                 tracing::debug!(topic, error = %e, "a partition has no leader yet; asking again");
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -258,12 +276,27 @@ impl KafkaConfig {
 
 /// Creates each topic that does not exist yet. A topic that already exists is
 /// fine; any other failure is an error naming the topic.
+///
+/// While Kafka does not answer it tries again for up to
+/// [`CREATE_TOPICS_RETRY_FOR`]. The future is cancel-safe: dropped (a
+/// shutdown during start-up), it stops retrying at once, and its wait for
+/// the new topics' leaders (a blocking thread) stops within one request.
 pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), Error> {
-    create_topics(config, topics, &[]).await
+    create_topics(config, topics, &[], None).await
 }
 
-/// Like [`ensure_topics`], for topics read as a table of the latest record
-/// per key: a topic it creates has `cleanup.policy=compact`. A topic that
+/// [`ensure_topics`], adding to `retries` each time it asks Kafka again
+/// after no answer (a metric of the caller's).
+pub async fn ensure_topics_counted(
+    config: &KafkaConfig,
+    topics: &[&str],
+    retries: &AtomicU64,
+) -> Result<(), Error> {
+    create_topics(config, topics, &[], Some(retries)).await
+}
+
+/// Like [`ensure_topics`] (cancel-safe too), for topics read as a table of
+/// the latest record per key: a topic it creates has `cleanup.policy=compact`. A topic that
 /// already exists is left as it is, with a warning if its cleanup policy is
 /// not `compact` (its old records may then be deleted by retention).
 pub async fn ensure_compacted_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), Error> {
@@ -275,7 +308,7 @@ pub async fn ensure_compacted_topics(config: &KafkaConfig, topics: &[&str]) -> R
             .filter(|(k, _)| k.as_str() != "cleanup.policy")
             .map(|(k, v)| (k.as_str(), v.as_str())),
     );
-    create_topics(config, topics, &settings).await?;
+    create_topics(config, topics, &settings, None).await?;
     if config.create_topics {
         warn_unless_compacted(config, topics).await;
     }
@@ -308,18 +341,27 @@ async fn create_topics(
     config: &KafkaConfig,
     topics: &[&str],
     topic_config: &[(&str, &str)],
+    retries: Option<&AtomicU64>,
 ) -> Result<(), Error> {
-    create_topics_within(config, topics, topic_config, CREATE_TOPICS_RETRY_FOR).await
+    create_topics_within(
+        config,
+        topics,
+        topic_config,
+        CREATE_TOPICS_RETRY_FOR,
+        retries,
+    )
+    .await
 }
 
 /// [`create_topics`], retrying a request that fails as a whole (no answer,
 /// time-out) with a growing pause (1 s, 2 s, … 5 s) for up to `retry_for`.
-/// A per-topic refusal is final.
+/// A per-topic refusal is final. Each retry adds one to `retries`.
 async fn create_topics_within(
     config: &KafkaConfig,
     topics: &[&str],
     topic_config: &[(&str, &str)],
     retry_for: Duration,
+    retries: Option<&AtomicU64>,
 ) -> Result<(), Error> {
     if !config.create_topics {
         return Ok(());
@@ -332,6 +374,9 @@ async fn create_topics_within(
                 if tokio::time::Instant::now() + pause < deadline =>
             {
                 tracing::warn!(%topic, %reason, retry_in = ?pause, "Kafka did not answer the topic creation; trying again");
+                if let Some(retries) = retries {
+                    retries.fetch_add(1, Ordering::Relaxed);
+                }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
@@ -392,20 +437,37 @@ async fn create_topics_once(
     wait_for_leaders(config, &created).await
 }
 
+/// Sets its flag when dropped: tells a blocking thread that the future
+/// waiting for it is gone.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Waits (up to [`LEADER_WAIT`]) until every partition of `topics` has a
 /// leader: Kafka answers a creation before the controller has elected
-/// them, and a produce or a watermark query in between fails.
+/// them, and a produce or a watermark query in between fails. If this
+/// future is dropped, the blocking wait stops within one request.
 async fn wait_for_leaders(config: &KafkaConfig, topics: &[String]) -> Result<(), Error> {
     if topics.is_empty() {
         return Ok(());
     }
     let consumer: rdkafka::consumer::BaseConsumer = client(config)?;
     let topics = topics.to_vec();
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let stopped = stop.0.clone();
     // topic_ends asks again (up to LEADER_WAIT) while a partition has no
     // leader, and fails if one still has none.
     let waited = tokio::task::spawn_blocking(move || {
+        let stop = || stopped.load(Ordering::Relaxed);
         for topic in topics {
-            if let Err(e) = topic_ends(&consumer, &topic, Duration::from_secs(5)) {
+            if stop() {
+                break;
+            }
+            if let Err(e) = topic_ends_until(&consumer, &topic, Duration::from_secs(5), &stop) {
                 return Err(Error::Unanswered {
                     topic,
                     reason: format!("its partitions had no leader within {LEADER_WAIT:?}: {e}"),
@@ -415,6 +477,7 @@ async fn wait_for_leaders(config: &KafkaConfig, topics: &[String]) -> Result<(),
         Ok(())
     })
     .await;
+    drop(stop);
     waited.unwrap_or_else(|e| {
         Err(Error::Unanswered {
             topic: String::new(),
@@ -480,13 +543,22 @@ mod tests {
             ..KafkaConfig::default()
         };
         let started = std::time::Instant::now();
-        let result = create_topics_within(&config, &["t1"], &[], Duration::from_secs(4)).await;
+        let retries = AtomicU64::new(0);
+        let result = create_topics_within(
+            &config,
+            &["t1"],
+            &[],
+            Duration::from_secs(4),
+            Some(&retries),
+        )
+        .await;
         let Err(Error::CreateTopic { topic, reason }) = result else {
             return Err(format!("expected CreateTopic, got {result:?}").into());
         };
         assert_eq!(topic, "t1");
         assert!(reason.contains("did not answer"), "{reason}");
         assert!(started.elapsed() >= Duration::from_secs(1), "no retry");
+        assert!(retries.load(Ordering::Relaxed) >= 1, "no retry counted");
         Ok(())
     }
 }

@@ -62,17 +62,25 @@ pub const TRAINER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs
 
 /// Runs the processor until `shutdown`; then closes and commits every open
 /// file before returning.
+///
+/// A shutdown during start-up (Kafka unreachable, topics being created,
+/// leaders awaited, the model publisher catching up) stops it there: `run`
+/// returns `Ok` at once, having written nothing.
 pub async fn run(
     config: ProcessorConfig,
     shutdown: CancellationToken,
     stats: Arc<ProcessorStats>,
 ) -> Result<(), Error> {
     config.validate().map_err(Error::Config)?;
-    edgeloop_kafka::ensure_topics(
+    let topics_ready = edgeloop_kafka::ensure_topics_counted(
         &config.kafka,
         &[topics::KAFKA_READINGS, topics::KAFKA_DEADLETTER],
-    )
-    .await?;
+        &stats.startup_kafka_retries,
+    );
+    let Some(ready) = unless_stopped(&shutdown, topics_ready).await else {
+        return Ok(());
+    };
+    ready?;
     let rule_metrics = metrics::SharedRuleMetrics::default();
     if let Some(listen) = config.metrics_listen {
         let (stats, rules, shutdown) = (stats.clone(), rule_metrics.clone(), shutdown.clone());
@@ -100,12 +108,14 @@ pub async fn run(
     // it is joined below, so its Kafka publisher is closed when `run` returns.
     let mut trainer_thread = None;
     let trainer = if config.trainer.enabled {
-        let publisher = trainer::publisher(&config.trainer, &config.kafka, TRAINER_CATCH_UP)
-            .await
-            .map_err(|e| match e {
-                trainer::PublishError::Config(e) => Error::Config(e),
-                e => Error::Publisher(e),
-            })?;
+        let publisher = trainer::publisher(&config.trainer, &config.kafka, TRAINER_CATCH_UP);
+        let Some(publisher) = unless_stopped(&shutdown, publisher).await else {
+            return Ok(());
+        };
+        let publisher = publisher.map_err(|e| match e {
+            trainer::PublishError::Config(e) => Error::Config(e),
+            e => Error::Publisher(e),
+        })?;
         let (handle, join) =
             trainer::spawn(config.trainer.clone(), publisher, stats.trainer.clone())
                 .map_err(|e| Error::Thread(e.to_string()))?;
@@ -140,4 +150,66 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// `stage`, unless `shutdown` comes first: then `None`, and `stage` is
+/// dropped (every start-up stage is cancel-safe: dropped, it stops its
+/// retries and waits).
+async fn unless_stopped<T>(
+    shutdown: &CancellationToken,
+    stage: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => {
+            tracing::info!("shutdown requested during start-up; stopping before Kafka was ready");
+            None
+        }
+        done = stage => Some(done),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn processor_cancelled_while_kafka_is_unreachable_returns_ok_before_its_retries_end(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        // A port nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let dir = tempfile::tempdir()?;
+        let mut config = ProcessorConfig {
+            parquet_root: dir.path().join("parquet"),
+            ..ProcessorConfig::default()
+        };
+        config.kafka.bootstrap_servers = format!("127.0.0.1:{port}");
+        // Each unanswered request gives up after 2 s, so it retries soon.
+        config
+            .kafka
+            .librdkafka_options
+            .insert("socket.timeout.ms".into(), "2000".into());
+        let stats = Arc::new(ProcessorStats::default());
+        let shutdown = CancellationToken::new();
+        let processor = tokio::spawn(run(config, shutdown.clone(), stats.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while ProcessorStats::get(&stats.startup_kafka_retries) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the processor never retried"
+            );
+            assert!(!processor.is_finished(), "the processor stopped by itself");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        shutdown.cancel();
+        // Well within its 120 s of retries: it stopped for the shutdown.
+        let result = tokio::time::timeout(Duration::from_secs(20), processor)
+            .await
+            .map_err(|_| "the processor kept retrying after the shutdown")??;
+        assert!(result.is_ok(), "{result:?}");
+        Ok(())
+    }
 }

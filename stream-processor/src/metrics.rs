@@ -57,6 +57,11 @@ fn render(stats: &ProcessorStats, rules: &RuleMetrics) -> String {
             &stats.commit_errors,
         ),
         (
+            "edgeloop_processor_startup_kafka_retries_total",
+            "Times start-up asked Kafka again after no answer (topic creation)",
+            &stats.startup_kafka_retries,
+        ),
+        (
             "edgeloop_processor_consumer_restarts_total",
             "Kafka consumers replaced after Kafka fenced them for good (a fatal librdkafka error)",
             &stats.consumer_restarts,

@@ -16,6 +16,9 @@ pub struct ProcessorStats {
     pub dead_letters: AtomicU64,
     /// Offset commits that failed (the records are re-read; files replaced).
     pub commit_errors: AtomicU64,
+    /// Times start-up asked Kafka again after getting no answer (Kafka down,
+    /// starting, or unreachable at `kafka.bootstrap_servers`).
+    pub startup_kafka_retries: AtomicU64,
     /// Consumers replaced after Kafka fenced them for good.
     pub consumer_restarts: AtomicU64,
     /// Times a partition's first record after assignment came past the
@@ -79,6 +82,23 @@ impl ProcessorStats {
         counter.load(Ordering::Relaxed)
     }
 
+    /// What the processor did, as the lines it logs when it stops (and
+    /// `edgeloop up` prints): rows and files written, the gate's decisions,
+    /// the parity check.
+    pub fn exit_summary(&self) -> Vec<String> {
+        vec![
+            format!(
+                "processor: {} records consumed, {} rows written to Parquet in {} files, {} dead letters",
+                Self::get(&self.records_consumed),
+                Self::get(&self.rows_written),
+                Self::get(&self.files_written),
+                Self::get(&self.dead_letters),
+            ),
+            format!("models: {}", self.trainer.gate_summary()),
+            self.trainer.parity_line(),
+        ]
+    }
+
     /// Records a decoded batch of `device` in the per-device view; whether
     /// it is the device's first, or the first with another profile.
     pub fn saw_batch(&self, batch: &edgeloop_proto::v1::ReadingBatch) -> bool {
@@ -100,5 +120,51 @@ impl ProcessorStats {
             seen.readings_lost += loss.end_seq.saturating_sub(loss.first_seq);
         }
         new
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exit_summary_names_rows_files_gate_decisions_and_parity() {
+        let stats = ProcessorStats::default();
+        assert_eq!(
+            stats.exit_summary()[1..],
+            [
+                "models: no gate decision yet",
+                "parity: 0 device predictions recomputed in the cloud, 0 mismatches, 0 could not be checked"
+            ]
+        );
+        ProcessorStats::add(&stats.records_consumed, 7);
+        ProcessorStats::add(&stats.rows_written, 70);
+        ProcessorStats::add(&stats.files_written, 2);
+        {
+            let mut d = stats
+                .trainer
+                .decisions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            d.insert(("anomaly".into(), "mcu8".into(), "published"), 3);
+            d.insert(("anomaly".into(), "mcu8".into(), "rejected"), 1);
+            d.insert(("anomaly".into(), "gateway".into(), "published"), 2);
+        }
+        ProcessorStats::add(&stats.trainer.parity_checked, 40);
+        ProcessorStats::add(&stats.trainer.parity_mismatches, 1);
+        stats
+            .trainer
+            .parity_unverifiable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert("no model", 5);
+        assert_eq!(
+            stats.exit_summary(),
+            [
+                "processor: 7 records consumed, 70 rows written to Parquet in 2 files, 0 dead letters",
+                "models: anomaly/gateway 2 published; anomaly/mcu8 3 published, 1 rejected",
+                "parity: 40 device predictions recomputed in the cloud, 1 mismatches, 5 could not be checked",
+            ]
+        );
     }
 }

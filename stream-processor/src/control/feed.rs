@@ -96,10 +96,18 @@ pub fn spawn(state: Arc<State>, shutdown: CancellationToken) -> Result<(), Contr
 
 /// Assigns every partition from its beginning; returns partition → the end
 /// it has now (only partitions with records).
-async fn assign(consumer: &Arc<Feed>, topic: &'static str) -> Result<HashMap<i32, i64>, String> {
+/// Its wait for leaders ends (within one request) once `shutdown` is cancelled.
+async fn assign(
+    consumer: &Arc<Feed>,
+    topic: &'static str,
+    shutdown: &CancellationToken,
+) -> Result<HashMap<i32, i64>, String> {
     let c = consumer.clone();
+    let shutdown = shutdown.clone();
     tokio::task::spawn_blocking(move || -> Result<HashMap<i32, i64>, KafkaError> {
-        let (assignment, ends) = edgeloop_kafka::topic_ends(&*c, topic, Duration::from_secs(5))?;
+        let stop = || shutdown.is_cancelled();
+        let (assignment, ends) =
+            edgeloop_kafka::topic_ends_until(&*c, topic, Duration::from_secs(5), &stop)?;
         c.assign(&assignment)?;
         Ok(ends)
     })
@@ -112,21 +120,27 @@ async fn follow(kind: Kind, consumer: Arc<Feed>, state: &State, shutdown: &Cance
     let topic = kind.topic();
     // The broker creates the status and models topics, but the processor
     // may start first; the pins topic is the control API's own.
-    if let Err(e) = edgeloop_kafka::ensure_compacted_topics(
+    let created = edgeloop_kafka::ensure_compacted_topics(
         &state.kafka,
         &[
             topics::KAFKA_STATUS,
             topics::KAFKA_MODELS,
             topics::KAFKA_PINS,
         ],
-    )
-    .await
-    {
+    );
+    // Cancel-safe: dropped on a shutdown, it stops retrying.
+    let created = tokio::select! {
+        biased;
+        () = shutdown.cancelled() => return,
+        created = created => created,
+    };
+    if let Err(e) = created {
         tracing::warn!(topic, error = %e, "could not create the topic; following it all the same");
     }
     let mut remaining = loop {
-        match assign(&consumer, topic).await {
+        match assign(&consumer, topic, shutdown).await {
             Ok(ends) => break ends,
+            Err(_) if shutdown.is_cancelled() => return,
             Err(e) => {
                 tracing::warn!(topic, error = %e, "cannot follow the topic yet; retrying");
                 lock(kind.health(state)).error = Some(e);

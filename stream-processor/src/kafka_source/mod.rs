@@ -303,7 +303,7 @@ impl Sink<'_> {
                             rule: &rule.name,
                             rule_label: &rule.label,
                             counts: *c,
-                            estimated_accuracy: accuracies.get(j).copied(),
+                            estimated_accuracy: accuracies.get(j).copied().flatten(),
                         },
                     )
                 })

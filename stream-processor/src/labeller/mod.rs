@@ -301,6 +301,13 @@ pub struct Labelled {
 /// majority vote's shares instead: counted from the model's own early,
 /// prior-only posteriors, a label seen late could be folded into a common
 /// one for good (online EM keeps what it counted first).
+///
+/// A rule's accuracy is estimable only from readings on which it voted
+/// together with another rule: a rule that always votes alone (rules an
+/// expert wrote to exclude each other) is explained equally well as always
+/// right or often wrong, and the model would answer with its prior, about
+/// 1.0. Such a rule's accuracy is `None` until it has voted alongside
+/// another rule on [`MIN_OVERLAPS`] readings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabelModel {
     /// Per rule, per true label, per outcome (each label, then abstain): the
@@ -308,7 +315,17 @@ pub struct LabelModel {
     outcomes: Vec<Vec<Vec<f64>>>,
     /// Per true label: the expected number of readings with a vote.
     classes: Vec<f64>,
+    /// Per rule: readings it voted on while another rule voted too (the
+    /// evidence on its accuracy). Absent from a snapshot of an older
+    /// processor: counted afresh from the restart.
+    #[serde(default)]
+    overlaps: Vec<u64>,
 }
+
+/// Readings on which a rule must have voted together with another rule
+/// before the model gives an estimate of its accuracy (fewer: `None`, not
+/// estimable). A handful of overlaps would leave the estimate at the prior.
+pub const MIN_OVERLAPS: u64 = 10;
 
 /// Readings with a vote that the model learns from by majority shares
 /// before it learns from its own posterior.
@@ -331,6 +348,7 @@ impl LabelModel {
         LabelModel {
             outcomes: vec![vec![vec![0.0; labels + 1]; labels]; rules],
             classes: vec![0.0; labels],
+            overlaps: vec![0; rules],
         }
     }
 
@@ -381,13 +399,18 @@ impl LabelModel {
     }
 
     /// Estimated accuracy of each rule: the probability, under the model,
-    /// that the label it votes is the true one.
-    pub fn accuracies(&self) -> Vec<f64> {
+    /// that the label it votes is the true one; `None` (not estimable) for
+    /// a rule that voted together with another rule on fewer than
+    /// [`MIN_OVERLAPS`] readings.
+    pub fn accuracies(&self) -> Vec<Option<f64>> {
         let k = self.labels();
         let balance = self.balance();
         let (mut right, mut wrong) = (vec![0.0; k], vec![0.0; k]);
         (0..self.outcomes.len())
             .map(|j| {
+                if self.overlaps.get(j).copied().unwrap_or(0) < MIN_OVERLAPS {
+                    return None;
+                }
                 self.rule(j, &mut right, &mut wrong);
                 let (mut correct, mut all) = (0.0, 0.0);
                 for (y, p) in balance.iter().enumerate() {
@@ -399,11 +422,7 @@ impl LabelModel {
                         }
                     }
                 }
-                if all > 0.0 {
-                    correct / all
-                } else {
-                    0.0
-                }
+                Some(if all > 0.0 { correct / all } else { 0.0 })
             })
             .collect()
     }
@@ -455,6 +474,12 @@ impl LabelModel {
         } else {
             posterior.clone()
         };
+        if voting > 1 {
+            self.overlaps.resize(votes.len(), 0);
+            for (j, v) in votes.iter().enumerate() {
+                self.overlaps[j] += u64::from(v.is_some());
+            }
+        }
         for (y, p) in learn.iter().enumerate() {
             self.classes[y] += p;
             for (j, v) in votes.iter().enumerate() {
@@ -769,9 +794,45 @@ mod tests {
                 &labels,
             );
         }
-        let acc = m.accuracies();
+        let acc: Vec<f64> = m.accuracies().into_iter().flatten().collect();
+        assert_eq!(acc.len(), 3, "every rule overlaps: {acc:?}");
         assert!(acc[2] < acc[0] && acc[2] < acc[1], "{acc:?}");
         assert!(acc[0] > 0.9 && (0.35..0.65).contains(&acc[2]), "{acc:?}");
+    }
+
+    #[test]
+    fn mutually_exclusive_rules_have_no_estimated_accuracy_and_overlapping_ones_have() {
+        let exclusive = r#"
+            [[rule]]
+            name = "hot"
+            label = "hot"
+            when = { kind = "threshold", channel = "t", above = 30.0 }
+            [[rule]]
+            name = "cold"
+            label = "cold"
+            when = { kind = "threshold", channel = "t", below = 30.0 }
+        "#;
+        // A third rule that votes "hot" with `hot` on the hottest readings.
+        let overlapping = format!(
+            "{exclusive}\n[[rule]]\nname = \"very_hot\"\nlabel = \"hot\"\nwhen = {{ kind = \"threshold\", channel = \"t\", above = 38.0 }}\n"
+        );
+        let accuracies = |text: &str| {
+            let e = engine(text);
+            let mut state = PartitionLabels::default();
+            for i in 0..5_000i64 {
+                let t = 20.0 + (i % 20) as f64;
+                state.label(&e, "d1", &|_| Some(t), i * 1_000_000);
+            }
+            state.model.map(|m| m.accuracies()).unwrap_or_default()
+        };
+        assert_eq!(accuracies(exclusive), vec![None, None]);
+        let acc = accuracies(&overlapping);
+        assert!(
+            acc[0].is_some_and(|a| (0.0..=1.0).contains(&a))
+                && acc[2].is_some_and(|a| (0.0..=1.0).contains(&a)),
+            "hot and very_hot vote together: {acc:?}"
+        );
+        assert_eq!(acc[1], None, "cold still votes alone");
     }
 
     #[test]

@@ -36,7 +36,16 @@ fn run(
             out.push((r.label.to_string(), labelled.label));
         }
     }
-    let accuracies = state.model.map(|m| m.accuracies()).unwrap_or_default();
+    // The shipped rules (and the noisy one) all vote alongside others, so
+    // every accuracy is estimable; a rule without one is NaN and fails the
+    // comparisons below.
+    let accuracies = state
+        .model
+        .map(|m| m.accuracies())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|a| a.unwrap_or(f64::NAN))
+        .collect();
     (out, accuracies)
 }
 

@@ -73,6 +73,52 @@ pub struct TrainerStats {
     pub parity_unverifiable: Mutex<BTreeMap<&'static str, u64>>,
 }
 
+impl TrainerStats {
+    /// The gate's decisions per (task, profile), e.g. `anomaly/mcu8 3
+    /// published, 1 rejected; anomaly/gateway 2 published`, or `no gate
+    /// decision yet` (the exit summary's `models:` line, which `edgeloop up`
+    /// follows with the versions its devices ran).
+    pub fn gate_summary(&self) -> String {
+        let decisions = self
+            .decisions
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
+        let mut lanes: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        for ((task, profile, verdict), n) in decisions {
+            lanes
+                .entry((task, profile))
+                .or_default()
+                .push(format!("{n} {verdict}"));
+        }
+        if lanes.is_empty() {
+            return "no gate decision yet".to_string();
+        }
+        lanes
+            .iter()
+            .map(|((t, p), v)| format!("{t}/{p} {}", v.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// The parity check of the devices' own predictions, as one line:
+    /// `parity: N device predictions recomputed in the cloud, M mismatches,
+    /// U could not be checked`.
+    pub fn parity_line(&self) -> String {
+        let unverifiable: u64 = self
+            .parity_unverifiable
+            .lock()
+            .map(|m| m.values().sum())
+            .unwrap_or_else(|p| p.into_inner().values().sum());
+        format!(
+            "parity: {} device predictions recomputed in the cloud, {} mismatches, {} could not be checked",
+            crate::ProcessorStats::get(&self.parity_checked),
+            crate::ProcessorStats::get(&self.parity_mismatches),
+            unverifiable
+        )
+    }
+}
+
 /// Labelled readings of one batch, as the trainer receives them.
 #[derive(Debug, Clone)]
 pub struct LabelledBatch {

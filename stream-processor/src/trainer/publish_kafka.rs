@@ -81,6 +81,16 @@ struct Lane {
     artifacts: BTreeMap<u64, Arc<Artifact>>,
 }
 
+/// Sets its flag when dropped: tells the blocking start-up that the future
+/// waiting for it is gone.
+struct AbandonOnDrop(Arc<AtomicBool>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 fn lock(known: &Mutex<Known>) -> std::sync::MutexGuard<'_, Known> {
     known.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -106,6 +116,9 @@ impl std::fmt::Debug for KafkaPublisher {
 impl KafkaPublisher {
     /// Creates the topics if needed, starts following them and waits (at
     /// most `catch_up`) until they are caught up.
+    ///
+    /// Cancel-safe: dropped (a shutdown during start-up), it stops waiting
+    /// at once, and the publisher it was building stops its followers.
     pub async fn start(
         kafka: &KafkaConfig,
         key: SigningKey,
@@ -116,9 +129,14 @@ impl KafkaPublisher {
             .await
             .map_err(|e| PublishError::Kafka(e.to_string()))?;
         let kafka = kafka.clone();
-        tokio::task::spawn_blocking(move || Self::connect(&kafka, key, mirror, catch_up))
-            .await
-            .map_err(|e| PublishError::Kafka(e.to_string()))?
+        let abandoned = AbandonOnDrop(Arc::new(AtomicBool::new(false)));
+        let gone = abandoned.0.clone();
+        let connected = tokio::task::spawn_blocking(move || {
+            Self::connect_until(&kafka, key, mirror, catch_up, &gone)
+        })
+        .await;
+        drop(abandoned);
+        connected.map_err(|e| PublishError::Kafka(e.to_string()))?
     }
 
     /// [`KafkaPublisher::start`] without creating the topics; blocking.
@@ -127,6 +145,18 @@ impl KafkaPublisher {
         key: SigningKey,
         mirror: Option<DirPublisher>,
         catch_up: Duration,
+    ) -> Result<KafkaPublisher, PublishError> {
+        Self::connect_until(kafka, key, mirror, catch_up, &AtomicBool::new(false))
+    }
+
+    /// [`KafkaPublisher::connect`], whose wait for the followers to catch up
+    /// ends early once `abandoned` is set.
+    fn connect_until(
+        kafka: &KafkaConfig,
+        key: SigningKey,
+        mirror: Option<DirPublisher>,
+        catch_up: Duration,
+        abandoned: &AtomicBool,
     ) -> Result<KafkaPublisher, PublishError> {
         let producer: FutureProducer = kafka
             .client_config(&[
@@ -165,6 +195,9 @@ impl KafkaPublisher {
                     lanes = lock(&publisher.known).lanes.len(),
                     "the model publisher read edgeloop.models and edgeloop.pins"
                 );
+                break;
+            }
+            if abandoned.load(Ordering::Relaxed) {
                 break;
             }
             if Instant::now() >= deadline {
@@ -284,8 +317,11 @@ fn follower(
 fn assign(
     consumer: &BaseConsumer<FeedContext>,
     topic: &'static str,
+    stop: &AtomicBool,
 ) -> Result<HashMap<i32, i64>, KafkaError> {
-    let (assignment, ends) = edgeloop_kafka::topic_ends(consumer, topic, Duration::from_secs(5))?;
+    let stopped = || stop.load(Ordering::Relaxed);
+    let (assignment, ends) =
+        edgeloop_kafka::topic_ends_until(consumer, topic, Duration::from_secs(5), &stopped)?;
     consumer.assign(&assignment)?;
     Ok(ends)
 }
@@ -302,8 +338,9 @@ fn follow(
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        match assign(&consumer, topic) {
+        match assign(&consumer, topic, stop) {
             Ok(ends) => break ends,
+            Err(_) if stop.load(Ordering::Relaxed) => return,
             Err(e) => {
                 tracing::warn!(topic, error = %e, "the model publisher cannot follow the topic yet; retrying");
                 std::thread::sleep(Duration::from_secs(1));
