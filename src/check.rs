@@ -36,6 +36,8 @@ pub enum Kind {
     Agent,
     /// A labelling rules file (docs/labelling.md).
     Rules,
+    /// An `edgeloop up --config` file (config/up.example.toml).
+    Up,
 }
 
 impl Kind {
@@ -47,6 +49,7 @@ impl Kind {
             Kind::Broker => "broker",
             Kind::Agent => "agent",
             Kind::Rules => "rules",
+            Kind::Up => "up",
         }
     }
 
@@ -63,6 +66,7 @@ impl Kind {
             Kind::Broker => of::<edgeloop_broker::BrokerConfig>(),
             Kind::Agent => of::<edgeloop_agent::AgentConfig>(),
             Kind::Rules => vec!["rule".into()],
+            Kind::Up => vec!["devices".into()],
         }
     }
 }
@@ -73,6 +77,13 @@ fn detect(path: &Path, text: &str) -> Result<Kind> {
         toml::from_str(text).with_context(|| format!("{} is not TOML", path.display()))?;
     if table.contains_key("rule") {
         return Ok(Kind::Rules);
+    }
+    // Only an `up` file has device groups or component sections.
+    if ["devices", "broker", "processor", "agent"]
+        .iter()
+        .any(|k| table.contains_key(*k))
+    {
+        return Ok(Kind::Up);
     }
     let scores: Vec<(Kind, usize)> = Kind::COMPONENTS
         .iter()
@@ -108,7 +119,7 @@ fn detect(path: &Path, text: &str) -> Result<Kind> {
     match named[..] {
         [only] => Ok(only),
         _ => bail!(
-            "cannot tell which component's config this is (it could be {}); pass --kind processor|broker|agent|rules",
+            "cannot tell which component's config this is (it could be {}); pass --kind processor|broker|agent|rules|up",
             candidates
                 .iter()
                 .map(|k| k.name())
@@ -181,6 +192,49 @@ pub fn check(
                 config.device_id, config.profile, config.mqtt.host, config.mqtt.port
             );
         }
+        Kind::Up => {
+            let up = crate::up::config::UpFile::read(file, vars)?;
+            let dir = file.parent().filter(|d| !d.as_os_str().is_empty());
+            let plan = crate::up::config::plan(
+                up,
+                Some(dir.unwrap_or(Path::new("."))),
+                &Default::default(),
+            )?;
+            plan.broker.validate().map_err(anyhow::Error::msg)?;
+            // `up` makes the control API's token itself.
+            let mut processor = plan.processor.clone();
+            processor.control.token = Some("0123456789abcdef0123".into());
+            processor.validate().map_err(anyhow::Error::msg)?;
+            let _ = write!(
+                out,
+                "; {}; data_dir {}; trainer {}",
+                plan.description.join(", "),
+                plan.data_dir.display(),
+                if processor.trainer.enabled {
+                    format!(
+                        "on ({})",
+                        processor
+                            .trainer
+                            .profiles
+                            .iter()
+                            .map(|p| p.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                } else {
+                    "off".into()
+                }
+            );
+            match &processor.rules_file {
+                Some(rules) if !plan.example_rules => {
+                    let line = rules_summary(rules, &processor.channels)
+                        .with_context(|| format!("processor.rules_file {}", rules.display()))?;
+                    let _ = write!(out, "\n  rules_file {}: {line}", rules.display());
+                }
+                Some(_) => out.push_str("; the simulator's example rules"),
+                None => out.push_str("; no rules: readings stay unlabelled"),
+            }
+        }
         Kind::Rules => {
             let line = rules_summary(file, &[])?;
             let _ = write!(
@@ -229,6 +283,7 @@ mod tests {
             ("broker.example.toml", "broker"),
             ("agent.example.toml", "agent"),
             ("rules.example.toml", "rules"),
+            ("up.example.toml", "up"),
         ] {
             let path = example(name);
             let text = std::fs::read_to_string(&path)?;

@@ -12,7 +12,7 @@ use edgeloop_kafka::local::{KafkaInstall, LocalKafka, LocalKafkaOptions};
 use edgeloop_processor::{ProcessorConfig, ProcessorStats};
 use tokio_util::sync::CancellationToken;
 
-mod config;
+pub(crate) mod config;
 
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {

@@ -98,10 +98,14 @@ pub async fn run(
             rule_metrics.clone(),
             config.rules_file.clone(),
         )?;
-        state.trainer_profiles = config
-            .trainer
-            .enabled
-            .then(|| config.trainer.profiles.iter().map(|p| p.name.clone()).collect());
+        state.trainer_profiles = config.trainer.enabled.then(|| {
+            config
+                .trainer
+                .profiles
+                .iter()
+                .map(|p| p.name.clone())
+                .collect()
+        });
         control::start(&config.control, Arc::new(state), shutdown.clone()).await?;
     }
     // The trainer's thread stops once the processor thread drops its handle;

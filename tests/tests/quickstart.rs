@@ -7,6 +7,9 @@
 //! The only change to the page's commands: `up`'s listen addresses are
 //! moved to free ports through their environment variables, so the test
 //! does not depend on 1883, 9470, 9465 and 19092 being free.
+//!
+//! docs/standalone-stack.md is run the same way, against an Apache Kafka the
+//! test starts, after the quickstart's first block (which makes the CSVs).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -177,6 +180,82 @@ fn the_quickstart_for_own_data_runs_as_written() -> Result<()> {
         work.join("data/report.svg").is_file(),
         "no report.svg:\n{stdout}"
     );
+    Ok(())
+}
+
+/// `edgeloop` first on `PATH`.
+fn path_with_edgeloop() -> Result<std::ffi::OsString> {
+    let bin_dir = edgeloop_bin()
+        .parent()
+        .context("the binary's directory")?
+        .to_path_buf();
+    Ok(std::env::join_paths(std::iter::once(bin_dir).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stack_by_hand_runs_as_written() -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let quickstart = shell_blocks(&std::fs::read_to_string(
+        root.join("docs/quickstart-own-data.md"),
+    )?);
+    let page = shell_blocks(&std::fs::read_to_string(
+        root.join("docs/standalone-stack.md"),
+    )?);
+    ensure!(page.len() >= 7, "only {} sh blocks in the page", page.len());
+    for port in [1883, 9464, 9465] {
+        ensure!(
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "port {port}, which the page uses, is taken on this machine"
+        );
+    }
+    let dir = tempfile::tempdir()?;
+    let kafka = edgeloop_tests::start_kafka(dir.path()).await?;
+    // The quickstart's first block makes the CSVs in own-data/.
+    // Whatever the page left running ends with the shell (a failed step
+    // would otherwise leave the broker holding the output pipe).
+    let script = format!(
+        "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n{}\n{}",
+        quickstart[0],
+        page.join("\n")
+    );
+    let out = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(dir.path())
+        .env("PATH", path_with_edgeloop()?)
+        .env("KAFKA", kafka.bootstrap())
+        .env("EDGELOOP_LOG", "info")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(600), out)
+        .await
+        .context("the page's commands did not finish within 10 minutes")??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(40).collect();
+    ensure!(
+        out.status.success(),
+        "the page failed ({}):\n{stdout}\n{}",
+        out.status,
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+    let stack = dir.path().join("own-data/stack");
+    let rows = read_rows(&stack.join("parquet"))?;
+    ensure!(rows.len() == 12_000, "{} rows in Parquet", rows.len());
+    ensure!(
+        rows.iter().all(|r| r.label.is_some()),
+        "a row without a label"
+    );
+    // The processor's exit summary, and models the trainer published.
+    ensure!(
+        stderr.contains("parity:") && stderr.contains("label/gateway"),
+        "no exit summary with the gateway model in the processor's log:\n{stderr}"
+    );
+    for check in ["processor.toml: ok: processor config"] {
+        ensure!(stdout.contains(check), "no {check:?} in:\n{stdout}");
+    }
     Ok(())
 }
 

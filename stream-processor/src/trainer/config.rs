@@ -438,9 +438,15 @@ mod tests {
     fn a_profile_without_a_trainer_profile_gets_no_models_while_training_is_on() {
         let mut c = TrainerConfig::simulator(&["t".to_string()], "d".into());
         assert!(c.serves_profile("mcu8") && c.serves_profile("gateway"));
-        assert!(!c.serves_profile("f32"), "the old agent default has no trainer profile");
+        assert!(
+            !c.serves_profile("f32"),
+            "the old agent default has no trainer profile"
+        );
         c.enabled = false;
-        assert!(c.serves_profile("f32"), "a processor that does not train cannot tell");
+        assert!(
+            c.serves_profile("f32"),
+            "a processor that does not train cannot tell"
+        );
     }
 
     fn sim() -> TrainerConfig {
