@@ -211,16 +211,7 @@ pub fn check(
                 plan.description.join(", "),
                 plan.data_dir.display(),
                 if processor.trainer.enabled {
-                    format!(
-                        "on ({})",
-                        processor
-                            .trainer
-                            .profiles
-                            .iter()
-                            .map(|p| p.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
+                    format!("on ({})", processor.trainer.profile_names().join(", "))
                 } else {
                     "off".into()
                 }

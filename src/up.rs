@@ -471,12 +471,7 @@ fn warn_of_profiles_without_models(
     }
     let mut orphans: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
     for d in devices {
-        if !processor
-            .trainer
-            .profiles
-            .iter()
-            .any(|p| p.name == d.profile)
-        {
+        if !processor.trainer.serves_profile(&d.profile) {
             orphans.entry(&d.profile).or_default().push(&d.device_id);
         }
     }
@@ -487,13 +482,7 @@ fn warn_of_profiles_without_models(
             ids.len(),
             ids.iter().take(3).copied().collect::<Vec<_>>().join(", "),
             if ids.len() > 3 { ", …" } else { "" },
-            processor
-                .trainer
-                .profiles
-                .iter()
-                .map(|p| p.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            processor.trainer.profile_names().join(", ")
         );
     }
 }

@@ -115,7 +115,7 @@ impl Sink<'_> {
         }
         ProcessorStats::add(&self.stats.devices_without_trainer_profile, 1);
         if self.orphan_profiles.insert(profile.to_string()) {
-            let known: Vec<&str> = trainer.profiles.iter().map(|p| p.name.as_str()).collect();
+            let known = trainer.profile_names();
             tracing::warn!(
                 device,
                 profile,

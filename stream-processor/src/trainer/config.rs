@@ -253,6 +253,11 @@ impl TrainerConfig {
         }
     }
 
+    /// The profiles' names, in config order.
+    pub fn profile_names(&self) -> Vec<&str> {
+        self.profiles.iter().map(|p| p.name.as_str()).collect()
+    }
+
     /// Whether a device announcing `profile` gets models from this trainer:
     /// false only when training is on and no trainer profile has that name
     /// (a trainer that is off cannot tell: another processor may train).
