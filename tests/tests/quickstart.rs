@@ -253,9 +253,11 @@ async fn the_stack_by_hand_runs_as_written() -> Result<()> {
         stderr.contains("parity:") && stderr.contains("label/gateway"),
         "no exit summary with the gateway model in the processor's log:\n{stderr}"
     );
-    for check in ["processor.toml: ok: processor config"] {
-        ensure!(stdout.contains(check), "no {check:?} in:\n{stdout}");
-    }
+    ensure!(
+        stdout.contains("processor.toml: ok: processor config")
+            && stdout.contains("rules_file rules.toml: 2 rules, version press-v1"),
+        "edgeloop check did not pass the page's processor config:\n{stdout}"
+    );
     Ok(())
 }
 
