@@ -361,6 +361,12 @@ pub fn plan(file: UpFile, file_dir: Option<&Path>, over: &Overrides) -> Result<P
                 if channels.is_empty() {
                     bail!("{at}.channels: standard input has no header; name its channels");
                 }
+                if sources
+                    .iter()
+                    .any(|(_, _, s)| matches!(s, SourceConfig::Stdin(_)))
+                {
+                    bail!("{at}: only one device can read up's standard input");
+                }
                 sources.push((id.clone(), profile.clone(), SourceConfig::Stdin(lines)));
                 description.push(format!("device {id} reading standard input"));
             }
@@ -822,6 +828,11 @@ mod tests {
             ),
             ("[[devices]]\nkind = \"teleport\"\n", "teleport"),
             ("[agent]\nprofile = \"a/b\"\n", "profile"),
+            ("[[devices]]\nkind = \"stdin\"\n", "channels"),
+            (
+                "[[devices]]\nkind = \"stdin\"\nchannels = [\"a\"]\n[[devices]]\nkind = \"stdin\"\nid = \"b\"\nchannels = [\"a\"]\n",
+                "only one device",
+            ),
             ("[kafka]\nlisten = \"x\"\n", "listen"),
         ] {
             let err = read(text, dir.path())
