@@ -321,7 +321,8 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         plan.batch_size,
         match plan.duration {
             Some(d) => format!(", for {}", humantime::format_duration(d)),
-            None if plan.ends_by_itself => ", until every device's input is sent (or Ctrl-C)".into(),
+            None if plan.ends_by_itself =>
+                ", until every device's input is sent (or Ctrl-C)".into(),
             None => ", until Ctrl-C".into(),
         }
     );

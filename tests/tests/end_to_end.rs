@@ -704,8 +704,15 @@ async fn a_full_spool_with_the_link_down_reports_its_loss_and_every_gap_is_expla
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_first_sends_new_readings_ahead_of_the_backlog_after_an_outage() -> Result<()> {
     let mut stack = Stack::without_broker().await?;
-    let mut config = stack.agent("live", 3, 8_000, 1_000.0, 10);
+    // Readings taken: enough that some are still to come once the broker
+    // is up, however long its start takes on a loaded machine (at 1,000/s,
+    // 14 s after the 2,000 of the backlog the test waits for).
+    const TAKEN: u64 = 16_000;
+    let mut config = stack.agent("live", 3, TAKEN, 1_000.0, 10);
     config.uplink.drain_order = edgeloop_agent::config::DrainOrder::LiveFirst;
+    // Reconnect at once when the broker comes up: readings taken while the
+    // agent waits out a long backoff would be backlog too.
+    config.uplink.reconnect_max = Duration::from_millis(200);
     // An in-flight window well under the backlog, so that the backlog cannot
     // all go out at the connect, before the first live reading exists (it
     // did with the default of 20,000 when the broker came up quickly: the
@@ -724,17 +731,25 @@ async fn live_first_sends_new_readings_ahead_of_the_backlog_after_an_outage() ->
         stats.clone(),
     ));
     // A backlog builds up while no broker listens.
-    let backlog = wait_for(Duration::from_secs(30), "a backlog of 4000", || {
+    wait_for(Duration::from_secs(30), "a backlog of 2000", || {
         let n = AgentStats::get(&stats.readings_generated);
-        async move { Ok((n >= 4_000).then_some(n)) }
+        async move { Ok((n >= 2_000).then_some(n)) }
     })
     .await?;
     stack.start_broker().await?;
+    // Everything taken before the broker listened is backlog (the broker's
+    // start took seconds more in a loaded CI run: counting from before it
+    // called those readings live).
+    let backlog = AgentStats::get(&stats.readings_generated);
+    ensure!(
+        backlog < TAKEN,
+        "all {TAKEN} readings were taken before the broker was up: nothing is live"
+    );
     let _processor = stack.processor("processor")?;
     let report = tokio::time::timeout(Duration::from_secs(120), agent).await???;
-    ensure!(report.committed_seq == 8_000, "{report:?}");
-    let rows = wait_for_rows(&stack, 8_000, Duration::from_secs(60)).await?;
-    check_exactly_once(&rows, &HashMap::from([("live".to_string(), 8_000)]))?;
+    ensure!(report.committed_seq == TAKEN, "{report:?}");
+    let rows = wait_for_rows(&stack, TAKEN as usize, Duration::from_secs(60)).await?;
+    check_exactly_once(&rows, &HashMap::from([("live".to_string(), TAKEN)]))?;
 
     // In Kafka's order (one device, one partition): some batch taken after
     // the outage precedes some batch of the backlog.
