@@ -69,7 +69,7 @@ async fn start(
     crate::start_rumqttd(broker, &inner, &config.mqtt, &stats, &stop).await?;
     let backpressure = Arc::new(Backpressure::new(0));
     let (gate, addr) =
-        crate::open_gate(&config, &inner, backpressure, &stats, &stop, &stop).await?;
+        crate::open_gate(&config, &inner, None, backpressure, &stats, &stop, &stop).await?;
     Ok((
         Running {
             addr,
