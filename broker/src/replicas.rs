@@ -38,13 +38,15 @@
 //!   publish for each would multiply the router's work by the number of
 //!   replicas for devices that are not here to receive it. A device that
 //!   connects later gets the retained ack this replica last published for
-//!   it (maybe older than what it holds: the agent and the C SDK ignore an
-//!   ack below the one they hold), then sends its status with the ack it
-//!   holds, and a tracker that knows more marks the device to be told
+//!   it (maybe older than what it holds: a device keeps the highest ack it
+//!   received, docs/device-protocol.md, and the agent does), then sends its
+//!   status with the ack it holds, and a tracker that knows more marks the
+//!   device to be told
 //!   ([`AckTracker::raise_to_device_ack`](crate::bridge::acks::AckTracker::raise_to_device_ack));
 //!   a resend below the watermark is skipped and the ack re-published too.
 //!   A child behind a gateway is connected through the gateway's client id,
-//!   so its merged watermark is told it through that path, not at merge.
+//!   not its own, so a merged watermark of a child is not published at
+//!   merge; the child learns it from its status or resend as above.
 //!
 //! Memory: one tracker entry and one ack-log entry per device in
 //! `edgeloop.acks`, the same table the start-up restore already built, now

@@ -13,13 +13,13 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use edgeloop_kafka::local::LocalKafka;
-use edgeloop_proto::v1::{Ack, ReadingBatch};
+use edgeloop_proto::v1::{Ack, DeviceStatus, ReadingBatch};
 use edgeloop_proto::{topics, Message as _};
 use edgeloop_tests::{
     batch, free_addr, http_get, metric, read_topic, start_kafka, wait_for, Component,
 };
 use rdkafka::Message;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
 
 /// The `edgeloop` binary: `EDGELOOP_BIN` if set, else the one cargo built.
@@ -81,8 +81,33 @@ struct Device {
 /// Connects `device` to `mqtt` (MQTT 3.1.1, clean session) and subscribes
 /// it to its `ack/{device}`; returns once the broker answered the CONNECT.
 async fn connect(mqtt: SocketAddr, device: &str) -> Result<Device> {
+    connect_with_will(mqtt, device, None).await
+}
+
+/// A `DeviceStatus` of `device`, as a device publishes it retained (and
+/// sets it, offline, as its last will).
+fn status(device: &str, online: bool) -> Vec<u8> {
+    DeviceStatus {
+        device_id: device.into(),
+        profile: "f32".into(),
+        online,
+        ts_micros: 1_800_000_000_000_000,
+        ..DeviceStatus::default()
+    }
+    .encode_to_vec()
+}
+
+/// As [`connect`], with `will` as its last will.
+async fn connect_with_will(
+    mqtt: SocketAddr,
+    device: &str,
+    will: Option<LastWill>,
+) -> Result<Device> {
     let mut options = MqttOptions::new(device, mqtt.ip().to_string(), mqtt.port());
     options.set_keep_alive(Duration::from_secs(5));
+    if let Some(will) = will {
+        options.set_last_will(will);
+    }
     let (client, mut eventloop) = AsyncClient::new(options, 100);
     let connected = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
@@ -180,6 +205,16 @@ fn seqs_in_kafka(kafka: &LocalKafka, device: &str) -> Result<BTreeSet<u64>> {
     Ok(seqs)
 }
 
+/// The `online` flag of each status of `device` in `edgeloop.status`, in
+/// order.
+fn statuses_in_kafka(kafka: &LocalKafka, device: &str) -> Result<Vec<bool>> {
+    read_topic(kafka, topics::KAFKA_STATUS)?
+        .iter()
+        .filter(|m| m.key() == Some(device.as_bytes()))
+        .map(|m| Ok(DeviceStatus::decode(m.payload().unwrap_or_default())?.online))
+        .collect()
+}
+
 /// Every seq below every ack seen is in Kafka: no ack ever claimed more
 /// than Kafka took.
 fn acks_within_kafka(kafka: &LocalKafka, device: &str, acks: &[u64]) -> Result<()> {
@@ -265,7 +300,14 @@ async fn a_device_connecting_to_a_second_replica_has_its_older_session_on_the_fi
     let device = "dev-twice";
     let mut seen = Vec::new();
 
-    let mut old = connect(a.mqtt, device).await?;
+    // A device's last will: offline, retained on its status topic.
+    let will = LastWill::new(
+        topics::status(device),
+        status(device, false),
+        QoS::AtLeastOnce,
+        true,
+    );
+    let mut old = connect_with_will(a.mqtt, device, Some(will)).await?;
     old.send(device, 0, 10).await?;
     ensure!(old.ack_reaching(10, &mut seen).await? == 10, "{seen:?}");
 
@@ -286,7 +328,15 @@ async fn a_device_connecting_to_a_second_replica_has_its_older_session_on_the_fi
         "B closed its newer session"
     );
 
-    // The device goes on through B, from its ack.
+    // The device goes on through B, from its ack, online.
+    new.client
+        .publish(
+            topics::status(device),
+            QoS::AtLeastOnce,
+            true,
+            status(device, true),
+        )
+        .await?;
     new.send(device, 10, 10).await?;
     new.send(device, 20, 5).await?;
     let acked = new.ack_reaching(25, &mut seen).await?;
@@ -306,5 +356,23 @@ async fn a_device_connecting_to_a_second_replica_has_its_older_session_on_the_fi
         "seqs in Kafka: {in_kafka:?}"
     );
     acks_within_kafka(&kafka, device, &seen)?;
+    // A closed the older session with a normal DISCONNECT to rumqttd, so
+    // its will did not file the device offline while it is online on B.
+    let statuses = wait_for(
+        Duration::from_secs(30),
+        "the device's status in Kafka",
+        || {
+            let statuses = statuses_in_kafka(&kafka, device);
+            async move {
+                let statuses = statuses?;
+                Ok(statuses.contains(&true).then_some(statuses))
+            }
+        },
+    )
+    .await?;
+    ensure!(
+        statuses == [true],
+        "statuses of the device in Kafka (online?): {statuses:?}"
+    );
     Ok(())
 }
