@@ -258,6 +258,11 @@ impl Replica {
             .is_some_and(|l| !l.closed.is_cancelled())
     }
 
+    /// The session id of the local session of `client_id`, if one is open.
+    pub fn session_of(&self, client_id: &str) -> Option<String> {
+        self.lock().get(client_id).map(|l| l.session.clone())
+    }
+
     /// A record of `edgeloop.sessions`, in the topic's order (module docs).
     pub fn on_record(&self, client_id: &str, record: &SessionRecord) -> Outcome {
         let mut local = self.lock();

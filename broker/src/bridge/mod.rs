@@ -872,6 +872,43 @@ mod tests {
     }
 
     #[test]
+    fn a_followed_ack_record_is_merged_but_never_written_back() {
+        let stats = BrokerStats::default();
+        let replica =
+            crate::replicas::Replica::new("a".into(), None, Arc::new(BrokerStats::default()));
+        let (mut tracker, mut log) = (AckTracker::default(), AckLog::default());
+        // This replica acknowledged 10 and logged it.
+        tracker.on_received("d", 0, 10);
+        tracker.on_delivered("d", 0, 10, true);
+        for (device, seq) in tracker.take_dirty() {
+            log.offer(&device, seq);
+        }
+        assert_eq!(log.to_write(), vec![("d".to_string(), 10)]);
+        log.on_written("d", 10, true);
+        // Its own record comes back, then another replica's higher one,
+        // then a stale lower one.
+        for seq in [10, 25, 7] {
+            on_followed("d", seq, &mut tracker, &mut log, &replica, &stats);
+        }
+        assert_eq!(tracker.watermark("d"), Some(25));
+        assert_eq!(BrokerStats::get(&stats.acks_followed), 3);
+        assert_eq!(BrokerStats::get(&stats.acks_merged), 1);
+        // Not connected here: nothing to publish; and whatever is offered,
+        // no record goes back to Kafka.
+        assert!(tracker.take_dirty().is_empty());
+        log.offer("d", 25);
+        assert!(log.to_write().is_empty());
+        assert!(!log.busy());
+        // What this replica's own deliveries add past it is written.
+        tracker.on_received("d", 25, 30);
+        tracker.on_delivered("d", 25, 30, true);
+        for (device, seq) in tracker.take_dirty() {
+            log.offer(&device, seq);
+        }
+        assert_eq!(log.to_write(), vec![("d".to_string(), 30)]);
+    }
+
+    #[test]
     fn a_first_batch_at_the_last_u64_seq_never_moves_the_watermark() {
         // What made the bridge publish an ack of u64::MAX: the tracker took
         // the batch's end (saturated to u64::MAX) as its first watermark.
