@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use edgeloop_kafka::local::LocalKafka;
-use edgeloop_proto::v1::{Ack, DeviceStatus, ReadingBatch};
+use edgeloop_proto::v1::{Ack, DeviceStatus, ModelUpdate, ReadingBatch};
 use edgeloop_proto::{topics, Message as _};
 use edgeloop_tests::{
-    batch, free_addr, http_get, metric, read_topic, start_kafka, wait_for, Component,
+    batch, free_addr, http_get, metric, produce, read_topic, start_kafka, wait_for, Component,
 };
 use rdkafka::Message;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
@@ -374,5 +374,62 @@ async fn a_device_connecting_to_a_second_replica_has_its_older_session_on_the_fi
         statuses == [true],
         "statuses of the device in Kafka (online?): {statuses:?}"
     );
+    Ok(())
+}
+
+/// The version of the retained `models/{task}/{profile}` a fresh client of
+/// `mqtt` receives (within 30 s).
+async fn retained_model_version(mqtt: SocketAddr, client_id: &str, topic: &str) -> Result<u64> {
+    let mut options = MqttOptions::new(client_id, mqtt.ip().to_string(), mqtt.port());
+    options.set_keep_alive(Duration::from_secs(5));
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    client.subscribe(topic, QoS::AtLeastOnce).await?;
+    let version = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Event::Incoming(Packet::Publish(p)) = eventloop.poll().await? {
+                if p.topic == topic {
+                    return Ok::<_, anyhow::Error>(
+                        ModelUpdate::decode(p.payload.as_ref())?.version,
+                    );
+                }
+            }
+        }
+    })
+    .await
+    .with_context(|| format!("no retained {topic} on {mqtt} within 30 s"))??;
+    let _ = client.disconnect().await;
+    Ok(version)
+}
+
+/// Models already reached every replica before this change (each follows
+/// `edgeloop.models`); this holds it for replicas that were running when
+/// the model was published, so a device gets it wherever it lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_published_once_is_retained_on_every_replica() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let kafka = start_kafka(dir.path()).await?;
+    let a = start_replica(dir.path(), &kafka, "a").await?;
+    let b = start_replica(dir.path(), &kafka, "b").await?;
+    let update = ModelUpdate {
+        task: "anomaly".into(),
+        profile: "f32".into(),
+        version: 3,
+        artifact: vec![1, 2, 3].into(),
+        ..ModelUpdate::default()
+    };
+    produce(
+        &kafka,
+        topics::KAFKA_MODELS,
+        "anomaly/f32",
+        &update.encode_to_vec(),
+    )
+    .await?;
+    let topic = topics::models("anomaly", "f32");
+    for (replica, name) in [(&a, "a"), (&b, "b")] {
+        let version =
+            retained_model_version(replica.mqtt, &format!("dev-model-{name}"), &topic).await?;
+        ensure!(version == 3, "replica {name} retains version {version}");
+    }
     Ok(())
 }
