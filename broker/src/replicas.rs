@@ -125,9 +125,10 @@ use crate::bridge::compacted::CompactedConsumer;
 use crate::bridge::Producer;
 use crate::stats::BrokerStats;
 
-/// The value of a record of `edgeloop.sessions`.
+/// The value of a record of `edgeloop.sessions`. Unknown fields are
+/// accepted (unlike a config's): during a rolling upgrade an older replica
+/// must still read a newer one's records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SessionRecord {
     /// The replica the client connected to (`replica_id`).
     pub replica: String,
@@ -462,7 +463,8 @@ mod tests {
     }
 
     #[test]
-    fn a_session_record_is_json_with_its_three_fields() -> Result<(), serde_json::Error> {
+    fn a_session_record_is_json_with_its_three_fields_and_later_fields_are_accepted(
+    ) -> Result<(), serde_json::Error> {
         let r = SessionRecord {
             replica: "broker-0".into(),
             session: "00ff-3".into(),
@@ -475,6 +477,10 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<SessionRecord>(&json)?, r);
         assert!(serde_json::from_str::<SessionRecord>(r#"{"replica":"x"}"#).is_err());
+        // A field a later version adds does not stop this one reading it.
+        let later =
+            r#"{"replica":"broker-0","session":"00ff-3","connected_at_micros":7,"zone":"z"}"#;
+        assert_eq!(serde_json::from_str::<SessionRecord>(later)?, r);
         Ok(())
     }
 
