@@ -25,7 +25,9 @@
 //!   for the same reason. So every record says "every reading of this device
 //!   below N is in `edgeloop.readings`", and the highest of several true
 //!   statements is true. Merging it cannot acknowledge a reading Kafka has
-//!   not taken.
+//!   not taken. (The one trust in this, as before replicas: a device's
+//!   reported `acked_seq` is taken as true of its own readings; a device
+//!   that reports more than it was told skips only its own readings.)
 //! - **No feedback loop.** A followed record also marks its value as
 //!   already logged in the [`crate::bridge::ack_log::AckLog`], so the replica
 //!   never writes back a watermark it read (its own records come back too and
