@@ -213,6 +213,10 @@ struct BrokerArgs {
     /// 0.0.0.0:9465); see docs/operations.md.
     #[arg(long, env = "EDGELOOP_BROKER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// This replica's name among the brokers bridging to the same Kafka
+    /// (default: the host name); see docs/broker.md, "Several replicas".
+    #[arg(long, env = "EDGELOOP_BROKER_REPLICA_ID")]
+    replica_id: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -468,6 +472,9 @@ async fn main() -> Result<()> {
             }
             if args.allow_anonymous {
                 config.auth.allow_anonymous = true;
+            }
+            if let Some(id) = args.replica_id {
+                config.replica_id = Some(id);
             }
             if let Some(addr) = args.tls_listen {
                 config.mqtt.tls_listen = Some(addr);

@@ -10,6 +10,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
+    /// This broker replica's name among the replicas bridging to the same
+    /// Kafka (it goes into `edgeloop.sessions` and the logs; the newest
+    /// session of a device wins across replicas, docs/broker.md "Several
+    /// replicas"). Unset: the host name (on Kubernetes, the pod's name).
+    /// 1 to 128 printable bytes, no whitespace.
+    pub replica_id: Option<String>,
     /// The MQTT listener devices connect to.
     pub mqtt: MqttConfig,
     /// How to reach Kafka.
@@ -36,6 +42,7 @@ pub struct BrokerConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
+            replica_id: None,
             mqtt: MqttConfig::default(),
             kafka: KafkaConfig::default(),
             bridge: BridgeConfig::default(),
@@ -242,9 +249,23 @@ impl BrokerConfig {
             .unwrap_or_else(|| self.telemetry_log_bytes() / 2)
     }
 
+    /// `replica_id` in effect.
+    pub fn replica_id(&self) -> String {
+        self.replica_id
+            .clone()
+            .unwrap_or_else(crate::replicas::default_replica_id)
+    }
+
     /// Checks every field; the error names the one that is wrong.
     pub fn validate(&self) -> Result<(), String> {
         self.kafka.validate().map_err(|e| e.to_string())?;
+        if let Some(id) = &self.replica_id {
+            if !crate::replicas::valid_replica_id(id) {
+                return Err(format!(
+                    "replica_id: {id:?} is not 1 to 128 printable bytes without whitespace"
+                ));
+            }
+        }
         if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&self.bridge.compression.as_str()) {
             return Err(format!(
                 "bridge.compression: {:?} is not one of none, gzip, snappy, lz4, zstd",
@@ -386,5 +407,17 @@ mod tests {
         assert!(err.starts_with("bridge.max_lag_bytes"), "{err}");
         config.bridge.max_lag_bytes = Some(48 << 20);
         config.validate().expect("all the log keeps");
+    }
+
+    #[test]
+    fn a_replica_id_with_whitespace_is_refused_naming_the_field_and_unset_is_the_host_name() {
+        let mut config = BrokerConfig::default();
+        assert!(crate::replicas::valid_replica_id(&config.replica_id()));
+        config.replica_id = Some("broker 1".into());
+        let err = config.validate().expect_err("refused");
+        assert!(err.starts_with("replica_id"), "{err}");
+        config.replica_id = Some("edgeloop-broker-0".into());
+        config.validate().expect("valid");
+        assert_eq!(config.replica_id(), "edgeloop-broker-0");
     }
 }

@@ -16,12 +16,16 @@
 //! - [`backpressure`]: the gate lets at most `bridge.max_lag_bytes` of
 //!   telemetry into rumqttd ahead of the bridge.
 //! - [`stats`]: the broker's counters.
+//! - [`replicas`]: several replicas on one Kafka: each follows
+//!   `edgeloop.acks` (a device's watermark follows it to any replica) and
+//!   `edgeloop.sessions` (the newest session of a device wins).
 //!
 //! Start-up, in order: create the Kafka topics (`edgeloop.status`,
-//! `edgeloop.models` and `edgeloop.acks` compacted); read `edgeloop.acks`
-//! back, republish every retained `ack/{device}` and seed the watermarks;
-//! read `edgeloop.models` back and republish every model retained; subscribe
-//! to telemetry; only then open the MQTT listener. So a device that connects
+//! `edgeloop.models`, `edgeloop.acks` and `edgeloop.sessions` compacted);
+//! read `edgeloop.acks` back, republish every retained `ack/{device}` and
+//! seed the watermarks (the bridge keeps following it); start following
+//! `edgeloop.sessions` from its end; read `edgeloop.models` back and
+//! republish every model retained; subscribe to telemetry; only then open the MQTT listener. So a device that connects
 //! finds its ack and the models retained, as before the restart: rumqttd
 //! keeps retained messages only in memory, and Kafka is their source of
 //! truth.
@@ -36,6 +40,7 @@ pub mod bridge;
 pub mod config;
 pub mod gate;
 pub mod ops;
+pub mod replicas;
 pub mod stats;
 
 use std::collections::HashMap;
@@ -263,10 +268,17 @@ pub async fn run(
             topics::KAFKA_STATUS,
             topics::KAFKA_MODELS,
             topics::KAFKA_ACKS,
+            topics::KAFKA_SESSIONS,
         ],
     )
     .await?;
     let producer = bridge::producer(&config.kafka, &config.bridge, stats.clone())?;
+    let replica = Arc::new(replicas::Replica::new(
+        config.replica_id(),
+        Some(producer.clone()),
+        stats.clone(),
+    ));
+    tracing::info!(replica_id = replica.id(), "broker replica");
     tokio::spawn(ops::check_kafka(
         producer.clone(),
         config.kafka_check_interval,
@@ -285,9 +297,19 @@ pub async fn run(
         &config.kafka,
         config.bridge.restore_timeout,
         &mut link_tx,
+        replica.clone(),
         &stats,
     )
     .await?;
+    // Sessions written from now on: every one this process will have.
+    let sessions = bridge::compacted::consumer(&config.kafka, "edgeloop-bridge-sessions")?;
+    bridge::compacted::assign_at_end(
+        &sessions,
+        topics::KAFKA_SESSIONS,
+        config.bridge.restore_timeout,
+    )
+    .await?;
+    tokio::spawn(replicas::follow(replica.clone(), sessions, tasks.clone()));
     let (models_tx, models_rx) = broker
         .link("edgeloop-models")
         .map_err(|e| Error::Mqtt(e.to_string()))?;
@@ -313,6 +335,7 @@ pub async fn run(
     open_gate(
         &config,
         &inner,
+        Some(replica),
         backpressure.clone(),
         &stats,
         &shutdown,
@@ -394,6 +417,7 @@ async fn start_rumqttd(
 async fn open_gate(
     config: &BrokerConfig,
     inner: &Inner,
+    replica: Option<Arc<replicas::Replica>>,
     backpressure: Arc<backpressure::Backpressure>,
     stats: &Arc<BrokerStats>,
     shutdown: &CancellationToken,
@@ -423,6 +447,7 @@ async fn open_gate(
         backpressure,
         max_hold: config.bridge.max_hold,
         sessions: Default::default(),
+        replica,
         refusals: Default::default(),
     });
     tokio::spawn(gate::watch_credentials(

@@ -371,6 +371,31 @@ pub fn render(stats: &BrokerStats) -> String {
             &stats.acks_restored,
         ),
         (
+            "edgeloop_bridge_acks_followed_total",
+            "Records of edgeloop.acks read while following it after start-up",
+            &stats.acks_followed,
+        ),
+        (
+            "edgeloop_bridge_acks_merged_total",
+            "Followed ack records (another replica's watermark) that raised a watermark here",
+            &stats.acks_merged,
+        ),
+        (
+            "edgeloop_broker_session_records_total",
+            "Session records written to edgeloop.sessions (one per device CONNECT)",
+            &stats.session_records,
+        ),
+        (
+            "edgeloop_broker_session_record_errors_total",
+            "Session records Kafka did not take",
+            &stats.session_record_errors,
+        ),
+        (
+            "edgeloop_gate_sessions_taken_over_total",
+            "Local sessions closed because a newer session of the same client id appeared on another replica",
+            &stats.sessions_taken_over,
+        ),
+        (
             "edgeloop_bridge_models_republished_total",
             "Models published retained on models/{task}/{profile} from edgeloop.models",
             &stats.models_republished,

@@ -88,6 +88,18 @@ pub struct BrokerStats {
     pub ack_record_errors: AtomicU64,
     /// Devices whose ack watermark was restored from `edgeloop.acks` at start.
     pub acks_restored: AtomicU64,
+    /// Records of `edgeloop.acks` read while following it (other replicas'
+    /// watermarks, and this one's own coming back).
+    pub acks_followed: AtomicU64,
+    /// Followed ack records that raised a watermark here.
+    pub acks_merged: AtomicU64,
+    /// Session records this replica wrote to `edgeloop.sessions`.
+    pub session_records: AtomicU64,
+    /// Session records Kafka did not take.
+    pub session_record_errors: AtomicU64,
+    /// Local sessions closed because a newer session of the same client
+    /// appeared on another replica.
+    pub sessions_taken_over: AtomicU64,
     /// `ModelUpdate`s published retained on `models/{task}/{profile}`.
     pub models_republished: AtomicU64,
     /// Model records ignored because a higher version was already published.

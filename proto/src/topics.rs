@@ -14,6 +14,7 @@
 //! | `edgeloop.models` | model publisher | `task/profile` | `ModelUpdate` | compact |
 //! | `edgeloop.pins` | control API (`edgeloop ctl models pin`) | `task/profile` | JSON `{"task","profile","version","pinned_at_micros"}`; no value: unpinned | compact |
 //! | `edgeloop.acks` | bridge | device id | `Ack` (the watermark published on `ack/{device}`) | compact |
+//! | `edgeloop.sessions` | broker (every replica, at each device CONNECT) | client id (the device id) | JSON `{"replica","session","connected_at_micros"}`: the newest session wins across replicas | compact |
 //! | `edgeloop.deadletter` | processor (refused readings), bridge (refused statuses) | as received (the sending device) | original bytes, `reason` header | delete |
 
 /// Kafka topic of reading batches, key = device id.
@@ -30,6 +31,11 @@ pub const KAFKA_PINS: &str = "edgeloop.pins";
 /// device id): the bridge restores `ack/{device}` and its watermarks from it
 /// after a restart.
 pub const KAFKA_ACKS: &str = "edgeloop.acks";
+/// Kafka topic of device sessions (compacted by client id): each broker
+/// replica writes one record per device CONNECT, and every replica follows
+/// the topic and closes its own connection of a client whose newer session
+/// another replica wrote.
+pub const KAFKA_SESSIONS: &str = "edgeloop.sessions";
 /// Kafka topic of refused payloads (readings that do not decode or are not
 /// valid, statuses naming another device…), with the reason in a header.
 pub const KAFKA_DEADLETTER: &str = "edgeloop.deadletter";

@@ -916,6 +916,7 @@ fn edgeloop_topics() -> Result<Vec<(String, bool)>> {
         topics::KAFKA_MODELS,
         topics::KAFKA_PINS,
         topics::KAFKA_ACKS,
+        topics::KAFKA_SESSIONS,
         topics::KAFKA_DEADLETTER,
     ];
     compiled.sort_unstable();

@@ -116,12 +116,49 @@ impl AckTracker {
         let Some(d) = self.devices.get_mut(device) else {
             return false;
         };
-        if !d.lift(acked) {
-            return false;
+        let rose = d.lift(acked);
+        // The device holds `acked`; anything past it is news to it: a
+        // watermark that rose here, or another replica's watermark merged
+        // while the device was away ([`AckTracker::merge`]).
+        if d.watermark > acked {
+            d.dirty = true;
+        } else if rose {
+            d.dirty = false;
         }
-        // The device holds `acked`; anything past it is news to it.
-        d.dirty = d.watermark > acked;
-        true
+        rose
+    }
+
+    /// A watermark another replica (or this one, earlier) wrote to
+    /// `edgeloop.acks`, read while following it: true of the device (every
+    /// reading below it is in Kafka), so it raises the watermark, never
+    /// lowers it (crate::replicas). `tell` marks the device to be told
+    /// (it is connected here); otherwise the watermark is only kept, and
+    /// the device is told when it next reports less
+    /// ([`AckTracker::raise_to_device_ack`]) or resends below it. Returns
+    /// whether it rose.
+    pub fn merge(&mut self, device: &str, watermark: u64, tell: bool) -> bool {
+        let Some(d) = self.devices.get_mut(device) else {
+            if watermark == 0 {
+                return false;
+            }
+            self.devices.insert(
+                device.to_string(),
+                Device {
+                    watermark,
+                    dirty: tell,
+                    ..Device::default()
+                },
+            );
+            return true;
+        };
+        // `lift` marks the device dirty if this replica's own delivered
+        // batches carry the watermark past `watermark`: that part is news
+        // to Kafka too, and is published and logged as usual.
+        let rose = d.lift(watermark);
+        if rose && tell {
+            d.dirty = true;
+        }
+        rose
     }
 
     /// A batch `[first, end)` of `device` arrived.
@@ -324,6 +361,46 @@ mod tests {
         assert!(!t.raise_to_device_ack("d", 900));
         assert!(!t.raise_to_device_ack("other", 50));
         assert_eq!(t.watermark("other"), None);
+    }
+
+    #[test]
+    fn a_merged_watermark_only_rises_and_lets_a_waiting_batch_through() {
+        let mut t = AckTracker::default();
+        t.on_received("d", 0, 10);
+        t.on_delivered("d", 0, 10, true);
+        let _ = t.take_dirty();
+        // The device moved to another replica (10..20 acknowledged there)
+        // and came back: its batch 20..30 waits for a gap only the other
+        // replica's record fills.
+        assert_eq!(t.on_received("d", 20, 30), Take::Produce);
+        t.on_delivered("d", 20, 30, true);
+        assert_eq!(t.watermark("d"), Some(10));
+        assert!(t.merge("d", 20, true));
+        assert_eq!(t.watermark("d"), Some(30));
+        assert_eq!(t.take_dirty(), vec![("d".to_string(), 30)]);
+        // Lower, equal or repeated records change nothing.
+        assert!(!t.merge("d", 5, true));
+        assert!(!t.merge("d", 30, true));
+        assert_eq!(t.watermark("d"), Some(30));
+        assert!(t.take_dirty().is_empty());
+    }
+
+    #[test]
+    fn a_merged_watermark_of_a_device_not_connected_here_is_kept_but_not_published() {
+        let mut t = AckTracker::default();
+        assert!(t.merge("away", 40, false));
+        assert_eq!(t.watermark("away"), Some(40));
+        assert!(t.take_dirty().is_empty());
+        assert!(t.merge("away", 50, false));
+        assert!(t.take_dirty().is_empty());
+        // It connects here holding 45: it is told 50.
+        assert!(!t.raise_to_device_ack("away", 45));
+        assert_eq!(t.take_dirty(), vec![("away".to_string(), 50)]);
+        // A connected device is told at once.
+        assert!(t.merge("here", 7, true));
+        assert_eq!(t.take_dirty(), vec![("here".to_string(), 7)]);
+        assert!(!t.merge("none", 0, true));
+        assert_eq!(t.watermark("none"), None);
     }
 
     #[test]

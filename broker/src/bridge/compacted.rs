@@ -128,6 +128,45 @@ pub async fn assign_from_beginning(
     })
 }
 
+/// Assigns every partition of `topic` to `consumer` at the end it has now
+/// (resolved here, not when fetching starts, so that every record written
+/// after this returns is read).
+pub async fn assign_at_end(
+    consumer: &Arc<CompactedConsumer>,
+    topic: &'static str,
+    timeout: Duration,
+) -> Result<(), BridgeError> {
+    let c = consumer.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), KafkaError> {
+        let metadata = c.fetch_metadata(Some(topic), timeout)?;
+        let mut assignment = TopicPartitionList::new();
+        for t in metadata.topics() {
+            if let Some(e) = t.error() {
+                return Err(KafkaError::MetadataFetch(e.into()));
+            }
+            for p in t.partitions() {
+                let (_, high) = c.fetch_watermarks(topic, p.id(), timeout)?;
+                assignment.add_partition_offset(topic, p.id(), Offset::Offset(high))?;
+            }
+        }
+        if assignment.count() == 0 {
+            return Err(KafkaError::MetadataFetch(
+                RDKafkaErrorCode::UnknownTopicOrPartition,
+            ));
+        }
+        c.assign(&assignment)
+    })
+    .await
+    .map_err(|e| BridgeError::Restore {
+        topic,
+        reason: e.to_string(),
+    })?
+    .map_err(|e| BridgeError::Restore {
+        topic,
+        reason: e.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

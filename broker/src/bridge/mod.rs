@@ -61,7 +61,6 @@ use edgeloop_proto::{topics, Message as _};
 use futures::channel::oneshot::Canceled;
 use futures::future;
 use futures::stream::{FuturesUnordered, StreamExt};
-use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
@@ -187,21 +186,72 @@ pub fn producer(
         .map_err(BridgeError::Producer)
 }
 
-/// What the bridge starts from: watermarks restored from `edgeloop.acks`.
-#[derive(Debug, Default)]
+/// What the bridge starts from: watermarks restored from `edgeloop.acks`,
+/// and the consumer that keeps following it from where the restore ended.
+#[derive(Default)]
 pub struct Restored {
     pub tracker: AckTracker,
     pub log: AckLog,
+    pub follow: Option<AckFollow>,
+}
+
+/// Following `edgeloop.acks` after start-up (crate::replicas).
+pub struct AckFollow {
+    pub consumer: Arc<compacted::CompactedConsumer>,
+    /// Which devices are connected here, to be told a merged watermark.
+    pub replica: Arc<crate::replicas::Replica>,
+}
+
+/// A device's watermark from one record of `edgeloop.acks`; `None` for a
+/// tombstone or a record that does not decode (logged and counted).
+fn ack_record(message: &impl rdkafka::Message, stats: &BrokerStats) -> Option<(String, u64)> {
+    let device = message
+        .key()
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .filter(|d| edgeloop_proto::device_id::validate(d).is_ok());
+    let ack = message.payload().map(Ack::decode);
+    match (device, ack) {
+        (Some(device), Some(Ok(ack))) if ack.committed_seq > validate::MAX_SEQ => {
+            // Written before seqs were bounded (a first batch at seq
+            // 2^64 - 1 made the watermark u64::MAX): taking it would
+            // skip every batch of the device forever.
+            tracing::warn!(
+                %device,
+                committed_seq = ack.committed_seq,
+                "skipping an ack record past the largest possible seq (2^63 - 1)"
+            );
+            BrokerStats::add(&stats.records_undecodable, 1);
+            None
+        }
+        (Some(device), Some(Ok(ack))) => Some((device.to_string(), ack.committed_seq)),
+        // A tombstone: nothing to take for that device.
+        (Some(_), None) => None,
+        (device, ack) => {
+            tracing::warn!(
+                topic = topics::KAFKA_ACKS,
+                partition = message.partition(),
+                offset = message.offset(),
+                key = ?message.key().map(String::from_utf8_lossy),
+                valid_device = device.is_some(),
+                error = ?ack.and_then(Result::err).map(|e| e.to_string()),
+                "skipping an ack record that does not decode"
+            );
+            BrokerStats::add(&stats.records_undecodable, 1);
+            None
+        }
+    }
 }
 
 /// Reads `edgeloop.acks` from its beginning to its end (within `timeout`),
 /// republishes each device's watermark retained on `ack/{device}` and
-/// returns the state the bridge continues from. Call it before subscribing
-/// to telemetry.
+/// returns the state the bridge continues from, with the consumer still
+/// assigned so the bridge keeps following the topic (crate::replicas).
+/// Call it before subscribing to telemetry.
 pub async fn restore_acks(
     kafka: &KafkaConfig,
     timeout: Duration,
     link_tx: &mut LinkTx,
+    replica: Arc<crate::replicas::Replica>,
     stats: &BrokerStats,
 ) -> Result<Restored, BridgeError> {
     let consumer = compacted::consumer(kafka, "edgeloop-bridge-acks")?;
@@ -229,45 +279,18 @@ pub async fn restore_acks(
             }
         };
         catch_up.on_record(message.partition(), message.offset());
-        let device = message
-            .key()
-            .and_then(|k| std::str::from_utf8(k).ok())
-            .filter(|d| edgeloop_proto::device_id::validate(d).is_ok());
-        let ack = message.payload().map(Ack::decode);
-        match (device, ack) {
-            (Some(device), Some(Ok(ack))) if ack.committed_seq > validate::MAX_SEQ => {
-                // Written before seqs were bounded (a first batch at seq
-                // 2^64 - 1 made the watermark u64::MAX): restoring it would
-                // skip every batch of the device forever.
-                tracing::warn!(
-                    %device,
-                    committed_seq = ack.committed_seq,
-                    "skipping an ack record past the largest possible seq (2^63 - 1)"
-                );
-                BrokerStats::add(&stats.records_undecodable, 1);
-            }
-            (Some(device), Some(Ok(ack))) => {
-                let w = watermarks.entry(device.to_string()).or_default();
-                *w = (*w).max(ack.committed_seq);
-            }
-            // A tombstone: nothing to restore for that device.
-            (Some(_), None) => {}
-            (device, ack) => {
-                tracing::warn!(
-                    topic = topics::KAFKA_ACKS,
-                    partition = message.partition(),
-                    offset = message.offset(),
-                    key = ?message.key().map(String::from_utf8_lossy),
-                    valid_device = device.is_some(),
-                    error = ?ack.and_then(Result::err).map(|e| e.to_string()),
-                    "skipping an ack record that does not decode"
-                );
-                BrokerStats::add(&stats.records_undecodable, 1);
-            }
+        if let Some((device, seq)) = ack_record(&message, stats) {
+            let w = watermarks.entry(device).or_default();
+            *w = (*w).max(seq);
         }
     }
-    consumer.unassign().map_err(BridgeError::Consumer)?;
-    let mut restored = Restored::default();
+    let mut restored = Restored {
+        follow: Some(AckFollow {
+            consumer: consumer.clone(),
+            replica,
+        }),
+        ..Restored::default()
+    };
     for (device, seq) in watermarks {
         if seq == 0 {
             continue;
@@ -282,6 +305,25 @@ pub async fn restore_acks(
         "ack watermarks restored from Kafka and retained"
     );
     Ok(restored)
+}
+
+/// A record of `edgeloop.acks` read while following it: merged into the
+/// tracker (only up), and marked as logged so it is never written back
+/// (crate::replicas).
+fn on_followed(
+    device: &str,
+    seq: u64,
+    tracker: &mut AckTracker,
+    log: &mut AckLog,
+    replica: &crate::replicas::Replica,
+    stats: &BrokerStats,
+) {
+    BrokerStats::add(&stats.acks_followed, 1);
+    log.restored(device, seq);
+    if tracker.merge(device, seq, replica.is_connected(device)) {
+        BrokerStats::add(&stats.acks_merged, 1);
+        tracing::debug!(%device, seq, "ack watermark raised by a record of edgeloop.acks");
+    }
 }
 
 /// Runs the bridge until `shutdown`; then stops taking telemetry, waits up to
@@ -301,6 +343,7 @@ pub async fn run(
     let Restored {
         mut tracker,
         mut log,
+        follow,
     } = restored;
     let mut in_flight = FuturesUnordered::new();
     // Readings and status records in `in_flight` (ack records are bounded by
@@ -355,6 +398,24 @@ pub async fn run(
                     }
                     Ok(Some(_)) | Ok(None) => {}
                     Err(e) => return Err(BridgeError::Link(e.to_string())),
+                }
+            }
+            received = async {
+                match &follow {
+                    Some(f) => f.consumer.recv().await,
+                    None => std::future::pending().await,
+                }
+            }, if follow.is_some() => {
+                match received {
+                    Ok(message) => {
+                        if let (Some((device, seq)), Some(f)) = (ack_record(&message, &stats), &follow) {
+                            on_followed(&device, seq, &mut tracker, &mut log, &f.replica, &stats);
+                        }
+                    }
+                    Err(KafkaError::PartitionEOF(_)) => {}
+                    // Transport errors: the consumer's context logs them,
+                    // and librdkafka reconnects by itself.
+                    Err(e) => tracing::debug!(topic = topics::KAFKA_ACKS, error = %e, "following acks in Kafka"),
                 }
             }
             _ = shutdown.cancelled(), if stop_deadline.is_none() => {
@@ -808,6 +869,43 @@ mod tests {
                 other => panic!("{why}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_followed_ack_record_is_merged_but_never_written_back() {
+        let stats = BrokerStats::default();
+        let replica =
+            crate::replicas::Replica::new("a".into(), None, Arc::new(BrokerStats::default()));
+        let (mut tracker, mut log) = (AckTracker::default(), AckLog::default());
+        // This replica acknowledged 10 and logged it.
+        tracker.on_received("d", 0, 10);
+        tracker.on_delivered("d", 0, 10, true);
+        for (device, seq) in tracker.take_dirty() {
+            log.offer(&device, seq);
+        }
+        assert_eq!(log.to_write(), vec![("d".to_string(), 10)]);
+        log.on_written("d", 10, true);
+        // Its own record comes back, then another replica's higher one,
+        // then a stale lower one.
+        for seq in [10, 25, 7] {
+            on_followed("d", seq, &mut tracker, &mut log, &replica, &stats);
+        }
+        assert_eq!(tracker.watermark("d"), Some(25));
+        assert_eq!(BrokerStats::get(&stats.acks_followed), 3);
+        assert_eq!(BrokerStats::get(&stats.acks_merged), 1);
+        // Not connected here: nothing to publish; and whatever is offered,
+        // no record goes back to Kafka.
+        assert!(tracker.take_dirty().is_empty());
+        log.offer("d", 25);
+        assert!(log.to_write().is_empty());
+        assert!(!log.busy());
+        // What this replica's own deliveries add past it is written.
+        tracker.on_received("d", 25, 30);
+        tracker.on_delivered("d", 25, 30, true);
+        for (device, seq) in tracker.take_dirty() {
+            log.offer(&device, seq);
+        }
+        assert_eq!(log.to_write(), vec![("d".to_string(), 30)]);
     }
 
     #[test]

@@ -25,6 +25,10 @@
 //!   allows as much, so it never drops what the gate let through.
 //! - A session that logged in with a credential of the file ends when a
 //!   reload removes or changes that credential ([`sessions`]).
+//! - A session ends when a newer session of its client id appears on another
+//!   broker replica ([`crate::replicas`]): rumqttd gets a normal DISCONNECT
+//!   (its will is dropped, the device is online elsewhere), an MQTT 5
+//!   client DISCONNECT 0x8E (session taken over).
 //! - What is logged of a refusal is bounded, in size and per source
 //!   ([`refusals`]).
 //!
@@ -102,6 +106,10 @@ pub struct Gate {
     pub max_hold: Duration,
     /// Sessions by the credential they logged in with, for revocation.
     pub sessions: Arc<Sessions>,
+    /// This broker among its replicas: each session claims its client id
+    /// there, and is closed when a newer one appears on another replica
+    /// ([`crate::replicas`]). None: one broker alone (the gate's tests).
+    pub replica: Option<Arc<crate::replicas::Replica>>,
     /// How often each source may log a refusal.
     pub refusals: RefusalLog,
 }
@@ -326,6 +334,11 @@ impl Gate {
         let revoked = registered
             .as_ref()
             .map_or_else(CancellationToken::new, |r| r.revoked.clone());
+        // The newest session of a client id wins across replicas.
+        let claim = self.replica.as_ref().map(|r| r.claim(&identity.id));
+        let taken_over = claim
+            .as_ref()
+            .map_or_else(CancellationToken::new, |c| c.closed.clone());
         let mut session = Session {
             identity,
             level: parsed.level,
@@ -405,6 +418,20 @@ impl Gate {
                     if session.level == 5 {
                         let _ = cw
                             .write_all(&packet::encode_disconnect(codes::V5_NOT_AUTHORIZED))
+                            .await;
+                    }
+                    let _ = cw.shutdown().await;
+                    return Ok(());
+                }
+                _ = taken_over.cancelled() => {
+                    tracing::info!(%peer, identity = %session.identity, "session closed: a newer session of this client is on another broker replica");
+                    let _ = uw
+                        .write_all(&packet::encode_normal_disconnect(session.level))
+                        .await;
+                    let _ = uw.shutdown().await;
+                    if session.level == 5 {
+                        let _ = cw
+                            .write_all(&packet::encode_disconnect(codes::V5_SESSION_TAKEN_OVER))
                             .await;
                     }
                     let _ = cw.shutdown().await;

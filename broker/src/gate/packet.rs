@@ -414,6 +414,16 @@ pub fn encode_disconnect(reason: u8) -> Vec<u8> {
     with_header(DISCONNECT << 4, &[reason, 0])
 }
 
+/// A normal DISCONNECT at protocol `level` (4: MQTT 3.1.1, none in it; 5:
+/// reason 0x00): the will is dropped.
+pub fn encode_normal_disconnect(level: u8) -> Vec<u8> {
+    if level == 5 {
+        encode_disconnect(0x00)
+    } else {
+        with_header(DISCONNECT << 4, &[])
+    }
+}
+
 /// A CONNECT with a clean session, keep-alive 30 s and no will: what the
 /// gate's readiness probe logs in to rumqttd with (and tests).
 pub fn encode_connect(
@@ -533,6 +543,7 @@ pub mod codes {
     pub const V5_SERVER_BUSY: u8 = 0x89;
     pub const V5_PACKET_TOO_LARGE: u8 = 0x95;
     pub const V5_PROTOCOL_ERROR: u8 = 0x82;
+    pub const V5_SESSION_TAKEN_OVER: u8 = 0x8E;
     pub const V4_SERVER_UNAVAILABLE: u8 = 0x03;
 }
 

@@ -22,6 +22,7 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>
 struct Running {
     addr: SocketAddr,
     gate: Arc<Gate>,
+    replica: Arc<crate::replicas::Replica>,
     stats: Arc<BrokerStats>,
     inner: Inner,
     credentials: PathBuf,
@@ -68,12 +69,28 @@ async fn start(
     let stop = CancellationToken::new();
     crate::start_rumqttd(broker, &inner, &config.mqtt, &stats, &stop).await?;
     let backpressure = Arc::new(Backpressure::new(0));
-    let (gate, addr) =
-        crate::open_gate(&config, &inner, backpressure, &stats, &stop, &stop).await?;
+    // A replica that writes no session records (no Kafka here); a test
+    // feeds it the records instead.
+    let replica = Arc::new(crate::replicas::Replica::new(
+        "test".into(),
+        None,
+        stats.clone(),
+    ));
+    let (gate, addr) = crate::open_gate(
+        &config,
+        &inner,
+        Some(replica.clone()),
+        backpressure,
+        &stats,
+        &stop,
+        &stop,
+    )
+    .await?;
     Ok((
         Running {
             addr,
             gate,
+            replica,
             stats,
             inner,
             credentials,
@@ -631,5 +648,64 @@ async fn port_probes_and_clean_disconnects_log_no_error() -> Result<()> {
         .filter(|e| e.level == tracing::Level::ERROR)
         .collect();
     assert!(errors.is_empty(), "logged at ERROR:\n{}", lines(&errors));
+    Ok(())
+}
+
+/// A newer session of the client on another replica (a record of
+/// `edgeloop.sessions` read after this session's own) closes the session
+/// here: an MQTT 5 client gets DISCONNECT 0x8E, an MQTT 3.1.1 one is
+/// closed; a record read before its own leaves it be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_session_on_another_replica_closes_this_one_with_disconnect_session_taken_over(
+) -> Result<()> {
+    use crate::replicas::{Outcome, SessionRecord};
+    let (b, passwords) = start(&["dev-1", "dev-2"], |_| {}).await?;
+    let elsewhere = |session: &str| SessionRecord {
+        replica: "other".into(),
+        session: session.into(),
+        connected_at_micros: 0,
+    };
+    for (level, device, password) in [(5, "dev-1", &passwords[0]), (4, "dev-2", &passwords[1])] {
+        let (mut s, connack, mut buf) =
+            connect(b.addr, level, device, device, password.as_bytes()).await?;
+        assert_eq!(connack.as_deref().and_then(packet::connack_code), Some(0));
+        let own = SessionRecord {
+            replica: "test".into(),
+            session: b.replica.session_of(device).ok_or("no session claimed")?,
+            connected_at_micros: 0,
+        };
+        // Older than this one: it stays.
+        assert_eq!(
+            b.replica.on_record(device, &elsewhere("x-1")),
+            Outcome::Kept
+        );
+        assert_eq!(b.replica.on_record(device, &own), Outcome::Own);
+        assert!(b.replica.is_connected(device));
+        // Newer: this one is closed.
+        assert_eq!(
+            b.replica.on_record(device, &elsewhere("x-2")),
+            Outcome::TakenOver
+        );
+        let next = next_packet_or_close(&mut s, &mut buf).await?;
+        if level == 5 {
+            assert_eq!(
+                next,
+                Some(packet::encode_disconnect(codes::V5_SESSION_TAKEN_OVER)),
+                "MQTT 5: DISCONNECT 0x8E"
+            );
+            assert_eq!(next_packet_or_close(&mut s, &mut buf).await?, None);
+        } else {
+            assert_eq!(next, None, "MQTT 3.1.1: closed");
+        }
+    }
+    assert_eq!(BrokerStats::get(&b.stats.sessions_taken_over), 2);
+    // The claims went with their connections.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while b.replica.session_of("dev-1").is_some() || b.replica.session_of("dev-2").is_some() {
+        if tokio::time::Instant::now() > deadline {
+            return Err("the closed sessions are still claimed after 30 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     Ok(())
 }
