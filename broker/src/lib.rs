@@ -245,6 +245,17 @@ pub async fn run(
     // The helper tasks below (endpoint, Kafka check, models follower) stop
     // with `shutdown`, and also when this function returns for any reason.
     let tasks = shutdown.child_token();
+    // Unready from the first moment of a shutdown, so a load balancer sends
+    // new devices elsewhere while this replica closes its connections.
+    {
+        let (stats, shutdown, tasks) = (stats.clone(), shutdown.clone(), tasks.clone());
+        tokio::spawn(async move {
+            tasks.cancelled().await;
+            if shutdown.is_cancelled() {
+                stats.stopping.store(true, Ordering::Relaxed);
+            }
+        });
+    }
     let _stop_tasks = tasks.clone().drop_guard();
     if let Some(addr) = config.metrics_listen {
         let listener = ops::bind(addr)
@@ -257,21 +268,33 @@ pub async fn run(
             }
         });
     }
-    edgeloop_kafka::ensure_topics(
-        &config.kafka,
-        &[topics::KAFKA_READINGS, topics::KAFKA_DEADLETTER],
-    )
-    .await?;
-    edgeloop_kafka::ensure_compacted_topics(
-        &config.kafka,
-        &[
-            topics::KAFKA_STATUS,
-            topics::KAFKA_MODELS,
-            topics::KAFKA_ACKS,
-            topics::KAFKA_SESSIONS,
-        ],
-    )
-    .await?;
+    // While Kafka is away at start-up the topic creation waits for it (up
+    // to two minutes); a shutdown then stops the broker at once.
+    let created = unless_shutdown(&shutdown, async {
+        edgeloop_kafka::ensure_topics(
+            &config.kafka,
+            &[topics::KAFKA_READINGS, topics::KAFKA_DEADLETTER],
+        )
+        .await?;
+        edgeloop_kafka::ensure_compacted_topics(
+            &config.kafka,
+            &[
+                topics::KAFKA_STATUS,
+                topics::KAFKA_MODELS,
+                topics::KAFKA_ACKS,
+                topics::KAFKA_SESSIONS,
+            ],
+        )
+        .await
+    })
+    .await;
+    match created {
+        Some(created) => created?,
+        None => {
+            tracing::info!("shutdown requested while waiting for Kafka at start-up: stopping");
+            return Ok(());
+        }
+    }
     let producer = bridge::producer(&config.kafka, &config.bridge, stats.clone())?;
     let replica = Arc::new(replicas::Replica::new(
         config.replica_id(),
@@ -293,14 +316,18 @@ pub async fn run(
         .map_err(|e| Error::Mqtt(e.to_string()))?;
     // Acks and models are back before devices can connect and before any
     // telemetry is taken.
-    let restored = bridge::restore_acks(
+    let restoring = bridge::restore_acks(
         &config.kafka,
         config.bridge.restore_timeout,
         &mut link_tx,
         replica.clone(),
         &stats,
-    )
-    .await?;
+    );
+    let Some(restored) = unless_shutdown(&shutdown, restoring).await else {
+        tracing::info!("shutdown requested while reading edgeloop.acks at start-up: stopping");
+        return Ok(());
+    };
+    let restored = restored?;
     // Sessions written from now on: every one this process will have.
     let sessions = bridge::compacted::consumer(&config.kafka, "edgeloop-bridge-sessions")?;
     bridge::compacted::assign_at_end(
@@ -365,6 +392,19 @@ pub async fn run(
     }
     result?;
     Ok(())
+}
+
+/// `step`, unless a shutdown comes first (then `None`, and `step` is
+/// dropped: the start-up steps it is used for are cancel-safe).
+async fn unless_shutdown<T>(
+    shutdown: &CancellationToken,
+    step: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        result = step => Some(result),
+    }
 }
 
 /// Starts rumqttd on a thread of its own, waits until its listeners accept
@@ -529,6 +569,31 @@ mod tests {
             .flat_map(|servers| servers.values().map(|s| s.name.clone()))
             .collect();
         assert_eq!(names.len(), 6, "{names:?}");
+    }
+
+    /// Without the start-up select, the broker keeps asking an absent Kafka
+    /// for its topics for two minutes after SIGTERM, and the wait below
+    /// times out.
+    #[tokio::test]
+    async fn a_shutdown_while_kafka_is_away_at_start_up_stops_the_broker_at_once() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = closed.local_addr().expect("addr");
+        drop(closed);
+        let mut config = BrokerConfig::default();
+        config.kafka.bootstrap_servers = addr.to_string();
+        config.mqtt.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.auth.allow_anonymous = true;
+        let (shutdown, ready) = (CancellationToken::new(), CancellationToken::new());
+        let stats = Arc::new(BrokerStats::default());
+        let run = tokio::spawn(run(config, shutdown.clone(), ready.clone(), stats));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!ready.is_cancelled(), "ready without a Kafka");
+        shutdown.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(15), run)
+            .await
+            .expect("the broker did not stop within 15 s of the shutdown")
+            .expect("the broker task");
+        assert!(result.is_ok(), "{result:?}");
     }
 
     /// The patch in vendor/rumqttd: a remote link waits for the router's

@@ -56,6 +56,9 @@ fn readiness(stats: &BrokerStats) -> Result<(), String> {
     if !stats.kafka_up.load(Ordering::Relaxed) {
         why.push("Kafka did not answer the last metadata request".to_string());
     }
+    if stats.stopping.load(Ordering::Relaxed) {
+        why.push("the broker is shutting down (closing its devices' connections)".to_string());
+    }
     let down = stats.listeners_down();
     if !down.is_empty() {
         why.push(format!(
@@ -636,6 +639,12 @@ mod tests {
         assert!(text.contains("edgeloop_broker_mqtt_listener_up{listener=\"v4-2\"} 0"));
         assert!(text.contains("edgeloop_broker_mqtt_listeners_down 1"));
         assert!(text.contains("edgeloop_broker_ready 0"));
+        // A shutdown makes it unready at once, whatever else holds.
+        stats.listeners.lock().unwrap().clear();
+        assert_eq!(readiness(&stats), Ok(()));
+        stats.stopping.store(true, Ordering::Relaxed);
+        let why = readiness(&stats).unwrap_err();
+        assert!(why.contains("shutting down"), "{why}");
     }
 
     /// A listener that accepts and closes, one that accepts and never

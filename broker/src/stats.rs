@@ -112,6 +112,9 @@ pub struct BrokerStats {
     /// readiness check.
     pub mqtt_up: AtomicBool,
     pub kafka_up: AtomicBool,
+    /// A shutdown has begun (SIGTERM): the broker is closing its devices'
+    /// connections, so it is no longer ready for new ones.
+    pub stopping: AtomicBool,
     /// rumqttd's listeners behind the gate (one per protocol level and
     /// listener thread), by name, and whether each answered the last probe
     /// (a CONNECT with the gate's credential, `crate::ops::check_listeners`).
@@ -134,10 +137,12 @@ impl BrokerStats {
     }
 
     /// Ready: the MQTT listener is up, every rumqttd listener behind it
-    /// answered its last probe, and Kafka answered the last check.
+    /// answered its last probe, Kafka answered the last check, and no
+    /// shutdown has begun.
     pub fn ready(&self) -> bool {
         self.mqtt_up.load(Ordering::Relaxed)
             && self.kafka_up.load(Ordering::Relaxed)
+            && !self.stopping.load(Ordering::Relaxed)
             && self.listeners_down().is_empty()
     }
 

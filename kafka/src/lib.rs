@@ -176,8 +176,10 @@ pub struct KafkaConfig {
     /// Bootstrap servers, `host:port[,host:port…]`.
     pub bootstrap_servers: String,
     /// Partitions of each topic edgeloop creates at start-up (existing topics
-    /// are left as they are). The readings topic's partition count bounds how
-    /// many processors can share the work.
+    /// are left as they are); 12 by default. The readings topic's partition
+    /// count bounds how many processors can share the work: 12 leaves room
+    /// to grow from one processor to twelve without adding partitions, which
+    /// moves devices between partitions (docs/kubernetes.md).
     pub partitions: i32,
     /// Replication factor of the topics edgeloop creates.
     pub replication_factor: i32,
@@ -210,7 +212,7 @@ impl Default for KafkaConfig {
     fn default() -> Self {
         KafkaConfig {
             bootstrap_servers: "127.0.0.1:9092".into(),
-            partitions: 4,
+            partitions: 12,
             replication_factor: 1,
             create_topics: true,
             librdkafka_options: BTreeMap::new(),

@@ -11,6 +11,9 @@
 //!   and replication of its configs, `min.insync.replicas=2`, compacted where
 //!   the code reads the topic as a table, and `docs/kubernetes.md` gives the
 //!   same topics as `kafka-topics.sh` commands;
+//! - the broker replicas: prod runs three or more with `RollingUpdate`, a
+//!   PodDisruptionBudget and an HPA on CPU; dev replaces its one replica by a
+//!   ready new one before the old stops;
 //! - the manifests match the binary: the containers' environment variables
 //!   are ones `edgeloop broker` / `edgeloop processor` read, the probes and
 //!   the Prometheus annotations name the port the metrics endpoint listens
@@ -622,6 +625,113 @@ fn selects(service: &Value, labels: &Value) -> bool {
         .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| &labels[k] == v))
 }
 
+/// How many pods `value` (an int or a percentage of `replicas`, rounded up as
+/// Kubernetes rounds maxUnavailable and maxSurge for a rolling update)
+/// stands for.
+fn pods_of(value: &Value, replicas: u64) -> Result<u64> {
+    if let Some(n) = value.as_u64() {
+        return Ok(n);
+    }
+    let percent: u64 = str_of(value, "int or percentage")?
+        .strip_suffix('%')
+        .context("a percentage ends with %")?
+        .parse()?;
+    Ok((replicas * percent).div_ceil(100))
+}
+
+/// The broker replicas (issue 22): prod runs three or more, replaced one at a
+/// time, kept two-of-three through a drain, scaled on CPU, named by pod, and
+/// reached through one Service; dev's single replica is replaced by a ready
+/// new one before the old stops.
+#[test]
+fn each_overlay_runs_broker_replicas_that_update_and_drain_one_at_a_time() -> Result<()> {
+    for overlay in OVERLAYS {
+        let docs = parse(&render(&k8s_dir().join("overlays").join(overlay))?)?;
+        let deployment = find(&docs, "Deployment", "edgeloop-broker")?;
+        let spec = &deployment["spec"];
+        let replicas = spec["replicas"].as_u64().unwrap_or(1);
+        let strategy = &spec["strategy"];
+        ensure!(
+            strategy["type"] == "RollingUpdate",
+            "{overlay}: the broker is replaced with {}, not RollingUpdate",
+            strategy["type"]
+        );
+        let unavailable = pods_of(&strategy["rollingUpdate"]["maxUnavailable"], replicas)?;
+        let surge = pods_of(&strategy["rollingUpdate"]["maxSurge"], replicas)?;
+        let pod_labels = &spec["template"]["metadata"]["labels"];
+        let container = &spec["template"]["spec"]["containers"][0];
+        let replica_id = container["env"]
+            .as_array()
+            .context("broker env")?
+            .iter()
+            .find(|e| e["name"] == "EDGELOOP_BROKER_REPLICA_ID")
+            .with_context(|| format!("{overlay}: the broker's replica_id is not set"))?;
+        ensure!(
+            replica_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name",
+            "{overlay}: EDGELOOP_BROKER_REPLICA_ID must be the pod's name: {replica_id}"
+        );
+        ensure!(
+            container["readinessProbe"]["httpGet"]["path"] == "/readyz",
+            "{overlay}: the broker's readiness is not /readyz"
+        );
+        ensure!(
+            selects(find(&docs, "Service", "edgeloop-broker")?, pod_labels),
+            "{overlay}: Service edgeloop-broker does not select the broker pods"
+        );
+        let budget = find(&docs, "PodDisruptionBudget", "edgeloop-broker")?;
+        let budget_labels = &budget["spec"]["selector"]["matchLabels"];
+        ensure!(
+            budget_labels
+                .as_object()
+                .is_some_and(|l| !l.is_empty() && l.iter().all(|(k, v)| &pod_labels[k] == v)),
+            "{overlay}: the broker's PodDisruptionBudget does not select its pods"
+        );
+        let evictable = match budget["spec"].get("maxUnavailable") {
+            Some(max) => pods_of(max, replicas)?,
+            None => replicas.saturating_sub(pods_of(&budget["spec"]["minAvailable"], replicas)?),
+        };
+        match *overlay {
+            "dev" => ensure!(
+                replicas == 1 && unavailable == 0 && surge == 1 && evictable == 1,
+                "dev: one broker, replaced by a ready new one before the old stops (maxSurge 1, \
+                 maxUnavailable 0), a drain not blocked: replicas {replicas}, maxSurge {surge}, \
+                 maxUnavailable {unavailable}, evictable {evictable}"
+            ),
+            _ => {
+                ensure!(
+                    replicas >= 3 && unavailable == 1 && surge >= 1 && evictable == 1,
+                    "{overlay}: three or more brokers, one at a time unavailable in an update and \
+                     in a drain: replicas {replicas}, maxSurge {surge}, maxUnavailable \
+                     {unavailable}, evictable {evictable}"
+                );
+                let hpa = find(&docs, "HorizontalPodAutoscaler", "edgeloop-broker")?;
+                let target = &hpa["spec"]["scaleTargetRef"];
+                ensure!(
+                    target["kind"] == "Deployment" && target["name"] == "edgeloop-broker",
+                    "{overlay}: the HPA scales {target}, not the broker Deployment"
+                );
+                let min = hpa["spec"]["minReplicas"].as_u64().unwrap_or(1);
+                let max = hpa["spec"]["maxReplicas"].as_u64().unwrap_or(0);
+                ensure!(
+                    min >= 3 && min == replicas && max > min,
+                    "{overlay}: the HPA's range {min}..={max} must start at the Deployment's \
+                     {replicas} replicas (at least three) and allow more"
+                );
+                let on_cpu = hpa["spec"]["metrics"].as_array().is_some_and(|m| {
+                    m.iter()
+                        .any(|m| m["type"] == "Resource" && m["resource"]["name"] == "cpu")
+                });
+                ensure!(on_cpu, "{overlay}: the broker's HPA does not scale on CPU");
+                ensure!(
+                    !container["resources"]["requests"]["cpu"].is_null(),
+                    "{overlay}: an HPA on CPU utilisation needs the broker's CPU request"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn the_dev_overlay_runs_a_single_node_kraft_kafka_statefulset() -> Result<()> {
     let docs = parse(&render(&k8s_dir().join("overlays/dev"))?)?;
@@ -1029,6 +1139,19 @@ fn the_prod_overlay_declares_every_edgeloop_topic() -> Result<()> {
             "prod: KafkaTopic {name}: cleanup.policy {policy}, but topics.rs says {}",
             if *compacted { "compact" } else { "delete" }
         );
+        // A compacted topic really compacts: the settings edgeloop gives the
+        // compacted topics it creates (kafka.compacted_topic_config).
+        let compaction = edgeloop_kafka::default_compacted_topic_config();
+        if *compacted {
+            for (key, value) in &compaction {
+                ensure!(
+                    setting(key).as_deref() == Some(value.as_str()),
+                    "prod: KafkaTopic {name}: {key} must be {value} (kafka.compacted_topic_config), \
+                     not {:?}",
+                    setting(key)
+                );
+            }
+        }
 
         // The same topic as a kafka-topics.sh command in docs/kubernetes.md.
         let command = commands
@@ -1052,6 +1175,16 @@ fn the_prod_overlay_declares_every_edgeloop_topic() -> Result<()> {
             command.join(" ")
         );
         let configs = arg("--config");
+        if *compacted {
+            for (key, value) in &compaction {
+                let want = format!("{key}={value}");
+                ensure!(
+                    configs.contains(&want.as_str()),
+                    "docs/kubernetes.md: the command for {name} must set {want}: {}",
+                    command.join(" ")
+                );
+            }
+        }
         ensure!(
             configs.contains(&"min.insync.replicas=2")
                 && configs.contains(&"cleanup.policy=compact") == *compacted,
