@@ -237,7 +237,7 @@ struct ProcessorArgs {
     /// Root directory of the Parquet data set.
     #[arg(long, env = "EDGELOOP_PARQUET_ROOT")]
     parquet_root: Option<PathBuf>,
-    /// Kafka consumer session timeout, e.g. `45s`: how long a silent member
+    /// Kafka consumer session timeout, default `10s`: how long a silent member
     /// keeps its partitions (with --instance-id, a restart within it resumes them).
     #[arg(long, env = "EDGELOOP_SESSION_TIMEOUT", value_parser = humantime::parse_duration)]
     session_timeout: Option<Duration>,
@@ -291,7 +291,9 @@ struct AgentArgs {
     /// Device profile.
     #[arg(long, env = "EDGELOOP_PROFILE")]
     profile: Option<String>,
-    /// MQTT broker, HOST:PORT.
+    /// MQTT broker, HOST:PORT; several broker replicas as
+    /// HOST:PORT,HOST:PORT,… (the first is mqtt.host and mqtt.port, the
+    /// others mqtt.fallback_servers, tried in turn after a lost connection).
     #[arg(long, env = "EDGELOOP_MQTT")]
     mqtt: Option<String>,
     /// File holding the MQTT password (from `edgeloop broker add-device`;
@@ -624,7 +626,10 @@ async fn main() -> Result<()> {
                 config.profile = p;
             }
             if let Some(mqtt) = args.mqtt {
-                (config.mqtt.host, config.mqtt.port) = split_host_port(&mqtt)?;
+                let mut servers = mqtt.split(',').map(str::trim);
+                (config.mqtt.host, config.mqtt.port) =
+                    split_host_port(servers.next().unwrap_or_default())?;
+                config.mqtt.fallback_servers = servers.map(str::to_string).collect();
             }
             if let Some(password) = agent_password(
                 args.password.is_some(),

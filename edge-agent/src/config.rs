@@ -86,6 +86,13 @@ pub struct MqttConfig {
     pub host: String,
     /// Broker MQTT port.
     pub port: u16,
+    /// More broker replicas, `HOST:PORT` each, for when `host`:`port` is
+    /// away: after each lost or refused connection the agent tries the next
+    /// address of `host:port` then these, in turn (wrapping around), as a
+    /// Paho client does with its list of server URIs. The replicas must
+    /// bridge to the same Kafka (docs/broker.md, "Several replicas"). Empty
+    /// by default: only `host`:`port`, as behind a load balancer.
+    pub fallback_servers: Vec<String>,
     /// MQTT keep-alive interval.
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
@@ -111,6 +118,7 @@ impl Default for MqttConfig {
         MqttConfig {
             host: "127.0.0.1".into(),
             port: 1883,
+            fallback_servers: Vec::new(),
             keep_alive: Duration::from_secs(30),
             max_packet_bytes: 1 << 20,
             max_inflight: 64,
@@ -195,6 +203,30 @@ impl Default for UplinkConfig {
     }
 }
 
+impl MqttConfig {
+    /// The brokers to connect to, in the order they are tried: `host`:`port`,
+    /// then `fallback_servers`. An error names the entry that is not
+    /// `HOST:PORT`.
+    pub fn servers(&self) -> Result<Vec<(String, u16)>, String> {
+        let mut servers = vec![(self.host.clone(), self.port)];
+        for (i, server) in self.fallback_servers.iter().enumerate() {
+            let parsed = server
+                .rsplit_once(':')
+                .filter(|(host, _)| !host.is_empty())
+                .and_then(|(host, port)| Some((host.to_string(), port.parse::<u16>().ok()?)));
+            match parsed {
+                Some((_, 0)) | None => {
+                    return Err(format!(
+                        "mqtt.fallback_servers[{i}]: {server:?} is not HOST:PORT (a port from 1 to 65535)"
+                    ))
+                }
+                Some(s) => servers.push(s),
+            }
+        }
+        Ok(servers)
+    }
+}
+
 impl AgentConfig {
     /// Checks every field; the error names the one that is wrong.
     pub fn validate(&self) -> Result<(), String> {
@@ -209,6 +241,7 @@ impl AgentConfig {
         if self.mqtt.host.is_empty() {
             return Err("mqtt.host: must not be empty".into());
         }
+        self.mqtt.servers()?;
         if self.mqtt.max_inflight == 0 {
             return Err("mqtt.max_inflight: must be at least 1".into());
         }
@@ -339,5 +372,27 @@ mod tests {
         assert!(err.starts_with("mqtt.connect_timeout"), "{err}");
         config.mqtt.connect_timeout = Duration::from_secs(1);
         config.validate().expect("1s is allowed");
+    }
+
+    #[test]
+    fn fallback_servers_follow_the_first_and_a_bad_one_is_named() {
+        let mut config: AgentConfig = toml::from_str(
+            "[mqtt]\nhost = \"10.0.0.1\"\nport = 1883\nfallback_servers = [\"10.0.0.2:1884\", \"broker-c:1885\"]\n",
+        )
+        .expect("parses");
+        config.validate().expect("valid");
+        assert_eq!(
+            config.mqtt.servers(),
+            Ok(vec![
+                ("10.0.0.1".to_string(), 1883),
+                ("10.0.0.2".to_string(), 1884),
+                ("broker-c".to_string(), 1885)
+            ])
+        );
+        for bad in ["10.0.0.3", ":1883", "host:0", "host:99999", "host:x"] {
+            config.mqtt.fallback_servers = vec!["ok:1".into(), bad.into()];
+            let err = config.validate().expect_err(bad);
+            assert!(err.starts_with("mqtt.fallback_servers[1]"), "{bad}: {err}");
+        }
     }
 }

@@ -98,6 +98,11 @@ pub fn render(stats: &AgentStats, now_micros: i64) -> String {
             &stats.reconnects,
         ),
         (
+            "edgeloop_agent_broker_switches_total",
+            "Lost or refused MQTT connections after which the next broker (mqtt.fallback_servers) was tried",
+            &stats.server_switches,
+        ),
+        (
             "edgeloop_agent_readings_lost_total",
             "Readings the spool lost (evicted when full or too old, or corrupt on disk) since it was opened; each is reported to the cloud in a loss report",
             &stats.readings_lost,

@@ -20,6 +20,9 @@ pub struct AgentStats {
     pub loss_reports_sent: AtomicU64,
     /// Connections lost and re-established.
     pub reconnects: AtomicU64,
+    /// Times a lost or refused connection moved on to the next broker of
+    /// `mqtt.host` and `mqtt.fallback_servers`.
+    pub server_switches: AtomicU64,
     /// Readings waiting in the spools, unacknowledged (a gauge).
     pub backlog_readings: AtomicU64,
     /// Bytes of the spools' segments (a gauge).

@@ -5,6 +5,8 @@
 //!   (each replica follows `edgeloop.acks`).
 //! - A device connected to two replicas at once keeps only its newest
 //!   session: the older replica closes its connection (`edgeloop.sessions`).
+//! - An agent given both replicas (`--mqtt A,B`) moves to B when A is
+//!   killed, and every reading it took lands once.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -32,7 +34,7 @@ fn edgeloop_bin() -> PathBuf {
 struct Replica {
     mqtt: SocketAddr,
     ops: SocketAddr,
-    _process: Component,
+    process: Component,
 }
 
 /// `edgeloop broker` as replica `id` on `kafka`, once its MQTT listener
@@ -61,11 +63,7 @@ async fn start_replica(dir: &Path, kafka: &LocalKafka, id: &str) -> Result<Repli
         }
     })
     .await?;
-    Ok(Replica {
-        mqtt,
-        ops,
-        _process: process,
-    })
+    Ok(Replica { mqtt, ops, process })
 }
 
 /// A device's MQTT connection: its client, the acks it receives, and word
@@ -431,5 +429,105 @@ async fn a_model_published_once_is_retained_on_every_replica() -> Result<()> {
             retained_model_version(replica.mqtt, &format!("dev-model-{name}"), &topic).await?;
         ensure!(version == 3, "replica {name} retains version {version}");
     }
+    Ok(())
+}
+
+/// An agent's counter on its /metrics.
+async fn agent_metric(ops: SocketAddr, name: &str) -> Result<f64> {
+    let exposition = http_get(ops, "/metrics").await?;
+    metric(&exposition, name).with_context(|| format!("{name} is not on the agent's /metrics"))
+}
+
+/// Without `mqtt.fallback_servers` the agent keeps reconnecting to the
+/// killed replica A: no reading is acknowledged after the kill, and the wait
+/// for more acks times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_moves_to_the_next_replica_when_its_replica_is_killed() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let kafka = start_kafka(dir.path()).await?;
+    let mut a = start_replica(dir.path(), &kafka, "a").await?;
+    let b = start_replica(dir.path(), &kafka, "b").await?;
+    let device = "dev-failover";
+    let (servers, ops) = (format!("{},{}", a.mqtt, b.mqtt), free_addr()?);
+    let (ops_arg, spool) = (ops.to_string(), dir.path().join("spool"));
+    let spool = spool.to_string_lossy();
+    const TAKEN: u64 = 3_000;
+    let limit = TAKEN.to_string();
+    let mut agent = Component::start(
+        &edgeloop_bin(),
+        "agent",
+        &[
+            "agent",
+            "--device-id",
+            device,
+            "--mqtt",
+            &servers,
+            "--rate",
+            "200",
+            "--limit",
+            &limit,
+            "--batch-size",
+            "50",
+            "--spool-dir",
+            &spool,
+            "--metrics-listen",
+            &ops_arg,
+        ],
+        dir.path(),
+    )?;
+    // The agent's acknowledged readings, once at least `at_least` (its
+    // endpoint may not answer yet at first).
+    let acked = |at_least: f64| {
+        move || async move {
+            let m = agent_metric(ops, "edgeloop_agent_readings_acknowledged_total").await;
+            Ok(m.ok().filter(|n| *n >= at_least))
+        }
+    };
+    let before = wait_for(
+        Duration::from_secs(60),
+        "500 readings acknowledged by A",
+        acked(500.0),
+    )
+    .await?;
+    ensure!(
+        metric_of(&b, "edgeloop_bridge_batches_received_total").await? == 0.0,
+        "the agent published to B before A was killed"
+    );
+    a.process.kill9().await?;
+    let after = wait_for(
+        Duration::from_secs(60),
+        "readings acknowledged after A was killed",
+        acked(before + 500.0),
+    )
+    .await?;
+    eprintln!("acknowledged {before} before the kill, {after} after");
+    ensure!(
+        agent_metric(ops, "edgeloop_agent_broker_switches_total").await? >= 1.0,
+        "the agent counted no move to another broker"
+    );
+    let status = wait_for(
+        Duration::from_secs(120),
+        "the agent to finish its readings",
+        || {
+            let exited = agent.exited();
+            async move { exited }
+        },
+    )
+    .await?;
+    ensure!(
+        status.success(),
+        "agent exited with {status}: {}",
+        agent.tail_log()
+    );
+    let in_kafka = seqs_in_kafka(&kafka, device)?;
+    ensure!(
+        in_kafka == (0..TAKEN).collect::<BTreeSet<_>>(),
+        "{} of {TAKEN} seqs in Kafka; missing {:?}",
+        in_kafka.len(),
+        (0..TAKEN)
+            .filter(|s| !in_kafka.contains(s))
+            .take(20)
+            .collect::<Vec<_>>()
+    );
     Ok(())
 }

@@ -42,6 +42,8 @@ use crate::stats::AgentStats;
 pub enum UplinkError {
     #[error("the MQTT event loop of {device} stopped unexpectedly")]
     EventLoopGone { device: String },
+    #[error("invalid agent config: {0}")]
+    Config(String),
 }
 
 #[derive(Debug)]
@@ -127,6 +129,27 @@ fn next_batch(
     }))
 }
 
+/// The MQTT options of a connection to `server`, with `will` as the last
+/// will on `status_topic`.
+fn mqtt_options(
+    config: &AgentConfig,
+    (host, port): &(String, u16),
+    status_topic: &str,
+    will: Vec<u8>,
+) -> MqttOptions {
+    let mut options = MqttOptions::new(&config.device_id, host, *port);
+    options
+        .set_keep_alive(config.mqtt.keep_alive)
+        .set_clean_session(true)
+        .set_max_packet_size(config.mqtt.max_packet_bytes, config.mqtt.max_packet_bytes)
+        .set_inflight(config.mqtt.max_inflight)
+        .set_last_will(LastWill::new(status_topic, will, QoS::AtLeastOnce, true));
+    if let (Some(user), Some(pass)) = (&config.mqtt.username, &config.mqtt.password) {
+        options.set_credentials(user, pass);
+    }
+    options
+}
+
 /// Which lane the next batch comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lane {
@@ -151,21 +174,9 @@ pub async fn run(
     let status_topic = topics::status(&device);
     let up = &config.uplink;
 
-    let mut options = MqttOptions::new(&device, &config.mqtt.host, config.mqtt.port);
-    options
-        .set_keep_alive(config.mqtt.keep_alive)
-        .set_clean_session(true)
-        .set_max_packet_size(config.mqtt.max_packet_bytes, config.mqtt.max_packet_bytes)
-        .set_inflight(config.mqtt.max_inflight)
-        .set_last_will(LastWill::new(
-            &status_topic,
-            status(config, &spool, false, updater.as_ref()).encode_to_vec(),
-            QoS::AtLeastOnce,
-            true,
-        ));
-    if let (Some(user), Some(pass)) = (&config.mqtt.username, &config.mqtt.password) {
-        options.set_credentials(user, pass);
-    }
+    let servers = config.mqtt.servers().map_err(UplinkError::Config)?;
+    let will = status(config, &spool, false, updater.as_ref()).encode_to_vec();
+    let options = mqtt_options(config, &servers[0], &status_topic, will.clone());
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let mut network = eventloop.network_options();
     network.set_connection_timeout(config.mqtt.connect_timeout.as_secs().max(1));
@@ -181,8 +192,10 @@ pub async fn run(
         let models = models.clone();
         let updater = updater.clone();
         let (config, spool, status_topic) = (config.clone(), spool.clone(), status_topic.clone());
+        let (servers, stats) = (servers.clone(), stats.clone());
         tokio::spawn(async move {
             let mut backoff = min;
+            let (mut server, mut will) = (0usize, will);
             loop {
                 let polled = tokio::select! {
                     _ = stop.cancelled() => break,
@@ -228,12 +241,27 @@ pub async fn run(
                         // The will set at start-up would report the models
                         // of then: renew it for the next connection.
                         if updater.is_some() {
+                            will = status(&config, &spool, false, updater.as_ref()).encode_to_vec();
                             eventloop.mqtt_options.set_last_will(LastWill::new(
                                 &status_topic,
-                                status(&config, &spool, false, updater.as_ref()).encode_to_vec(),
+                                will.clone(),
                                 QoS::AtLeastOnce,
                                 true,
                             ));
+                        }
+                        // With several brokers, the next connection goes to
+                        // the next one.
+                        if servers.len() > 1 {
+                            server = (server + 1) % servers.len();
+                            let (host, port) = &servers[server];
+                            tracing::debug!(%device, %host, port, "trying the next broker");
+                            eventloop.mqtt_options = mqtt_options(
+                                &config,
+                                &servers[server],
+                                &status_topic,
+                                will.clone(),
+                            );
+                            AgentStats::add(&stats.server_switches, 1);
                         }
                         if event_tx.send(LinkEvent::Disconnected).await.is_err() {
                             break;
