@@ -200,7 +200,9 @@ pub fn check(
                 Some(dir.unwrap_or(Path::new("."))),
                 &Default::default(),
             )?;
-            plan.broker.validate().map_err(anyhow::Error::msg)?;
+            for broker in &plan.brokers {
+                broker.validate().map_err(anyhow::Error::msg)?;
+            }
             // `up` makes the control API's token itself.
             let mut processor = plan.processor.clone();
             processor.control.token = Some("0123456789abcdef0123".into());

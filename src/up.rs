@@ -78,6 +78,12 @@ pub struct UpArgs {
     /// MQTT listen address of the broker [default: 127.0.0.1:1883].
     #[arg(long, env = "EDGELOOP_MQTT_LISTEN")]
     mqtt_listen: Option<SocketAddr>,
+    /// Broker replicas, on the MQTT (and metrics) ports counted up from
+    /// --mqtt-listen (and --broker-metrics-listen); the devices are spread
+    /// over them and move to the next one after a lost connection
+    /// (docs/broker.md, "Several replicas") [default: 1].
+    #[arg(long, env = "EDGELOOP_BROKERS")]
+    brokers: Option<usize>,
     /// Close Parquet files (and commit their offsets) at this age at the
     /// latest [default: 10s].
     #[arg(long, env = "EDGELOOP_SINK_MAX_AGE", value_parser = humantime::parse_duration)]
@@ -112,6 +118,7 @@ impl UpArgs {
             file_max_age: self.file_max_age,
             control_listen: self.control_listen,
             broker_metrics_listen: self.broker_metrics_listen,
+            brokers: self.brokers,
             replay: self.replay.clone(),
             replay_rate: self.replay_rate,
             replay_realtime: self.replay_realtime,
@@ -147,11 +154,20 @@ impl UpArgs {
 
 struct Counters {
     fleet: Arc<AgentStats>,
-    broker: Arc<BrokerStats>,
+    /// One per broker replica.
+    brokers: Vec<Arc<BrokerStats>>,
     processor: Arc<ProcessorStats>,
 }
 
 impl Counters {
+    /// A broker counter summed over the replicas.
+    fn brokers(&self, counter: impl Fn(&BrokerStats) -> &std::sync::atomic::AtomicU64) -> u64 {
+        self.brokers
+            .iter()
+            .map(|b| BrokerStats::get(counter(b)))
+            .sum()
+    }
+
     fn line(&self, elapsed: Duration, rate: f64) -> String {
         let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         format!(
@@ -161,7 +177,7 @@ impl Counters {
             g(&self.fleet.readings_acknowledged),
             g(&self.fleet.backlog_readings),
             g(&self.fleet.readings_lost),
-            g(&self.broker.readings_in_kafka),
+            self.brokers(|b| &b.readings_in_kafka),
             g(&self.processor.rows_written),
             g(&self.processor.files_written),
             g(&self.processor.dead_letters),
@@ -200,15 +216,24 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
         }
     };
 
-    let mut broker_config = plan.broker;
+    let mut broker_configs = plan.brokers;
     // Device identity: each device gets a credential of its own (the
     // broker keeps the hash, the device its password), kept across runs.
     let ids: Vec<String> = plan.devices.iter().map(|d| d.device_id.clone()).collect();
     let (credentials_file, passwords) = provision_fleet(&data_dir, &ids)?;
-    broker_config.auth.credentials_file = Some(credentials_file);
-    broker_config.kafka.bootstrap_servers = bootstrap.clone();
-    let mqtt_listen = broker_config.mqtt.listen;
-    let broker_metrics = broker_config.metrics_listen;
+    for broker in &mut broker_configs {
+        broker.auth.credentials_file = Some(credentials_file.clone());
+        broker.kafka.bootstrap_servers = bootstrap.clone();
+    }
+    let mqtt_listens: Vec<String> = broker_configs
+        .iter()
+        .map(|b| b.mqtt.listen.to_string())
+        .collect();
+    let broker_metrics: Vec<String> = broker_configs
+        .iter()
+        .filter_map(|b| b.metrics_listen)
+        .map(|a| format!("http://{a}/metrics"))
+        .collect();
     let mut processor_config = plan.processor;
     processor_config.kafka.bootstrap_servers = bootstrap.clone();
     // The simulator's labelling rules: DIR/rules.toml, written from the
@@ -247,7 +272,9 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
             device.mqtt.password = Some(password.clone());
         }
     }
-    broker_config.validate().map_err(anyhow::Error::msg)?;
+    for broker in &broker_configs {
+        broker.validate().map_err(anyhow::Error::msg)?;
+    }
     processor_config.validate().map_err(anyhow::Error::msg)?;
     warn_of_profiles_without_models(&processor_config, &devices);
     if processor_config.rules_file.is_none() {
@@ -258,31 +285,56 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
 
     let counters = Counters {
         fleet: Arc::new(AgentStats::default()),
-        broker: Arc::new(BrokerStats::default()),
+        brokers: broker_configs
+            .iter()
+            .map(|_| Arc::new(BrokerStats::default()))
+            .collect(),
         processor: Arc::new(ProcessorStats::default()),
     };
 
+    // The broker replicas, each a task; the first to end (an error, or a
+    // stop nobody asked for) ends the run.
     let broker_stop = CancellationToken::new();
-    let broker_ready = CancellationToken::new();
-    let mut broker = tokio::spawn(edgeloop_broker::run(
-        broker_config,
-        broker_stop.clone(),
-        broker_ready.clone(),
-        counters.broker.clone(),
-    ));
-    tokio::select! {
-        _ = broker_ready.cancelled() => {}
-        result = &mut broker => {
-            result.context("broker task")??;
-            anyhow::bail!("the broker stopped during start-up");
+    let mut brokers = tokio::task::JoinSet::new();
+    let mut readies = Vec::new();
+    for (i, (config, stats)) in broker_configs
+        .into_iter()
+        .zip(&counters.brokers)
+        .enumerate()
+    {
+        let ready = CancellationToken::new();
+        readies.push(ready.clone());
+        let (stop, stats) = (broker_stop.clone(), stats.clone());
+        brokers.spawn(async move { (i, edgeloop_broker::run(config, stop, ready, stats).await) });
+    }
+    for ready in &readies {
+        tokio::select! {
+            _ = ready.cancelled() => {}
+            Some(joined) = brokers.join_next() => {
+                let (i, result) = joined.context("broker task")?;
+                result?;
+                anyhow::bail!("broker replica {i} stopped during start-up");
+            }
         }
     }
-    println!(
-        "MQTT broker on {mqtt_listen}; bridge to Kafka {bootstrap}{}",
-        broker_metrics
-            .map(|a| format!("; broker metrics on http://{a}/metrics"))
-            .unwrap_or_default()
-    );
+    let metrics_line = if broker_metrics.is_empty() {
+        String::new()
+    } else {
+        format!("; broker metrics on {}", broker_metrics.join(", "))
+    };
+    if mqtt_listens.len() == 1 {
+        println!(
+            "MQTT broker on {}; bridge to Kafka {bootstrap}{metrics_line}",
+            mqtt_listens[0]
+        );
+    } else {
+        println!(
+            "{} MQTT broker replicas on {}, the devices spread over them (each moves to the next \
+             after a lost connection); bridges to Kafka {bootstrap}{metrics_line}",
+            mqtt_listens.len(),
+            mqtt_listens.join(", ")
+        );
+    }
 
     let processor_stop = CancellationToken::new();
     let processor_config_trained = processor_config.trainer.enabled;
@@ -342,9 +394,10 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
                 result.context("processor task")??;
                 anyhow::bail!("the stream processor stopped unexpectedly");
             }
-            result = &mut broker => {
-                result.context("broker task")??;
-                anyhow::bail!("the broker stopped unexpectedly");
+            Some(joined) = brokers.join_next() => {
+                let (i, result) = joined.context("broker task")?;
+                result?;
+                anyhow::bail!("broker replica {i} stopped unexpectedly");
             }
             _ = ticker.tick() => {
                 let rows = ProcessorStats::get(&counters.processor.rows_written);
@@ -365,9 +418,11 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> Result<()> {
     }
     .context("fleet task")??;
     broker_stop.cancel();
-    broker.await.context("broker task")??;
+    while let Some(joined) = brokers.join_next().await {
+        joined.context("broker task")?.1?;
+    }
     // Let the processor take everything Kafka acknowledged before it stops.
-    let in_kafka = BrokerStats::get(&counters.broker.batches_in_kafka);
+    let in_kafka = counters.brokers(|b| &b.batches_in_kafka);
     let wait_until = Instant::now() + Duration::from_secs(20);
     while ProcessorStats::get(&counters.processor.records_consumed) < in_kafka
         && Instant::now() < wait_until

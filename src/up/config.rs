@@ -39,6 +39,10 @@ pub struct UpFile {
     pub duration: Option<Duration>,
     /// The Kafka `up` uses or starts.
     pub kafka: UpKafka,
+    /// Broker replicas (default 1), each on its own MQTT port counted up
+    /// from `broker.mqtt.listen` (and its metrics port from
+    /// `broker.metrics_listen`); the devices are spread over them.
+    pub brokers: Option<usize>,
     /// The devices, in groups.
     pub devices: Vec<DeviceGroup>,
     /// `edgeloop broker`'s config (config/broker.example.toml).
@@ -165,6 +169,7 @@ pub struct Overrides {
     pub file_max_age: Option<Duration>,
     pub control_listen: Option<SocketAddr>,
     pub broker_metrics_listen: Option<SocketAddr>,
+    pub brokers: Option<usize>,
     pub replay: Vec<PathBuf>,
     pub replay_rate: Option<f64>,
     pub replay_realtime: bool,
@@ -182,7 +187,8 @@ pub struct Plan {
     pub kafka_listen: SocketAddr,
     pub kafka_controller_listen: Option<SocketAddr>,
     pub kafka_heap: String,
-    pub broker: BrokerConfig,
+    /// One config per broker replica, without credentials.
+    pub brokers: Vec<BrokerConfig>,
     pub processor: ProcessorConfig,
     /// One config per device, without credentials.
     pub devices: Vec<AgentConfig>,
@@ -413,6 +419,11 @@ pub fn plan(file: UpFile, file_dir: Option<&Path>, over: &Overrides) -> Result<P
         "127.0.0.1:9465",
     );
     let broker: BrokerConfig = component("broker", broker_table)?;
+    let replicas = over.brokers.or(file.brokers).unwrap_or(1);
+    if !(1..=MAX_BROKERS).contains(&replicas) {
+        bail!("brokers: {replicas} broker replicas; give 1 to {MAX_BROKERS}");
+    }
+    let brokers = broker_replicas(&broker, replicas)?;
 
     // The processor.
     let mut table = file.processor.clone();
@@ -459,13 +470,43 @@ pub fn plan(file: UpFile, file_dir: Option<&Path>, over: &Overrides) -> Result<P
         processor.trainer = default_trainer(&processor, only_simulated, &common, &data_dir)?;
     }
 
-    let listen = broker.mqtt.listen;
-    template.mqtt.host = if listen.ip().is_unspecified() {
-        "127.0.0.1".into()
-    } else {
-        listen.ip().to_string()
-    };
-    template.mqtt.port = listen.port();
+    // No two listeners on one address.
+    let mut addresses: Vec<(String, SocketAddr)> = Vec::new();
+    for (i, b) in brokers.iter().enumerate() {
+        addresses.push((format!("broker {i}'s mqtt.listen"), b.mqtt.listen));
+        if let Some(a) = b.mqtt.tls_listen {
+            addresses.push((format!("broker {i}'s mqtt.tls_listen"), a));
+        }
+        if let Some(a) = b.metrics_listen {
+            addresses.push((format!("broker {i}'s metrics_listen"), a));
+        }
+    }
+    if let Some(a) = processor.control.listen {
+        addresses.push(("processor.control.listen".into(), a));
+    }
+    if let Some(a) = processor.metrics_listen {
+        addresses.push(("processor.metrics_listen".into(), a));
+    }
+    for (i, (what, addr)) in addresses.iter().enumerate() {
+        if let Some((other, _)) = addresses[..i].iter().find(|(_, a)| a == addr) {
+            bail!("{other} and {what} are both {addr}: give one of them another address");
+        }
+    }
+    // Where devices connect: a replica's listen address, loopback for an
+    // unspecified one.
+    let servers: Vec<(String, u16)> = brokers
+        .iter()
+        .map(|b| {
+            let listen = b.mqtt.listen;
+            let host = if listen.ip().is_unspecified() {
+                "127.0.0.1".into()
+            } else {
+                listen.ip().to_string()
+            };
+            (host, listen.port())
+        })
+        .collect();
+    (template.mqtt.host, template.mqtt.port) = servers[0].clone();
     if !file.agent.contains_key("spool") || over.data_dir.is_some() {
         template.spool.dir = data_dir.join("spool");
     } else {
@@ -490,8 +531,19 @@ pub fn plan(file: UpFile, file_dir: Option<&Path>, over: &Overrides) -> Result<P
         .collect();
     let mut devices = Vec::new();
     let mut simulated = 0usize;
-    for (id, profile, source) in sources {
+    for (k, (id, profile, source)) in sources.into_iter().enumerate() {
         let mut config = template.clone();
+        // Spread over the replicas as a load balancer would: device k
+        // starts on replica k mod N and moves on to the next after a lost
+        // connection.
+        if servers.len() > 1 {
+            let first = k % servers.len();
+            let mut order = servers[first..].iter().chain(&servers[..first]);
+            if let Some((host, port)) = order.next() {
+                (config.mqtt.host, config.mqtt.port) = (host.clone(), *port);
+            }
+            config.mqtt.fallback_servers = order.map(|(h, p)| format!("{h}:{p}")).collect();
+        }
         config.spool.dir = template.spool.dir.join(&id);
         if let Some(dir) = &template.models.dir {
             config.models.dir = Some(dir.join(&id));
@@ -530,7 +582,7 @@ pub fn plan(file: UpFile, file_dir: Option<&Path>, over: &Overrides) -> Result<P
             .clone()
             .or(file.kafka.heap)
             .unwrap_or_else(|| "1g".into()),
-        broker,
+        brokers,
         processor,
         devices,
         description,
@@ -538,6 +590,42 @@ pub fn plan(file: UpFile, file_dir: Option<&Path>, over: &Overrides) -> Result<P
         batch_size,
         ends_by_itself: !any_simulated(&groups),
     })
+}
+
+/// Broker replicas `up` runs at most.
+pub const MAX_BROKERS: usize = 16;
+
+/// `n` replicas of `broker`: replica i listens on the ports of `broker`
+/// plus i (MQTT, MQTT over TLS, metrics) and is named `up-broker-{i}`
+/// unless the config names it (then `{name}-{i}`).
+fn broker_replicas(broker: &BrokerConfig, n: usize) -> Result<Vec<BrokerConfig>> {
+    if n == 1 {
+        return Ok(vec![broker.clone()]);
+    }
+    let plus = |addr: SocketAddr, i: usize, field: &str| -> Result<SocketAddr> {
+        let port = u16::try_from(usize::from(addr.port()) + i)
+            .ok()
+            .filter(|p| *p != 0)
+            .with_context(|| format!("broker.{field}: no port {i} above {addr} for replica {i}"))?;
+        Ok(SocketAddr::new(addr.ip(), port))
+    };
+    (0..n)
+        .map(|i| {
+            let mut replica = broker.clone();
+            replica.mqtt.listen = plus(broker.mqtt.listen, i, "mqtt.listen")?;
+            if let Some(tls) = broker.mqtt.tls_listen {
+                replica.mqtt.tls_listen = Some(plus(tls, i, "mqtt.tls_listen")?);
+            }
+            if let Some(metrics) = broker.metrics_listen {
+                replica.metrics_listen = Some(plus(metrics, i, "metrics_listen")?);
+            }
+            replica.replica_id = Some(match &broker.replica_id {
+                Some(name) => format!("{name}-{i}"),
+                None => format!("up-broker-{i}"),
+            });
+            Ok(replica)
+        })
+        .collect()
 }
 
 /// The trainer of a config that sets none: for simulated devices the
@@ -730,7 +818,9 @@ mod tests {
         assert!(!plan.devices.is_empty());
         // `up` adds the control API's token.
         plan.processor.control.token = Some("0123456789abcdef0123".into());
-        plan.broker.validate().map_err(anyhow::Error::msg)?;
+        for broker in &plan.brokers {
+            broker.validate().map_err(anyhow::Error::msg)?;
+        }
         plan.processor.validate().map_err(anyhow::Error::msg)?;
         // Every device's profile has models to get.
         for d in &plan.devices {
@@ -797,7 +887,7 @@ mod tests {
         let p = plan(file, Some(dir.path()), &Overrides::default())?;
         assert_eq!(p.devices.len(), 3);
         assert_eq!(p.data_dir, dir.path().join("run"));
-        assert_eq!(p.broker.mqtt.listen.port(), 2883);
+        assert_eq!(p.brokers[0].mqtt.listen.port(), 2883);
         assert_eq!(p.devices[0].mqtt.port, 2883);
         assert_eq!(p.processor.sink.max_age, Duration::from_secs(3));
         assert_eq!(p.processor.control.listen.map(|a| a.port()), Some(9470));
@@ -812,7 +902,66 @@ mod tests {
         };
         let p = plan(file, Some(dir.path()), &over)?;
         assert_eq!(p.devices.len(), 5);
-        assert_eq!(p.broker.mqtt.listen.port(), 3883);
+        assert_eq!(p.brokers[0].mqtt.listen.port(), 3883);
+        Ok(())
+    }
+
+    #[test]
+    fn broker_replicas_take_the_next_ports_and_the_devices_are_spread_over_them() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = read(
+            "brokers = 3\n[[devices]]\nkind = \"simulated\"\ncount = 4\n\
+             [broker]\nmetrics_listen = \"127.0.0.1:7465\"\n[broker.mqtt]\nlisten = \"127.0.0.1:2883\"\n",
+            dir.path(),
+        )?;
+        let p = plan(file, Some(dir.path()), &Overrides::default())?;
+        let ports: Vec<(u16, Option<u16>, Option<String>)> = p
+            .brokers
+            .iter()
+            .map(|b| {
+                (
+                    b.mqtt.listen.port(),
+                    b.metrics_listen.map(|a| a.port()),
+                    b.replica_id.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (2883, Some(7465), Some("up-broker-0".into())),
+                (2884, Some(7466), Some("up-broker-1".into())),
+                (2885, Some(7467), Some("up-broker-2".into())),
+            ]
+        );
+        // Device k starts on replica k mod 3; the others follow in turn.
+        let servers: Vec<Vec<String>> = p
+            .devices
+            .iter()
+            .map(|d| d.mqtt.servers().map_err(anyhow::Error::msg))
+            .map(|s| Ok(s?.iter().map(|(h, port)| format!("{h}:{port}")).collect()))
+            .collect::<Result<_>>()?;
+        let a = "127.0.0.1:2883".to_string();
+        let (b, c) = ("127.0.0.1:2884".to_string(), "127.0.0.1:2885".to_string());
+        assert_eq!(
+            servers,
+            [
+                vec![a.clone(), b.clone(), c.clone()],
+                vec![b.clone(), c.clone(), a.clone()],
+                vec![c.clone(), a.clone(), b.clone()],
+                vec![a, b, c],
+            ]
+        );
+        // --brokers wins over the file; one replica keeps its own name.
+        let over = Overrides {
+            brokers: Some(1),
+            ..Overrides::default()
+        };
+        let file = read("brokers = 3\n", dir.path())?;
+        let p = plan(file, Some(dir.path()), &over)?;
+        assert_eq!(p.brokers.len(), 1);
+        assert_eq!(p.brokers[0].replica_id, None);
+        assert!(p.devices[0].mqtt.fallback_servers.is_empty());
         Ok(())
     }
 
@@ -834,6 +983,17 @@ mod tests {
                 "only one device",
             ),
             ("[kafka]\nlisten = \"x\"\n", "listen"),
+            ("brokers = 0\n", "brokers: 0"),
+            ("brokers = 17\n", "brokers: 17"),
+            (
+                "brokers = 2\n[broker.mqtt]\nlisten = \"127.0.0.1:65535\"\n",
+                "broker.mqtt.listen",
+            ),
+            // Replica 5's metrics port would be the control API's.
+            (
+                "brokers = 6\n[broker]\nmetrics_listen = \"127.0.0.1:9465\"\n",
+                "127.0.0.1:9470",
+            ),
         ] {
             let err = read(text, dir.path())
                 .and_then(|f| plan(f, Some(dir.path()), &Overrides::default()));

@@ -7,6 +7,7 @@
 //!   session: the older replica closes its connection (`edgeloop.sessions`).
 //! - An agent given both replicas (`--mqtt A,B`) moves to B when A is
 //!   killed, and every reading it took lands once.
+//! - `edgeloop up --brokers 2` spreads its devices over two replicas.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -528,6 +529,117 @@ async fn an_agent_moves_to_the_next_replica_when_its_replica_is_killed() -> Resu
             .filter(|s| !in_kafka.contains(s))
             .take(20)
             .collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+/// Two free loopback ports in a row (`up --brokers 2` counts ports up).
+fn free_port_pair() -> Result<SocketAddr> {
+    for _ in 0..50 {
+        let first = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = first.local_addr()?;
+        let Some(next) = addr.port().checked_add(1) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", next)).is_ok() {
+            return Ok(addr);
+        }
+    }
+    bail!("no two consecutive free ports on 127.0.0.1")
+}
+
+/// `edgeloop up --brokers 2`: both replicas take devices (each bridges
+/// batches into Kafka while the run goes on) and every reading taken is
+/// acknowledged and written once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_two_broker_replicas_spreads_the_devices_and_lands_every_reading() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("run");
+    let (mqtt, metrics) = (free_port_pair()?, free_port_pair()?);
+    let (kafka, control) = (free_port_pair()?, free_addr()?);
+    let second = |a: SocketAddr| SocketAddr::new(a.ip(), a.port() + 1);
+    let args: Vec<String> = [
+        "up",
+        "--brokers",
+        "2",
+        "--devices",
+        "4",
+        "--duration",
+        "15s",
+        "--data-dir",
+        &data.to_string_lossy(),
+        "--mqtt-listen",
+        &mqtt.to_string(),
+        "--broker-metrics-listen",
+        &metrics.to_string(),
+        "--kafka-listen",
+        &kafka.to_string(),
+        "--control-listen",
+        &control.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut up = Component::start(&edgeloop_bin(), "up", &args, dir.path())?;
+    for replica in [metrics, second(metrics)] {
+        wait_for(
+            Duration::from_secs(120),
+            &format!("batches through the replica with metrics on {replica}"),
+            || {
+                let running = up.check_running();
+                async move {
+                    running?;
+                    let exposition = http_get(replica, "/metrics").await.unwrap_or_default();
+                    Ok(
+                        metric(&exposition, "edgeloop_bridge_batches_received_total")
+                            .filter(|n| *n > 0.0),
+                    )
+                }
+            },
+        )
+        .await?;
+    }
+    let status = wait_for(Duration::from_secs(120), "up to finish", || {
+        let exited = up.exited();
+        async move { exited }
+    })
+    .await?;
+    let log = std::fs::read_to_string(&up.log)?;
+    ensure!(
+        status.success(),
+        "up exited with {status}: {}",
+        up.tail_log()
+    );
+    ensure!(
+        log.contains(&format!(
+            "2 MQTT broker replicas on {mqtt}, {}",
+            second(mqtt)
+        )),
+        "up did not say it runs two replicas:\n{log}"
+    );
+    let done = log
+        .lines()
+        .find(|l| l.starts_with("done: "))
+        .with_context(|| format!("no done line:\n{log}"))?;
+    let numbers: Vec<u64> = done
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // done: {taken} readings taken by {devices} devices, {acked} acknowledged, {rows} written …
+    ensure!(numbers.len() >= 4, "{done}");
+    let (taken, devices, acked, rows) = (numbers[0], numbers[1], numbers[2], numbers[3]);
+    ensure!(
+        devices == 4 && taken > 0 && acked == taken && rows == taken,
+        "{done}"
+    );
+    let landed = edgeloop_tests::read_rows(&data.join("parquet"))?;
+    let counts = edgeloop_tests::identity_counts(&landed);
+    ensure!(
+        counts.len() as u64 == taken && counts.values().all(|n| *n == 1),
+        "{} distinct of {} rows for {taken} taken",
+        counts.len(),
+        landed.len()
     );
     Ok(())
 }
