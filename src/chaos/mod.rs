@@ -108,12 +108,20 @@ pub struct ChaosArgs {
     /// time is killed, the leader of a readings partition as often as not).
     #[arg(long, env = "EDGELOOP_CHAOS_KAFKA_NODES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=5))]
     kafka_nodes: u32,
+    /// Broker replicas, 1 to 5. With more than one, every device has a link
+    /// to each and lists them all (mqtt.fallback_servers, device i starting
+    /// on replica i mod N); `kill_broker` kills one replica (its devices move
+    /// to the others), and `roll_brokers` restarts every replica in turn,
+    /// SIGTERM and start, as a rolling update does.
+    #[arg(long, env = "EDGELOOP_CHAOS_BROKERS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=5))]
+    brokers: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 enum Fault {
     KillBroker,
+    RollBrokers,
     KillProcessor,
     KillKafka,
     KillAgent,
@@ -128,8 +136,9 @@ const PROCESSOR_GROUP: &str = "edgeloop-chaos";
 /// Partitions of the topics the soak's broker and processor create.
 const KAFKA_PARTITIONS: i32 = 4;
 
-const FAULTS: [Fault; 7] = [
+const FAULTS: [Fault; 8] = [
     Fault::KillBroker,
+    Fault::RollBrokers,
     Fault::KillProcessor,
     Fault::KillKafka,
     Fault::KillAgent,
@@ -137,6 +146,15 @@ const FAULTS: [Fault; 7] = [
     Fault::FillSpool,
     Fault::KillCloud,
 ];
+
+/// The faults of a soak with `brokers` broker replicas: a rolling restart
+/// needs more than one.
+fn faults(brokers: u32) -> Vec<Fault> {
+    FAULTS
+        .into_iter()
+        .filter(|f| *f != Fault::RollBrokers || brokers > 1)
+        .collect()
+}
 
 #[derive(Debug, Clone, Serialize)]
 struct FaultEvent {
@@ -149,6 +167,9 @@ struct FaultEvent {
     /// The Kafka node killed (node ids from 1).
     #[serde(skip_serializing_if = "Option::is_none")]
     kafka_node: Option<u32>,
+    /// The broker replica killed (from 0), with several.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broker: Option<usize>,
     /// How long the part was down or the link cut.
     down_s: f64,
 }
@@ -158,6 +179,7 @@ struct Report {
     seed: u64,
     duration_s: f64,
     devices: usize,
+    brokers: u32,
     rate: f64,
     faults: BTreeMap<Fault, u64>,
     fault_log: Vec<FaultEvent>,
@@ -223,29 +245,68 @@ impl Out {
 
 struct Stack {
     kafka: LocalKafka,
-    broker: Proc,
-    mqtt: SocketAddr,
+    /// The broker replicas and their MQTT addresses.
+    brokers: Vec<Proc>,
+    mqtt: Vec<SocketAddr>,
     processor: Proc,
     agents: Vec<Proc>,
     device_ids: Vec<String>,
     spools: Vec<PathBuf>,
-    links: Vec<Link>,
+    /// Per device, its link to each broker replica.
+    links: Vec<Vec<Link>>,
     problems: Vec<String>,
 }
 
 impl Stack {
-    /// Restarts the broker and waits until its MQTT listener is open (it
-    /// opens only after the acks and models are restored from Kafka).
-    async fn start_broker(&mut self) {
-        if let Err(e) = self.broker.start() {
+    /// Restarts broker replica `i` and waits until its MQTT listener is
+    /// open (it opens only after the acks and models are restored from
+    /// Kafka).
+    async fn start_broker(&mut self, i: usize) {
+        if let Err(e) = self.brokers[i].start() {
             self.problems.push(format!("{e:#}"));
             return;
         }
         // It waits up to 2 minutes for Kafka to answer at start-up.
-        if !wait_listening(self.mqtt, Duration::from_secs(150)).await {
-            self.broker.note_exit();
-            self.problems
-                .push("the broker did not listen within 150 s of a restart".into());
+        if !wait_listening(self.mqtt[i], Duration::from_secs(150)).await {
+            self.brokers[i].note_exit();
+            self.problems.push(format!(
+                "{} did not listen within 150 s of a restart",
+                self.brokers[i].name
+            ));
+        }
+    }
+
+    /// Every broker replica started again, one after another.
+    async fn start_brokers(&mut self) {
+        for i in 0..self.brokers.len() {
+            self.start_broker(i).await;
+        }
+    }
+
+    /// A rolling restart: each replica in turn gets SIGTERM, must stop
+    /// cleanly, and is started again and listening before the next one.
+    async fn roll_brokers(&mut self) {
+        for i in 0..self.brokers.len() {
+            match self.brokers[i].terminate(Duration::from_secs(30)).await {
+                Ok(status) if status.success() => {}
+                Ok(status) => self.problems.push(format!(
+                    "{} stopped with {status} after SIGTERM in a rolling restart",
+                    self.brokers[i].name
+                )),
+                Err(e) => self.problems.push(format!("{e:#}")),
+            }
+            self.start_broker(i).await;
+        }
+    }
+
+    /// Cuts (or restores) every link of device `i`.
+    fn cut_links(&self, i: usize, cut: bool) {
+        for link in &self.links[i] {
+            if cut {
+                link.cut();
+            } else {
+                link.restore();
+            }
         }
     }
 
@@ -297,8 +358,10 @@ impl Stack {
                 .push(format!("Kafka node(s) {exited:?} had exited by themselves"));
             self.start_kafka().await;
         }
-        if self.broker.note_exit() || !self.broker.running() {
-            self.start_broker().await;
+        for i in 0..self.brokers.len() {
+            if self.brokers[i].note_exit() || !self.brokers[i].running() {
+                self.start_broker(i).await;
+            }
         }
         if self.processor.note_exit() || !self.processor.running() {
             if let Err(e) = self.processor.start() {
@@ -407,29 +470,43 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
         .into_iter()
         .collect();
 
-    let mqtt = free_addr()?;
-    let mut broker = Proc::new(
-        "broker",
-        &bin,
-        vec![
+    // The broker replicas: `broker` (logs/broker.log) alone, or
+    // `broker-0`, `broker-1`, … each with its replica id.
+    let replicas = args.brokers as usize;
+    let mut brokers = Vec::new();
+    let mut mqtt = Vec::new();
+    for i in 0..replicas {
+        let name = if replicas == 1 {
+            "broker".to_string()
+        } else {
+            format!("broker-{i}")
+        };
+        let listen = free_addr()?;
+        let mut broker_args = vec![
             "broker".into(),
             "--config".into(),
             kafka_toml.clone().into(),
             "--listen".into(),
-            mqtt.to_string().into(),
+            listen.to_string().into(),
             "--kafka".into(),
             bootstrap.clone().into(),
             "--credentials".into(),
             credentials.clone().into(),
-        ],
-        dir.join("logs/broker.log"),
-    );
-    broker.start()?;
-    if !wait_listening(mqtt, Duration::from_secs(90)).await {
-        bail!(
-            "the broker did not listen on {mqtt} within 90 s; see {}",
-            dir.join("logs/broker.log").display()
-        );
+        ];
+        if replicas > 1 {
+            broker_args.extend(os(&["--replica-id", &format!("chaos-{name}")]));
+        }
+        let log = dir.join(format!("logs/{name}.log"));
+        let mut broker = Proc::new(&name, &bin, broker_args, log.clone());
+        broker.start()?;
+        if !wait_listening(listen, Duration::from_secs(90)).await {
+            bail!(
+                "{name} did not listen on {listen} within 90 s; see {}",
+                log.display()
+            );
+        }
+        brokers.push(broker);
+        mqtt.push(listen);
     }
     let mut processor_args = os(&["processor", "--config"]);
     processor_args.push(kafka_toml.clone().into());
@@ -459,13 +536,22 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
     let mut agents = Vec::new();
     let mut spools = Vec::new();
     for (i, id) in device_ids.iter().enumerate() {
-        let link = Link::start(mqtt, links_stop.clone()).await?;
+        // A link to each replica; device i starts on replica i mod N and
+        // lists the others after it.
+        let mut device_links = Vec::new();
+        for k in 0..replicas {
+            device_links.push(Link::start(mqtt[(i + k) % replicas], links_stop.clone()).await?);
+        }
         let mut config = AgentConfig {
             device_id: id.clone(),
             ..AgentConfig::default()
         };
-        config.mqtt.host = link.addr.ip().to_string();
-        config.mqtt.port = link.addr.port();
+        config.mqtt.host = device_links[0].addr.ip().to_string();
+        config.mqtt.port = device_links[0].addr.port();
+        config.mqtt.fallback_servers = device_links[1..]
+            .iter()
+            .map(|l| l.addr.to_string())
+            .collect();
         config.mqtt.username = Some(id.clone());
         config.mqtt.password = passwords.get(id).cloned();
         // A dead link is noticed within a few seconds.
@@ -500,12 +586,12 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
         );
         agent.start()?;
         agents.push(agent);
-        links.push(link);
+        links.push(device_links);
         spools.push(config.spool.dir.clone());
     }
     let mut stack = Stack {
         kafka,
-        broker,
+        brokers,
         mqtt,
         processor,
         agents,
@@ -520,7 +606,8 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
     let end = start + args.duration;
     let mut log: Vec<FaultEvent> = Vec::new();
     // Every kind once first (in a seeded order), then at random.
-    let mut first_round: Vec<Fault> = FAULTS.to_vec();
+    let kinds = faults(args.brokers);
+    let mut first_round: Vec<Fault> = kinds.clone();
     first_round.shuffle(&mut rng);
     first_round.reverse();
     let mut cut_until: Vec<Option<Instant>> = vec![None; stack.links.len()];
@@ -538,7 +625,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
         let now = Instant::now();
         for (i, until) in cut_until.iter_mut().enumerate() {
             if until.is_some_and(|u| u <= now) {
-                stack.links[i].restore();
+                stack.cut_links(i, false);
                 *until = None;
             }
         }
@@ -558,18 +645,26 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
             stack.revive(true).await;
             let fault = match first_round.pop() {
                 Some(f) => f,
-                None => FAULTS[rng.gen_range(0..FAULTS.len())],
+                None => kinds[rng.gen_range(0..kinds.len())],
             };
             let at_s = start.elapsed().as_secs_f64();
             let mut device = None;
             let mut kafka_node = None;
+            let mut broker = None;
             let downtime;
             match fault {
                 Fault::KillBroker => {
                     downtime = down(&mut rng, args.max_down);
-                    stack.broker.kill9().await;
+                    let i = rng.gen_range(0..stack.brokers.len());
+                    broker = (replicas > 1).then_some(i);
+                    stack.brokers[i].kill9().await;
                     tokio::time::sleep(downtime).await;
-                    stack.start_broker().await;
+                    stack.start_broker(i).await;
+                }
+                Fault::RollBrokers => {
+                    let began = Instant::now();
+                    stack.roll_brokers().await;
+                    downtime = began.elapsed();
                 }
                 Fault::KillProcessor => {
                     downtime = down(&mut rng, args.max_down);
@@ -602,11 +697,13 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
                     // host); back in dependency order.
                     downtime = down(&mut rng, args.max_down);
                     stack.processor.kill9().await;
-                    stack.broker.kill9().await;
+                    for broker in &mut stack.brokers {
+                        broker.kill9().await;
+                    }
                     stack.kafka.kill_keeping_storage().await;
                     tokio::time::sleep(downtime).await;
                     stack.start_kafka().await;
-                    stack.start_broker().await;
+                    stack.start_brokers().await;
                     stack.processor.start()?;
                 }
                 Fault::CutLink | Fault::FillSpool => {
@@ -621,7 +718,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
                         down(&mut rng, args.max_down * 4)
                     };
                     device = Some(stack.device_ids[i].clone());
-                    stack.links[i].cut();
+                    stack.cut_links(i, true);
                     let until = Instant::now() + downtime;
                     cut_until[i] = Some(cut_until[i].map_or(until, |u| u.max(until)));
                 }
@@ -631,6 +728,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
                 fault,
                 device,
                 kafka_node,
+                broker,
                 down_s: downtime.as_secs_f64(),
             };
             out.line(&format!(
@@ -642,6 +740,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
                     .as_deref()
                     .map(|d| format!(" {d}"))
                     .or(event.kafka_node.map(|n| format!(" node {n}")))
+                    .or(event.broker.map(|b| format!(" replica {b}")))
                     .unwrap_or_default(),
                 event.down_s
             ));
@@ -680,8 +779,8 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
     // Recovery: every link back, every part running, then the agents stop
     // cleanly: each stops taking readings and sends what it holds until it
     // is acknowledged (or the recovery time runs out).
-    for link in &stack.links {
-        link.restore();
+    for i in 0..stack.links.len() {
+        stack.cut_links(i, false);
     }
     stack.revive(true).await;
     out.line(&format!(
@@ -753,7 +852,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
     }
 
     // Stop the rest in order: processor (closes its files), broker, Kafka.
-    for part in [&mut stack.processor, &mut stack.broker] {
+    for part in std::iter::once(&mut stack.processor).chain(&mut stack.brokers) {
         part.note_exit();
         if part.running() {
             match part.terminate(Duration::from_secs(60)).await {
@@ -774,9 +873,11 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
             .problems
             .extend(agent.unexpected_exits.iter().cloned());
     }
-    stack
-        .problems
-        .extend(stack.broker.unexpected_exits.iter().cloned());
+    for broker in &stack.brokers {
+        stack
+            .problems
+            .extend(broker.unexpected_exits.iter().cloned());
+    }
     stack
         .problems
         .extend(stack.processor.unexpected_exits.iter().cloned());
@@ -790,7 +891,7 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
     }
     let mut failures = counts.failures();
     failures.extend(stack.problems.iter().cloned());
-    let mut faults: BTreeMap<Fault, u64> = FAULTS.iter().map(|f| (*f, 0)).collect();
+    let mut faults: BTreeMap<Fault, u64> = kinds.iter().map(|f| (*f, 0)).collect();
     for e in &log {
         *faults.entry(e.fault).or_default() += 1;
     }
@@ -798,12 +899,14 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
         seed,
         duration_s: args.duration.as_secs_f64(),
         devices: args.devices,
+        brokers: args.brokers,
         rate: args.rate,
         faults,
         fault_log: log,
         connections_severed: stack
             .links
             .iter()
+            .flatten()
             .map(|l| l.severed.load(std::sync::atomic::Ordering::Relaxed))
             .sum(),
         agents_drained_s: agents_drained.as_secs_f64(),

@@ -206,6 +206,84 @@ async fn chaos_soak_lands_every_fsynced_reading_once_or_reports_it_lost() -> Res
     Ok(())
 }
 
+/// Two broker replicas, every device linked to both: `kill_broker` kills one
+/// (its devices move to the other through mqtt.fallback_servers) and
+/// `roll_brokers` restarts both in turn; nothing is lost unexplained or
+/// written twice. Faults come closer together than in the soak above, so
+/// that all eight kinds are in within the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_soak_with_two_broker_replicas_killed_and_rolled_loses_nothing() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("run");
+    let (ok, report, stderr) = chaos(
+        &[
+            "--duration",
+            "100s",
+            "--devices",
+            "4",
+            "--brokers",
+            "2",
+            "--seed",
+            "20261206",
+            "--min-gap",
+            "1s",
+            "--max-gap",
+            "3s",
+            "--max-down",
+            "2s",
+            "--fill-cut",
+            "10s",
+            "--data-dir",
+            &dir.to_string_lossy(),
+        ],
+        Duration::from_secs(15 * 60),
+    )
+    .await?;
+    let tail = |name: &str| {
+        let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    };
+    let context = || {
+        format!(
+            "report: {report:#}\nprogress:\n{stderr}\nbroker-0.log (tail):\n{}\nbroker-1.log (tail):\n{}",
+            tail("logs/broker-0.log"),
+            tail("logs/broker-1.log")
+        )
+    };
+    ensure!(ok && report["passed"] == Value::Bool(true), "{}", context());
+    for key in [
+        "duplicated",
+        "lost_unexplained",
+        "still_spooled",
+        "unexpected_rows",
+        "undrained_devices",
+    ] {
+        ensure!(count(&report, key)? == 0, "{key} is not 0; {}", context());
+    }
+    ensure!(count(&report, "brokers")? == 2, "{}", context());
+    for fault in ["kill_broker", "roll_brokers", "kill_cloud"] {
+        ensure!(
+            report["faults"][fault].as_u64().unwrap_or(0) >= 1,
+            "no {fault} injected; {}",
+            context()
+        );
+    }
+    // A killed replica is named in the fault log.
+    let killed_replica = report["fault_log"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|e| e["fault"] == "kill_broker" && e["broker"].is_u64());
+    ensure!(
+        killed_replica,
+        "no kill_broker names its replica; {}",
+        context()
+    );
+    ensure!(count(&report, "landed")? > 0, "{}", context());
+    Ok(())
+}
+
 #[tokio::test]
 async fn chaos_refuses_a_work_directory_that_is_not_empty() -> Result<()> {
     let tmp = tempfile::tempdir()?;
