@@ -27,8 +27,10 @@ for target in $targets; do
     rm -rf "fuzz/artifacts/${target}"
     cargo +nightly fuzz run --sanitizer none --dev "$target" -- \
         -max_total_time="$seconds" -print_final_stats=1 2>&1 | grep -E "^(stat::number_of_executed_units|==|SUMMARY|thread|Failing)" || true
-    # A crash makes libFuzzer exit non-zero and write an artifact.
-    if ls "fuzz/artifacts/${target}"/crash-* "fuzz/artifacts/${target}"/oom-* >/dev/null 2>&1; then
+    # A crash, an input that runs out of memory or one that hangs makes
+    # libFuzzer write an artifact.
+    if ls "fuzz/artifacts/${target}"/crash-* "fuzz/artifacts/${target}"/oom-* \
+        "fuzz/artifacts/${target}"/timeout-* "fuzz/artifacts/${target}"/leak-* >/dev/null 2>&1; then
         echo "fuzz: ${target} found a failing input: $(ls fuzz/artifacts/${target}/)" >&2
         exit 1
     fi

@@ -1,8 +1,8 @@
 //! `edgeloop bench --local DIR`: the whole stack on this machine, each part
 //! its own process so that its CPU and memory can be told apart: a
-//! single-node Apache Kafka (KRaft), `edgeloop broker` (MQTT broker, gate and Kafka bridge)
-//! and `edgeloop processor`, on free loopback ports, with their data and
-//! logs under DIR.
+//! single-node Apache Kafka (KRaft), `edgeloop broker` (MQTT broker, gate and Kafka bridge;
+//! one or several replicas) and `edgeloop processor`, on free loopback
+//! ports, with their data and logs under DIR.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,10 +15,11 @@ use tokio::process::{Child, Command};
 
 pub struct LocalStack {
     pub kafka: LocalKafka,
-    pub broker: Child,
+    /// The broker replicas, with their MQTT and metrics addresses.
+    pub brokers: Vec<Child>,
     pub processor: Child,
-    pub mqtt: SocketAddr,
-    pub broker_metrics: SocketAddr,
+    pub mqtt: Vec<SocketAddr>,
+    pub broker_metrics: Vec<SocketAddr>,
     pub processor_metrics: SocketAddr,
     pub parquet_root: PathBuf,
     pub credentials: PathBuf,
@@ -34,6 +35,18 @@ pub struct LocalOptions {
     /// Whether the shipped labelling rules apply (they name the default
     /// simulator channels).
     pub rules: bool,
+    /// Broker replicas.
+    pub brokers: usize,
+}
+
+/// The name of broker replica `i` of `n`: its log file and its process in
+/// the report (`broker` alone, `broker-0`, `broker-1`, … for several).
+pub fn broker_name(i: usize, n: usize) -> String {
+    if n == 1 {
+        "broker".into()
+    } else {
+        format!("broker-{i}")
+    }
 }
 
 fn free_addr() -> Result<SocketAddr> {
@@ -47,8 +60,9 @@ fn spawn(name: &str, args: &[String], dir: &Path) -> Result<Child> {
     let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
     // EDGELOOP_BENCH_WRAP_{BROKER,PROCESSOR}: a profiler or `env VAR=…` to
-    // start the part under (see `--local`).
-    let wrap = std::env::var(format!("EDGELOOP_BENCH_WRAP_{}", name.to_uppercase())).ok();
+    // start the part under (see `--local`); every broker replica's.
+    let kind = name.split('-').next().unwrap_or(name);
+    let wrap = std::env::var(format!("EDGELOOP_BENCH_WRAP_{}", kind.to_uppercase())).ok();
     let mut cmd = match wrap.as_deref().map(str::split_whitespace) {
         Some(mut words) => {
             let mut c = Command::new(words.next().unwrap_or("env"));
@@ -89,43 +103,52 @@ impl LocalStack {
             dir.join("kafka/kafka.log").display()
         );
 
-        let mqtt = free_addr()?;
-        let broker_metrics = free_addr()?;
         let processor_metrics = free_addr()?;
         let credentials = dir.join("broker/credentials.toml");
         if !credentials.exists() {
             edgeloop_broker::gate::credentials::CredentialsFile::default().write(&credentials)?;
         }
         let s = |v: &str| v.to_string();
-        let mut broker = spawn(
-            "broker",
-            &[
-                s("broker"),
-                s("--listen"),
-                mqtt.to_string(),
-                s("--kafka"),
-                bootstrap.clone(),
-                s("--credentials"),
-                credentials.display().to_string(),
-                s("--metrics-listen"),
-                broker_metrics.to_string(),
-            ],
-            &dir,
-        )?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while tokio::net::TcpStream::connect(mqtt).await.is_err() {
-            if let Some(status) = broker.try_wait()? {
-                bail!(
-                    "the broker exited ({status}) during start-up; see {}",
-                    dir.join("logs/broker.log").display()
-                );
+        let n = opts.brokers.max(1);
+        let (mut brokers, mut mqtt, mut broker_metrics) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..n {
+            let name = broker_name(i, n);
+            let (listen, metrics) = (free_addr()?, free_addr()?);
+            let mut broker = spawn(
+                &name,
+                &[
+                    s("broker"),
+                    s("--listen"),
+                    listen.to_string(),
+                    s("--kafka"),
+                    bootstrap.clone(),
+                    s("--credentials"),
+                    credentials.display().to_string(),
+                    s("--metrics-listen"),
+                    metrics.to_string(),
+                    s("--replica-id"),
+                    format!("bench-{name}"),
+                ],
+                &dir,
+            )?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while tokio::net::TcpStream::connect(listen).await.is_err() {
+                if let Some(status) = broker.try_wait()? {
+                    bail!(
+                        "{name} exited ({status}) during start-up; see {}",
+                        dir.join(format!("logs/{name}.log")).display()
+                    );
+                }
+                if tokio::time::Instant::now() > deadline {
+                    bail!("{name}'s MQTT listener {listen} did not open within 60 s");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            if tokio::time::Instant::now() > deadline {
-                bail!("the broker's MQTT listener {mqtt} did not open within 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            eprintln!("MQTT broker {name} on {listen}, metrics on {metrics}");
+            brokers.push(broker);
+            mqtt.push(listen);
+            broker_metrics.push(metrics);
         }
-        eprintln!("MQTT broker on {mqtt}, metrics on {broker_metrics}");
 
         let parquet_root = dir.join("parquet");
         let mut args = vec![
@@ -160,7 +183,7 @@ impl LocalStack {
         );
         Ok(LocalStack {
             kafka,
-            broker,
+            brokers,
             processor,
             mqtt,
             broker_metrics,
@@ -170,10 +193,14 @@ impl LocalStack {
         })
     }
 
-    /// Fails if the broker or the processor has exited.
+    /// Fails if a broker replica or the processor has exited.
     pub fn check_running(&mut self) -> Result<()> {
-        if let Some(status) = self.broker.try_wait()? {
-            bail!("the broker exited ({status}); see its log under logs/broker.log");
+        let n = self.brokers.len();
+        for (i, broker) in self.brokers.iter_mut().enumerate() {
+            if let Some(status) = broker.try_wait()? {
+                let name = broker_name(i, n);
+                bail!("{name} exited ({status}); see its log under logs/{name}.log");
+            }
         }
         if let Some(status) = self.processor.try_wait()? {
             bail!("the processor exited ({status}); see its log under logs/processor.log");
@@ -182,7 +209,9 @@ impl LocalStack {
     }
 
     pub async fn stop(mut self) {
-        let _ = self.broker.kill().await;
+        for broker in &mut self.brokers {
+            let _ = broker.kill().await;
+        }
         let _ = self.processor.kill().await;
         self.kafka.stop(Duration::from_secs(30)).await;
     }

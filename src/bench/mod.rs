@@ -54,9 +54,15 @@ pub struct BenchArgs {
     /// bench then: stop it with SIGTERM).
     #[arg(long, env = "EDGELOOP_BENCH_LOCAL", conflicts_with = "mqtt")]
     local: Option<PathBuf>,
-    /// The MQTT broker of a running stack, HOST:PORT.
+    /// The MQTT broker of a running stack, HOST:PORT; its replicas as
+    /// HOST:PORT,HOST:PORT,… (the devices are spread over them).
     #[arg(long, env = "EDGELOOP_MQTT", required_unless_present = "local")]
     mqtt: Option<String>,
+    /// With --local: broker replicas, 1 to 5, each its own process
+    /// (`broker-0`, … in the report); device i connects to replica i mod N
+    /// and lists the others as its mqtt.fallback_servers.
+    #[arg(long, env = "EDGELOOP_BENCH_BROKERS", default_value_t = 1, requires = "local", value_parser = clap::value_parser!(u32).range(1..=5))]
+    brokers: u32,
     /// Simulated devices, each with its own MQTT connection and spool.
     #[arg(long, env = "EDGELOOP_BENCH_DEVICES", default_value_t = 1000)]
     devices: usize,
@@ -103,9 +109,10 @@ pub struct BenchArgs {
     #[arg(long, env = "EDGELOOP_BENCH_PROCESSOR_METRICS")]
     processor_metrics: Option<SocketAddr>,
     /// The broker's metrics address (HOST:PORT of its /metrics): readings
-    /// the bridge has in Kafka per second (all devices).
-    #[arg(long, env = "EDGELOOP_BENCH_BROKER_METRICS")]
-    broker_metrics: Option<SocketAddr>,
+    /// the bridge has in Kafka per second (all devices); repeat it for each
+    /// replica.
+    #[arg(long, env = "EDGELOOP_BENCH_BROKER_METRICS", value_delimiter = ',')]
+    broker_metrics: Vec<SocketAddr>,
     /// A local process to watch, NAME=PID (repeatable), e.g.
     /// `--pid broker=1234 --pid processor=1240 --pid kafka=1200`: CPU and
     /// memory from /proc. The bench's own process is always watched as `fleet`.
@@ -335,10 +342,23 @@ async fn scrape(addr: SocketAddr, name: &str) -> Option<f64> {
     })
 }
 
-/// Telemetry publishes the broker's gate held (back-pressure), if its
+/// `name` summed over the broker replicas' /metrics, if any is known and
+/// every one answered.
+async fn scrape_brokers(broker_metrics: &[SocketAddr], name: &str) -> Option<f64> {
+    if broker_metrics.is_empty() {
+        return None;
+    }
+    let mut sum = 0.0;
+    for addr in broker_metrics {
+        sum += scrape(*addr, name).await?;
+    }
+    Some(sum)
+}
+
+/// Telemetry publishes the brokers' gates held (back-pressure), if their
 /// metrics are known.
-async fn held_by_gate(broker_metrics: Option<SocketAddr>) -> Option<f64> {
-    scrape(broker_metrics?, "edgeloop_gate_publishes_held_total").await
+async fn held_by_gate(broker_metrics: &[SocketAddr]) -> Option<f64> {
+    scrape_brokers(broker_metrics, "edgeloop_gate_publishes_held_total").await
 }
 
 /// The agent configuration every device starts from: `base` (the agent's
@@ -420,7 +440,7 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<()> {
     let mut stack = None;
     let mut kafka_ceiling: Option<ceiling::Ceiling> = None;
     let mut watched: Vec<Watched> = Vec::new();
-    let (host, port, parquet_root, processor_metrics, broker_metrics, credentials, spool_default) =
+    let (servers, parquet_root, processor_metrics, broker_metrics, credentials, spool_default) =
         match &args.local {
             Some(dir) => {
                 let s = local::LocalStack::start(&local::LocalOptions {
@@ -429,15 +449,22 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<()> {
                     channels: probe_channels.clone(),
                     file_max_age: args.file_max_age,
                     rules: args.channels >= 3,
+                    brokers: args.brokers as usize,
                 })
                 .await?;
-                for (name, pid) in [
-                    ("kafka", s.kafka.pid()),
-                    ("broker", s.broker.id()),
-                    ("processor", s.processor.id()),
-                ] {
+                let n = s.brokers.len();
+                let parts = [("kafka".to_string(), s.kafka.pid())]
+                    .into_iter()
+                    .chain(
+                        s.brokers
+                            .iter()
+                            .enumerate()
+                            .map(|(i, b)| (local::broker_name(i, n), b.id())),
+                    )
+                    .chain([("processor".to_string(), s.processor.id())]);
+                for (name, pid) in parts {
                     if let Some(pid) = pid {
-                        watched.push(Watched::new(name, pid));
+                        watched.push(Watched::new(&name, pid));
                     }
                 }
                 if let Some(d) = args.kafka_ceiling {
@@ -460,11 +487,13 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<()> {
                     kafka_ceiling = Some(c);
                 }
                 let out = (
-                    s.mqtt.ip().to_string(),
-                    s.mqtt.port(),
+                    s.mqtt
+                        .iter()
+                        .map(|a| (a.ip().to_string(), a.port()))
+                        .collect(),
                     Some(s.parquet_root.clone()),
                     Some(s.processor_metrics),
-                    Some(s.broker_metrics),
+                    s.broker_metrics.clone(),
                     Some(s.credentials.clone()),
                     dir.join("spool").join(&prefix),
                 );
@@ -473,13 +502,15 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<()> {
             }
             None => {
                 let mqtt = args.mqtt.clone().unwrap_or_default();
-                let (host, port) = crate::split_host_port(&mqtt).context("--mqtt")?;
+                let servers = mqtt
+                    .split(',')
+                    .map(|s| crate::split_host_port(s.trim()).context("--mqtt"))
+                    .collect::<Result<Vec<_>>>()?;
                 (
-                    host,
-                    port,
+                    servers,
                     args.parquet_root.clone(),
                     args.processor_metrics,
-                    args.broker_metrics,
+                    args.broker_metrics.clone(),
                     args.provision_credentials.clone(),
                     std::env::temp_dir().join(format!("edgeloop-bench-{run_id}")),
                 )
@@ -495,8 +526,7 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<()> {
         &base,
         &prefix,
         &ids,
-        host,
-        port,
+        &servers,
         parquet_root,
         processor_metrics,
         broker_metrics,
@@ -533,11 +563,10 @@ async fn bench(
     base: &AgentConfig,
     prefix: &str,
     ids: &[String],
-    host: String,
-    port: u16,
+    servers: &[(String, u16)],
     parquet_root: Option<PathBuf>,
     processor_metrics: Option<SocketAddr>,
-    broker_metrics: Option<SocketAddr>,
+    broker_metrics: Vec<SocketAddr>,
     credentials: Option<PathBuf>,
     spool_default: PathBuf,
     watched: &mut Vec<Watched>,
@@ -576,7 +605,12 @@ async fn bench(
         None => HashMap::new(),
     };
 
-    let agent = template(args, base, host.clone(), port, spool_root.clone());
+    let (host, port) = servers
+        .first()
+        .cloned()
+        .context("no MQTT broker to bench")?;
+    let agent = template(args, base, host, port, spool_root.clone());
+    let mqtt_list: Vec<String> = servers.iter().map(|(h, p)| format!("{h}:{p}")).collect();
     agent
         .validate()
         .map_err(|e| anyhow::anyhow!("device config: {e}"))?;
@@ -632,6 +666,15 @@ async fn bench(
             config.mqtt.password = Some(password.clone());
         }
         config.spool.dir = spool_root.join(id);
+        // Several replicas: device i on replica i mod N, the others after it.
+        if servers.len() > 1 {
+            let first = i % servers.len();
+            let order: Vec<&(String, u16)> =
+                servers[first..].iter().chain(&servers[..first]).collect();
+            (config.mqtt.host, config.mqtt.port) = order[0].clone();
+            config.mqtt.fallback_servers =
+                order[1..].iter().map(|(h, p)| format!("{h}:{p}")).collect();
+        }
         if let edgeloop_agent::config::SourceConfig::Simulator(sim) = &mut config.source {
             sim.seed = sim.seed.wrapping_add(i as u64);
         }
@@ -647,9 +690,10 @@ async fn bench(
         tasks.spawn(async move { edgeloop_agent::run(config, stop, stats).await });
     }
     eprintln!(
-        "{} devices ({}…) → {host}:{port}, {} readings/s each ({} offered), batches of {} (linger {}, spool sync every {}), {} channels, for {}{}",
+        "{} devices ({}…) → {}, {} readings/s each ({} offered), batches of {} (linger {}, spool sync every {}), {} channels, for {}{}",
         ids.len(),
         ids.first().map(String::as_str).unwrap_or(""),
+        mqtt_list.join(", "),
         args.rate,
         args.rate * ids.len() as f64,
         args.batch_size,
@@ -666,7 +710,7 @@ async fn bench(
         let exe = std::env::current_exe().context("finding the edgeloop binary")?;
         let mut cmd = tokio::process::Command::new(exe);
         cmd.args(["agent", "--device-id", &id, "--mqtt"])
-            .arg(format!("{host}:{port}"))
+            .arg(mqtt_list.join(","))
             .arg("--rate")
             .arg(args.rate.to_string())
             .arg("--batch-size")
@@ -838,14 +882,14 @@ async fn bench(
                     metric_rates.0 = v.zip(metric_last.0).map(|(a, b)| (a - b) / dt);
                     metric_last.0 = v;
                 }
-                if let Some(addr) = broker_metrics {
-                    let v = scrape(addr, "edgeloop_bridge_readings_in_kafka_total").await;
+                if !broker_metrics.is_empty() {
+                    let v = scrape_brokers(&broker_metrics, "edgeloop_bridge_readings_in_kafka_total").await;
                     metric_rates.1 = v.zip(metric_last.1).map(|(a, b)| (a - b) / dt);
                     metric_last.1 = v;
                 }
                 let reconnects: u64 = devices.iter().map(|d| load(&d.stats.reconnects)).sum();
                 let resent: u64 = devices.iter().map(|d| load(&d.stats.readings_resent)).sum();
-                let held = held_by_gate(broker_metrics).await;
+                let held = held_by_gate(&broker_metrics).await;
                 let ack_q = std::mem::take(&mut ack_interval).quantiles();
                 eprintln!(
                     "{:>6.1}s  offered {:>8.0}/s  acked {:>8.0}/s  landed {:>8.0}/s  | ack {}  | parquet {}  | backlog sum {} max {}{}{}{}{}",
@@ -932,7 +976,7 @@ async fn bench(
     let lost: u64 = devices.iter().map(|d| load(&d.stats.readings_lost)).sum();
     let reconnects: u64 = devices.iter().map(|d| load(&d.stats.reconnects)).sum();
     let resent: u64 = devices.iter().map(|d| load(&d.stats.readings_resent)).sum();
-    let held = held_by_gate(broker_metrics).await;
+    let held = held_by_gate(&broker_metrics).await;
     let backlog_peak_sum = intervals
         .iter()
         .filter_map(|i| i["spool_backlog_sum"].as_u64())
@@ -950,7 +994,8 @@ async fn bench(
             "spool_sync_interval_ms": agent.spool.sync_interval.as_millis() as u64,
             "channels": args.channels,
             "duration_s": args.duration.as_secs_f64(),
-            "mqtt": format!("{host}:{port}"),
+            "mqtt": mqtt_list.join(","),
+            "brokers": servers.len(),
             "device_prefix": prefix,
             "credentials": credentials.is_some(),
             "local": args.local.as_ref().map(|d| d.display().to_string()),
