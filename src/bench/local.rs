@@ -20,6 +20,8 @@ pub struct LocalStack {
     pub processor: Child,
     pub mqtt: Vec<SocketAddr>,
     pub broker_metrics: Vec<SocketAddr>,
+    /// Replicas killed on purpose (`bench --kill-broker-after`): not a failure.
+    pub killed: Vec<bool>,
     pub processor_metrics: SocketAddr,
     pub parquet_root: PathBuf,
     pub credentials: PathBuf,
@@ -183,6 +185,7 @@ impl LocalStack {
         );
         Ok(LocalStack {
             kafka,
+            killed: vec![false; brokers.len()],
             brokers,
             processor,
             mqtt,
@@ -197,6 +200,9 @@ impl LocalStack {
     pub fn check_running(&mut self) -> Result<()> {
         let n = self.brokers.len();
         for (i, broker) in self.brokers.iter_mut().enumerate() {
+            if self.killed[i] {
+                continue;
+            }
             if let Some(status) = broker.try_wait()? {
                 let name = broker_name(i, n);
                 bail!("{name} exited ({status}); see its log under logs/{name}.log");
@@ -206,6 +212,12 @@ impl LocalStack {
             bail!("the processor exited ({status}); see its log under logs/processor.log");
         }
         Ok(())
+    }
+
+    /// SIGKILL of broker replica `i`, which stays down.
+    pub async fn kill_broker(&mut self, i: usize) {
+        self.killed[i] = true;
+        let _ = self.brokers[i].kill().await;
     }
 
     pub async fn stop(mut self) {

@@ -144,6 +144,13 @@ pub struct BenchArgs {
     /// acknowledged rate as a share of it.
     #[arg(long, requires = "local", value_parser = humantime::parse_duration)]
     kafka_ceiling: Option<Duration>,
+    /// With --local and two or more --brokers: SIGKILL replica `broker-0`
+    /// this long after the fleet starts (it stays down), and report how
+    /// long its devices took to be acknowledged again through the others
+    /// (`broker_kill`: each device's time from the kill to its first new
+    /// ack).
+    #[arg(long, requires = "local", value_parser = humantime::parse_duration)]
+    kill_broker_after: Option<Duration>,
     /// With --local: the Kafka JVM's maximum heap.
     #[arg(long, default_value = "1g", requires = "local")]
     kafka_heap: String,
@@ -185,6 +192,9 @@ impl BenchArgs {
         if !(0.0..1.0).contains(&self.warmup) {
             bail!("--warmup {} must be in 0..1", self.warmup);
         }
+        if self.kill_broker_after.is_some() && self.brokers < 2 {
+            bail!("--kill-broker-after needs --brokers 2 or more (the devices move to the others)");
+        }
         Ok(())
     }
 }
@@ -208,6 +218,54 @@ struct Device {
     start_micros: i64,
     acked: u64,
     backlog_max: u64,
+}
+
+/// `--kill-broker-after`: replica 0's devices, from its kill until each has
+/// a new ack.
+struct BrokerKill {
+    /// When replica 0 was killed (run time, s).
+    at: f64,
+    /// Per device on replica 0: its index, its acknowledged count once the
+    /// kill has settled (`None` until then), and when a later ack came.
+    devices: Vec<(usize, Option<u64>, Option<f64>)>,
+}
+
+impl BrokerKill {
+    /// Acks already on their way when the broker died can still arrive: a
+    /// device's baseline is taken this long after the kill.
+    const SETTLE_S: f64 = 0.2;
+
+    /// Notes, at run time `at`, which of the devices have been acknowledged
+    /// again.
+    fn observe(&mut self, devices: &[Device], at: f64) {
+        if at < self.at + Self::SETTLE_S {
+            return;
+        }
+        for (i, base, recovered) in &mut self.devices {
+            let acked = devices[*i].acked;
+            match base {
+                None => *base = Some(acked),
+                Some(b) if recovered.is_none() && acked > *b => *recovered = Some(at - self.at),
+                Some(_) => {}
+            }
+        }
+    }
+
+    fn summary(&self) -> serde_json::Value {
+        let mut times: Vec<f64> = self.devices.iter().filter_map(|d| d.2).collect();
+        times.sort_by(f64::total_cmp);
+        let pick = |q: f64| {
+            (!times.is_empty())
+                .then(|| round1(times[((times.len() - 1) as f64 * q).round() as usize]))
+        };
+        json!({
+            "killed": "broker-0",
+            "at_s": round1(self.at),
+            "devices": self.devices.len(),
+            "acknowledged_again": times.len(),
+            "seconds_to_ack_again": {"p50": pick(0.5), "p99": pick(0.99), "max": pick(1.0)},
+        })
+    }
 }
 
 /// Totals over the fleet at one moment.
@@ -750,6 +808,10 @@ async fn bench(
     let mut reconnects_seen = 0;
     let (mut resent_seen, mut held_seen) = (0, 0.0);
     let mut failures: Vec<String> = Vec::new();
+    let kill_at = args
+        .kill_broker_after
+        .map(|d| tokio::time::Instant::now() + d);
+    let mut broker_kill: Option<BrokerKill> = None;
     let mut interrupted = false;
     let run_until = tokio::time::Instant::now() + args.duration;
     let mut fleet_done = false;
@@ -822,6 +884,19 @@ async fn bench(
                 Some(Ok(Err(e))) => failures.push(format!("a device failed: {e}")),
                 Some(Err(e)) => failures.push(format!("a device task failed: {e}")),
             },
+            _ = tokio::time::sleep_until(kill_at.unwrap_or_else(tokio::time::Instant::now)),
+                if kill_at.is_some() && broker_kill.is_none() && !fleet_stop.is_cancelled() => {
+                let at = start.elapsed().as_secs_f64();
+                if let Some(s) = stack.as_mut() {
+                    s.kill_broker(0).await;
+                    let n = s.brokers.len();
+                    eprintln!("{at:>6.1}s  broker-0 killed (SIGKILL): its devices move to the other replicas");
+                    broker_kill = Some(BrokerKill {
+                        at,
+                        devices: (0..devices.len()).filter(|i| i % n == 0).map(|i| (i, None, None)).collect(),
+                    });
+                }
+            }
             _ = sample_tick.tick() => {
                 let at = start.elapsed().as_secs_f64();
                 let warm = at >= warm_at && end_of_run.is_none();
@@ -832,6 +907,9 @@ async fn bench(
                 } else {
                     let mut hs = [&mut ack_all, &mut ack_interval];
                     latest = sample(&mut devices, at, &mut hs, &landed);
+                }
+                if let Some(k) = broker_kill.as_mut() {
+                    k.observe(&devices, at);
                 }
                 if fleet_done {
                     // Drained when every acknowledged reading of every device landed.
@@ -1041,6 +1119,7 @@ async fn bench(
         "reconnects": reconnects,
         "readings_resent": resent,
         "broker_publishes_held": held,
+        "broker_kill": broker_kill.as_ref().map(BrokerKill::summary),
         "processes": watched.iter().map(Watched::summary).collect::<Vec<_>>(),
         "kafka_ceiling": kafka_ceiling.as_ref().map(|c| json!({
             "readings_per_s": c.readings_per_s.round(),
@@ -1127,6 +1206,14 @@ fn summary_text(r: &serde_json::Value) -> String {
             "bare Kafka     {} readings/s (the bridge's producer alone); steady acknowledged = {} of it\n",
             n(&r["kafka_ceiling"]["readings_per_s"]),
             r["kafka_ceiling"]["steady_acknowledged_share"]
+        ));
+    }
+    if !r["broker_kill"].is_null() {
+        let k = &r["broker_kill"];
+        let t = &k["seconds_to_ack_again"];
+        out.push_str(&format!(
+            "broker-0 kill  at {} s: {} of its {} devices acknowledged again, after p50 {} s, p99 {} s, max {} s\n",
+            k["at_s"], k["acknowledged_again"], k["devices"], t["p50"], t["p99"], t["max"]
         ));
     }
     if let Some(procs) = r["processes"].as_array() {
