@@ -3,6 +3,8 @@
 //!
 //! `cargo bench --bench processor -- [READINGS]` (default 1,000,000). Needs
 //! Apache Kafka (Java 17+) and pyarrow (`scripts/setup.sh`). Prints figures; asserts nothing.
+//! `EDGELOOP_BENCH_PARTITIONS=N` gives the readings topic N partitions
+//! instead of `kafka.partitions`' default.
 
 // A benchmark program: a failure ends it with the reason, like a test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -32,10 +34,17 @@ async fn main() {
     let kafka = edgeloop_tests::start_kafka(dir.path())
         .await
         .expect("Apache Kafka (scripts/setup.sh)");
-    let config = KafkaConfig {
+    let mut config = KafkaConfig {
         bootstrap_servers: kafka.bootstrap(),
         ..KafkaConfig::default()
     };
+    if let Some(n) = std::env::var("EDGELOOP_BENCH_PARTITIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.partitions = n;
+    }
+    println!("readings topic with {} partitions", config.partitions);
     edgeloop_kafka::ensure_topics(&config, &[topics::KAFKA_READINGS, topics::KAFKA_DEADLETTER])
         .await
         .expect("topics");

@@ -8,10 +8,11 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 if ! command -v mosquitto >/dev/null 2>&1; then
     echo "bench-broker: installing mosquitto (apt)"
-    if [ "$(id -u)" -eq 0 ]; then
-        apt-get install -y -q mosquitto
-    else
-        sudo apt-get install -y -q mosquitto
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        sudo=sudo
     fi
+    # A fresh machine's package lists may be empty: update them once then.
+    $sudo apt-get install -y -q mosquitto || { $sudo apt-get update -q && $sudo apt-get install -y -q mosquitto; }
 fi
 cargo bench --bench broker -- "$@"

@@ -108,8 +108,9 @@ pub async fn run(
         });
         control::start(&config.control, Arc::new(state), shutdown.clone()).await?;
     }
-    // The trainer's thread stops once the processor thread drops its handle;
-    // it is joined below, so its Kafka publisher is closed when `run` returns.
+    // The trainer's thread is stopped once the processor thread has ended,
+    // and joined, so its Kafka publisher is closed when `run` returns
+    // (unless a retrain outlasts the grace period).
     let mut trainer_thread = None;
     let trainer = if config.trainer.enabled {
         let publisher = trainer::publisher(&config.trainer, &config.kafka, TRAINER_CATCH_UP);
@@ -142,18 +143,15 @@ pub async fn run(
         shutdown.cancelled().await;
         tokio::time::sleep(grace).await;
     };
-    tokio::select! {
-        done = done_rx => done.map_err(|e| Error::Thread(e.to_string()))??,
-        () = deadline => return Err(Error::ShutdownGrace(grace)),
-    }
-    if let Some(join) = trainer_thread {
+    let result = tokio::select! {
+        done = done_rx => done.map_err(|e| Error::Thread(e.to_string())).and_then(|r| Ok(r?)),
+        () = deadline => Err(Error::ShutdownGrace(grace)),
+    };
+    if let Some(thread) = trainer_thread {
         // It finishes a retrain in progress first; within the grace period.
-        let joined = tokio::task::spawn_blocking(move || join.join());
-        if tokio::time::timeout(grace, joined).await.is_err() {
-            tracing::warn!(?grace, "the trainer did not stop within the grace period");
-        }
+        thread.stop(grace).await;
     }
-    Ok(())
+    result
 }
 
 /// `stage`, unless `shutdown` comes first: then `None`, and `stage` is

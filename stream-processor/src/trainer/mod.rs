@@ -159,16 +159,53 @@ pub fn spawn<P: Publisher + 'static>(
     config: TrainerConfig,
     publisher: P,
     stats: Arc<TrainerStats>,
-) -> std::io::Result<(TrainerHandle, std::thread::JoinHandle<()>)> {
+) -> std::io::Result<(TrainerHandle, TrainerThread)> {
     let (tx, rx) = std::sync::mpsc::sync_channel(config.queue);
     let thread_stats = stats.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let thread_stop = stop.clone();
     let join = std::thread::Builder::new()
         .name("trainer".into())
         .spawn(move || {
             let mut trainer = Trainer::new(config, publisher, thread_stats);
-            run(&mut trainer, &rx);
+            run(&mut trainer, &rx, &thread_stop);
         })?;
-    Ok((TrainerHandle { tx, stats }, join))
+    Ok((TrainerHandle { tx, stats }, TrainerThread { join, stop }))
+}
+
+/// The trainer's thread, to stop when the processor stops.
+#[derive(Debug)]
+pub struct TrainerThread {
+    join: std::thread::JoinHandle<()>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TrainerThread {
+    /// Tells the trainer to stop (it leaves what is still queued: the data
+    /// set has it, and a retrain on it would only delay the exit) and waits
+    /// up to `grace` for the thread, which first finishes a retrain in
+    /// progress. A thread still busy then is left to end with the process
+    /// (logged): waiting longer would hold the shutdown up. Whether it
+    /// ended.
+    pub async fn stop(self, grace: std::time::Duration) -> bool {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.join.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if self.join.is_finished() {
+            if self.join.join().is_err() {
+                tracing::error!("the trainer thread panicked");
+            }
+            true
+        } else {
+            tracing::warn!(
+                ?grace,
+                "the trainer did not stop within the grace period (a retrain in progress); left to end with the process"
+            );
+            false
+        }
+    }
 }
 
 /// The publisher `config` asks for: with `signing_key_file`, a
@@ -194,9 +231,16 @@ pub async fn publisher(
     }
 }
 
-fn run<P: Publisher>(trainer: &mut Trainer<P>, rx: &Receiver<LabelledBatch>) {
+fn run<P: Publisher>(
+    trainer: &mut Trainer<P>,
+    rx: &Receiver<LabelledBatch>,
+    stop: &std::sync::atomic::AtomicBool,
+) {
     let tick = std::time::Duration::from_millis(500);
     loop {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         match rx.recv_timeout(tick) {
             Ok(batch) => trainer.ingest(&batch),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}

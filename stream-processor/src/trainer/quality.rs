@@ -501,3 +501,35 @@ fn the_gate_compares_with_a_live_model_published_elsewhere(
     assert_eq!(second.version, Some(3), "{second:?}");
     Ok(())
 }
+
+/// Stopped with a full queue (a processor stopping under load), the trainer
+/// thread ends promptly and leaves what is queued: before, it trained on
+/// every queued batch first, retraining as it went, which under a heavy
+/// fleet held `edgeloop up` and a processor's shutdown up for minutes.
+#[tokio::test]
+async fn the_trainer_thread_stops_on_request_and_leaves_its_queue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = sim_config(dir.path());
+    config.queue = 50_000;
+    let sim = simulate(20, 2_000, 7);
+    let offered = sim.batches.len() as u64;
+    let stats = Arc::new(TrainerStats::default());
+    let (handle, thread) =
+        super::spawn(config, DirPublisher::new(dir.path()), stats.clone()).expect("trainer thread");
+    for b in sim.batches {
+        handle.offer(b);
+    }
+    // The handle stays alive, as the processor's does until its source
+    // ends: the stop alone must end the thread.
+    let ended = thread.stop(std::time::Duration::from_secs(30)).await;
+    assert!(
+        ended,
+        "the trainer thread was still running 30 s after the stop"
+    );
+    let ingested = crate::ProcessorStats::get(&stats.examples);
+    assert!(
+        ingested < offered,
+        "the trainer ingested all {offered} queued readings before stopping"
+    );
+    drop(handle);
+}
