@@ -420,14 +420,16 @@ async fn create_topics_once(
             topic: topics.join(","),
             reason: e.to_string(),
         })?;
-    let mut created = Vec::new();
+    let mut to_wait = Vec::new();
     for result in results {
         match result {
             Ok(name) => {
                 tracing::info!(topic = %name, ?topic_config, "created Kafka topic");
-                created.push(name);
+                to_wait.push(name);
             }
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            // Perhaps created a moment ago by another replica starting at
+            // the same time: its leaders are waited for too.
+            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => to_wait.push(name),
             Err((topic, code)) => {
                 return Err(Error::CreateTopic {
                     topic,
@@ -436,7 +438,7 @@ async fn create_topics_once(
             }
         }
     }
-    wait_for_leaders(config, &created).await
+    wait_for_leaders(config, &to_wait).await
 }
 
 /// Sets its flag when dropped: tells a blocking thread that the future

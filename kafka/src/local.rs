@@ -239,7 +239,35 @@ pub struct LocalKafka {
 impl LocalKafka {
     /// Writes each node's configuration, formats storage that is not
     /// formatted yet, starts every node and waits until each serves clients.
+    ///
+    /// Ports it picks itself (no `listen` or `controller_listen` given) are
+    /// free when picked but may be taken before the JVM binds them (by an
+    /// outgoing connection's ephemeral port, on a busy machine): a node that
+    /// then exits with "Address already in use" is started again on new
+    /// ports, up to [`BIND_ATTEMPTS`] times. Addresses the caller gave are
+    /// never changed; a taken one is an error.
     pub async fn start(install: &KafkaInstall, opts: &LocalKafkaOptions) -> Result<LocalKafka> {
+        let chosen_here = opts.listen.is_none() && opts.controller_listen.is_none();
+        let mut attempt = 1;
+        loop {
+            match LocalKafka::start_once(install, opts).await {
+                Err(LocalKafkaError::Exited { tail, .. })
+                    if chosen_here
+                        && attempt < BIND_ATTEMPTS
+                        && tail.contains("Address already in use") =>
+                {
+                    tracing::warn!(
+                        attempt,
+                        "a port picked for Kafka was taken before it bound it; trying new ports"
+                    );
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(install: &KafkaInstall, opts: &LocalKafkaOptions) -> Result<LocalKafka> {
         let count = opts.nodes.max(1);
         let mut addrs = Vec::new();
         for i in 0..count {
@@ -673,6 +701,10 @@ fn cluster_id(dir: &Path) -> Result<String> {
     std::fs::write(&path, &id).map_err(io(&path))?;
     Ok(id)
 }
+
+/// Starts of a cluster on ports it picked itself, at most, when one was
+/// taken before Kafka bound it ([`LocalKafka::start`]).
+pub const BIND_ATTEMPTS: u32 = 3;
 
 fn free_addr(dir: &Path) -> Result<SocketAddr> {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -999,9 +999,10 @@ async fn rules_label_readings_a_changed_file_is_taken_and_a_broken_one_refused()
         "{exported}"
     );
     ensure!(http_get(metrics, "/healthz").await?.ends_with("ok\n"));
-    // The only processor of its group holds every partition (4 by default).
+    // The only processor of its group holds every partition (kafka.partitions).
+    let partitions = f64::from(edgeloop_kafka::KafkaConfig::default().partitions);
     ensure!(
-        metric(&exported, "edgeloop_processor_partitions_assigned") == Some(4.0)
+        metric(&exported, "edgeloop_processor_partitions_assigned") == Some(partitions)
             && metric(&exported, "edgeloop_processor_unassigned_seconds") == Some(0.0),
         "{exported}"
     );
