@@ -269,25 +269,27 @@ pub async fn run(
         });
     }
     // While Kafka is away at start-up the topic creation waits for it (up
-    // to two minutes); a shutdown then stops the broker at once.
-    let created = unless_shutdown(&shutdown, async {
-        edgeloop_kafka::ensure_topics(
-            &config.kafka,
-            &[topics::KAFKA_READINGS, topics::KAFKA_DEADLETTER],
-        )
-        .await?;
-        edgeloop_kafka::ensure_compacted_topics(
-            &config.kafka,
-            &[
-                topics::KAFKA_STATUS,
-                topics::KAFKA_MODELS,
-                topics::KAFKA_ACKS,
-                topics::KAFKA_SESSIONS,
-            ],
-        )
-        .await
-    })
-    .await;
+    // to two minutes); a shutdown then stops the broker at once (these
+    // start-up steps are cancel-safe: dropped, they stop asking).
+    let created = shutdown
+        .run_until_cancelled(async {
+            edgeloop_kafka::ensure_topics(
+                &config.kafka,
+                &[topics::KAFKA_READINGS, topics::KAFKA_DEADLETTER],
+            )
+            .await?;
+            edgeloop_kafka::ensure_compacted_topics(
+                &config.kafka,
+                &[
+                    topics::KAFKA_STATUS,
+                    topics::KAFKA_MODELS,
+                    topics::KAFKA_ACKS,
+                    topics::KAFKA_SESSIONS,
+                ],
+            )
+            .await
+        })
+        .await;
     match created {
         Some(created) => created?,
         None => {
@@ -323,7 +325,7 @@ pub async fn run(
         replica.clone(),
         &stats,
     );
-    let Some(restored) = unless_shutdown(&shutdown, restoring).await else {
+    let Some(restored) = shutdown.run_until_cancelled(restoring).await else {
         tracing::info!("shutdown requested while reading edgeloop.acks at start-up: stopping");
         return Ok(());
     };
@@ -392,19 +394,6 @@ pub async fn run(
     }
     result?;
     Ok(())
-}
-
-/// `step`, unless a shutdown comes first (then `None`, and `step` is
-/// dropped: the start-up steps it is used for are cancel-safe).
-async fn unless_shutdown<T>(
-    shutdown: &CancellationToken,
-    step: impl std::future::Future<Output = T>,
-) -> Option<T> {
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => None,
-        result = step => Some(result),
-    }
 }
 
 /// Starts rumqttd on a thread of its own, waits until its listeners accept

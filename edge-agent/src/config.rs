@@ -225,6 +225,21 @@ impl MqttConfig {
         }
         Ok(servers)
     }
+
+    /// Spreads devices over broker replicas as a load balancer would: this
+    /// device starts on `servers[first mod N]` (`host`, `port`) and lists
+    /// the others after it, in turn, as its `fallback_servers`.
+    pub fn spread_over(&mut self, servers: &[(String, u16)], first: usize) {
+        if servers.is_empty() {
+            return;
+        }
+        let first = first % servers.len();
+        let mut order = servers[first..].iter().chain(&servers[..first]);
+        if let Some((host, port)) = order.next() {
+            (self.host, self.port) = (host.clone(), *port);
+        }
+        self.fallback_servers = order.map(|(h, p)| format!("{h}:{p}")).collect();
+    }
 }
 
 impl AgentConfig {
@@ -389,6 +404,14 @@ mod tests {
                 ("broker-c".to_string(), 1885)
             ])
         );
+        let replicas = [
+            ("a".to_string(), 1),
+            ("b".to_string(), 2),
+            ("c".to_string(), 3),
+        ];
+        config.mqtt.spread_over(&replicas, 4);
+        assert_eq!((config.mqtt.host.as_str(), config.mqtt.port), ("b", 2));
+        assert_eq!(config.mqtt.fallback_servers, ["c:3", "a:1"]);
         for bad in ["10.0.0.3", ":1883", "host:0", "host:99999", "host:x"] {
             config.mqtt.fallback_servers = vec!["ok:1".into(), bad.into()];
             let err = config.validate().expect_err(bad);

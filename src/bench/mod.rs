@@ -725,14 +725,7 @@ async fn bench(
         }
         config.spool.dir = spool_root.join(id);
         // Several replicas: device i on replica i mod N, the others after it.
-        if servers.len() > 1 {
-            let first = i % servers.len();
-            let order: Vec<&(String, u16)> =
-                servers[first..].iter().chain(&servers[..first]).collect();
-            (config.mqtt.host, config.mqtt.port) = order[0].clone();
-            config.mqtt.fallback_servers =
-                order[1..].iter().map(|(h, p)| format!("{h}:{p}")).collect();
-        }
+        config.mqtt.spread_over(servers, i);
         if let edgeloop_agent::config::SourceConfig::Simulator(sim) = &mut config.source {
             sim.seed = sim.seed.wrapping_add(i as u64);
         }

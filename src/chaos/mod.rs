@@ -539,19 +539,18 @@ pub async fn run(args: ChaosArgs, shutdown: CancellationToken) -> Result<()> {
         // A link to each replica; device i starts on replica i mod N and
         // lists the others after it.
         let mut device_links = Vec::new();
-        for k in 0..replicas {
-            device_links.push(Link::start(mqtt[(i + k) % replicas], links_stop.clone()).await?);
+        for addr in &mqtt {
+            device_links.push(Link::start(*addr, links_stop.clone()).await?);
         }
         let mut config = AgentConfig {
             device_id: id.clone(),
             ..AgentConfig::default()
         };
-        config.mqtt.host = device_links[0].addr.ip().to_string();
-        config.mqtt.port = device_links[0].addr.port();
-        config.mqtt.fallback_servers = device_links[1..]
+        let through: Vec<(String, u16)> = device_links
             .iter()
-            .map(|l| l.addr.to_string())
+            .map(|l| (l.addr.ip().to_string(), l.addr.port()))
             .collect();
+        config.mqtt.spread_over(&through, i);
         config.mqtt.username = Some(id.clone());
         config.mqtt.password = passwords.get(id).cloned();
         // A dead link is noticed within a few seconds.

@@ -506,7 +506,6 @@ pub fn plan(file: UpFile, file_dir: Option<&Path>, over: &Overrides) -> Result<P
             (host, listen.port())
         })
         .collect();
-    (template.mqtt.host, template.mqtt.port) = servers[0].clone();
     if !file.agent.contains_key("spool") || over.data_dir.is_some() {
         template.spool.dir = data_dir.join("spool");
     } else {
@@ -533,17 +532,9 @@ pub fn plan(file: UpFile, file_dir: Option<&Path>, over: &Overrides) -> Result<P
     let mut simulated = 0usize;
     for (k, (id, profile, source)) in sources.into_iter().enumerate() {
         let mut config = template.clone();
-        // Spread over the replicas as a load balancer would: device k
-        // starts on replica k mod N and moves on to the next after a lost
-        // connection.
-        if servers.len() > 1 {
-            let first = k % servers.len();
-            let mut order = servers[first..].iter().chain(&servers[..first]);
-            if let Some((host, port)) = order.next() {
-                (config.mqtt.host, config.mqtt.port) = (host.clone(), *port);
-            }
-            config.mqtt.fallback_servers = order.map(|(h, p)| format!("{h}:{p}")).collect();
-        }
+        // Device k starts on replica k mod N and moves on to the next after
+        // a lost connection.
+        config.mqtt.spread_over(&servers, k);
         config.spool.dir = template.spool.dir.join(&id);
         if let Some(dir) = &template.models.dir {
             config.models.dir = Some(dir.join(&id));

@@ -52,6 +52,19 @@ fn count(report: &Value, key: &str) -> Result<u64> {
         .with_context(|| format!("report has no count {key}: {report}"))
 }
 
+/// What a failed soak shows: its report, its progress lines, and the last
+/// 40 lines of each of `logs` (paths under the run's directory).
+fn failure_context(dir: &Path, report: &Value, stderr: &str, logs: &[&str]) -> String {
+    let mut out = format!("report: {report:#}\nprogress:\n{stderr}");
+    for name in logs {
+        let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        out.push_str(&format!("\n{name} (tail):\n{tail}"));
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_soak_lands_every_fsynced_reading_once_or_reports_it_lost() -> Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -75,17 +88,12 @@ async fn chaos_soak_lands_every_fsynced_reading_once_or_reports_it_lost() -> Res
     // On failure: the tails of the processor's, Kafka's and the broker's
     // logs (the run's directory goes with the test), which say where a stall
     // was or why a part exited.
-    let tail = |name: &str| {
-        let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    };
     let context = || {
-        format!(
-            "report: {report:#}\nprogress:\n{stderr}\nprocessor.log (tail):\n{}\nkafka.log (tail):\n{}\nbroker.log (tail):\n{}",
-            tail("logs/processor.log"),
-            tail("kafka/kafka.log"),
-            tail("logs/broker.log")
+        failure_context(
+            &dir,
+            &report,
+            &stderr,
+            &["logs/processor.log", "kafka/kafka.log", "logs/broker.log"],
         )
     };
     ensure!(ok, "edgeloop chaos failed; {}", context());
@@ -239,16 +247,12 @@ async fn chaos_soak_with_two_broker_replicas_killed_and_rolled_loses_nothing() -
         Duration::from_secs(15 * 60),
     )
     .await?;
-    let tail = |name: &str| {
-        let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    };
     let context = || {
-        format!(
-            "report: {report:#}\nprogress:\n{stderr}\nbroker-0.log (tail):\n{}\nbroker-1.log (tail):\n{}",
-            tail("logs/broker-0.log"),
-            tail("logs/broker-1.log")
+        failure_context(
+            &dir,
+            &report,
+            &stderr,
+            &["logs/broker-0.log", "logs/broker-1.log"],
         )
     };
     ensure!(ok && report["passed"] == Value::Bool(true), "{}", context());
